@@ -1,0 +1,33 @@
+"""simsteer: Self-Improving Model Steering (SIMS, arXiv 2507.08967).
+
+The pieces read like the paper: a frozen ``model``, an ``oracle`` that ranks sampled
+responses, a ``learner`` that turns preferred/dispreferred activations into steering
+functions, and ``SIMS`` that iterates; the result is a ``Steering`` (the policy's edits)
+that loads onto the frozen model anywhere.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import SimsError
+from .learners import get_learner
+from .loop import SIMS, SIMSConfig, SIMSResult
+from .models import load_model
+from .oracles import get_oracle
+from .prompts import load_prompts
+from .sampling import SamplingConfig, generate
+from .steering import Steering, load_policy
+
+__all__ = [
+    "SIMS",
+    "SIMSConfig",
+    "SIMSResult",
+    "SamplingConfig",
+    "SimsError",
+    "Steering",
+    "generate",
+    "get_learner",
+    "get_oracle",
+    "load_model",
+    "load_policy",
+    "load_prompts",
+]

@@ -1,0 +1,107 @@
+"""CAA, contrastive activation addition (Rimsky/Panickssery et al., ACL 2024).
+
+Per layer, ``v = mean over prompts of (mean h+ - mean h-)`` (paired by prompt, so what
+the prompt itself contributes cancels), added to the hidden states with a coefficient.
+With ``normalize`` (default) ``v`` is a unit vector scaled to ``coefficient`` times the
+layer's mean token norm, so one coefficient means the same across layers and models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import SimsError
+from ..steering import Steering, SteeringFunction
+from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
+
+
+class AddVector(SteeringFunction):
+    """``h <- h + strength * vector``: CAA's and ActAdd's edit."""
+
+    kind = "add"
+
+    def __init__(self, vector: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("vector", vector.detach().float().clone())
+        self._cast: dict[tuple[torch.dtype, float], torch.Tensor] = {}
+
+    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
+        key = (hidden.dtype, float(strength))
+        delta = self._cast.get(key)
+        if delta is None or delta.device != hidden.device:
+            # Cast once per dtype and strength, not on every decoding step.
+            delta = (self.vector * strength).to(device=hidden.device, dtype=hidden.dtype)
+            self._cast[key] = delta
+        return hidden + delta
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> AddVector:
+        if set(tensors) != {"vector"} or tensors["vector"].dim() != 1:
+            raise ValueError("an 'add' function needs exactly one 1-D tensor named 'vector'")
+        return cls(tensors["vector"])
+
+
+@dataclass(frozen=True)
+class CAAConfig(LearnerConfig):
+    """CAA options.
+
+    Attributes:
+        coefficient: added amount; with ``normalize`` a fraction of the layer's mean
+            token norm (0.04 = 4%), else a multiplier on the raw mean difference.
+        normalize: scale unit directions by the layer norm (see module docstring).
+        paired: difference within each prompt first (falls back to unpaired means when
+            no prompt has both a positive and a negative response).
+    """
+
+    coefficient: float = 0.04
+    normalize: bool = True
+    paired: bool = True
+
+
+def mean_difference(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    pos_groups: list[int],
+    neg_groups: list[int],
+    paired: bool = True,
+) -> torch.Tensor:
+    """Mean of per-prompt (mean h+ - mean h-) differences, or the unpaired difference."""
+    if len(pos) == 0 or len(neg) == 0:
+        raise SimsError("CAA needs at least one positive and one negative response")
+    if paired:
+        shared = sorted(set(pos_groups) & set(neg_groups))
+        if shared:
+            pg, ng = torch.tensor(pos_groups), torch.tensor(neg_groups)
+            diffs = [pos[pg == g].mean(0) - neg[ng == g].mean(0) for g in shared]
+            return torch.stack(diffs).mean(0)
+    return pos.mean(0) - neg.mean(0)
+
+
+@register_learner
+class CAA(Learner):
+    name = "caa"
+    config_class = CAAConfig
+
+    def fit(self, data: PreferenceActivations, fingerprint: dict[str, Any]) -> Steering:
+        cfg: CAAConfig = self.config  # type: ignore[assignment]
+        functions: dict[int, SteeringFunction] = {}
+        for i, layer in enumerate(data.layers):
+            pos, neg = data.at(layer)
+            v = mean_difference(
+                pos.double(), neg.double(), data.positive_groups, data.negative_groups, cfg.paired
+            )
+            if cfg.normalize:
+                norm = v.norm()
+                v = v / norm * float(data.token_norms[i]) if norm > 0 else v
+            functions[layer] = AddVector((cfg.coefficient * v).float())
+        return Steering(
+            functions=functions,
+            learner=self.name,
+            fingerprint=fingerprint,
+            positions=cfg.positions,
+            strength=cfg.strength,
+            hyperparameters=self.hyperparameters(),
+        )

@@ -1,0 +1,71 @@
+"""Built-in text scorers for attribute steering, from maintained libraries.
+
+- ``sentiment``: VADER compound polarity in [-1, 1] (vaderSentiment).
+- ``negativity``: minus the VADER compound (steer toward negative tone).
+- ``readability``: Flesch reading ease / 100 (textstat); higher is easier to read.
+- ``length:N``: closeness of the word count to N, ``-|words - N| / N``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import SimsError
+from .base import ScoreOracle
+
+
+class AttributeOracle(ScoreOracle):
+    """Scores each response alone with a text function (the prompt is not used)."""
+
+    def __init__(self, name: str, fn: Callable[[str], float], temperature: float = 1.0) -> None:
+        super().__init__(temperature)
+        self.name = name
+        self._fn = fn
+
+    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        return np.array([float(self._fn(r)) for r in responses], dtype=np.float64)
+
+
+def _vader() -> Callable[[str], float]:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return lambda text: analyzer.polarity_scores(text)["compound"]
+
+
+def _readability(text: str) -> float:
+    import textstat
+
+    if not text.strip():
+        return 0.0
+    return float(textstat.flesch_reading_ease(text)) / 100.0
+
+
+def _length(target: int) -> Callable[[str], float]:
+    return lambda text: -abs(len(text.split()) - target) / target
+
+
+ATTRIBUTES = ("sentiment", "negativity", "readability", "length:N")
+
+
+def attribute_oracle(spec: str, temperature: float = 1.0) -> AttributeOracle:
+    """Build a built-in attribute oracle from its name (see module docstring)."""
+    if spec == "sentiment":
+        return AttributeOracle("sentiment", _vader(), temperature)
+    if spec == "negativity":
+        vader = _vader()
+        return AttributeOracle("negativity", lambda t: -vader(t), temperature)
+    if spec == "readability":
+        return AttributeOracle("readability", _readability, temperature)
+    if spec.startswith("length"):
+        _, _, value = spec.partition(":")
+        try:
+            target = int(value or 50)
+        except ValueError:
+            raise SimsError(f"invalid length target in {spec!r}: use length:N with N words") from None
+        if target < 1:
+            raise SimsError(f"the length target must be >= 1 word, got {target}")
+        return AttributeOracle(f"length:{target}", _length(target), temperature)
+    raise KeyError(spec)
