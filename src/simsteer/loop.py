@@ -386,7 +386,9 @@ class SIMS:
     ) -> dict:
         target = run.steering(t + 1)
         if (target / "steering_config.json").is_file():
-            return {"learner": self.learner.name, "resumed": True}
+            saved = Steering.load(target)
+            return {"learner": self.learner.name,
+                    "carried_over": bool(saved.metadata.get("carried_over", False))}
         if data is None:
             if not policy:
                 # Nothing learned yet: an empty steering is the unsteered model.

@@ -175,11 +175,12 @@ class Steering:
             path = path.parent
         if not path.is_dir():
             raise SimsError(f"steering not found: {path}")
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
+        if missing:
+            raise SimsError(f"{path} is not a steering folder (missing {', '.join(missing)})")
         try:
             config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
             flat = load_file(str(path / WEIGHTS_NAME))
-        except FileNotFoundError as exc:
-            raise SimsError(f"{path} is not a steering folder (missing {Path(exc.filename).name})") from None
         except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
             raise SimsError(f"corrupt steering file in {path}: {exc}") from None
         try:

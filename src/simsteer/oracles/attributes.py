@@ -2,7 +2,9 @@
 
 - ``sentiment``: VADER compound polarity in [-1, 1] (vaderSentiment).
 - ``negativity``: minus the VADER compound (steer toward negative tone).
-- ``readability``: Flesch reading ease / 100 (textstat); higher is easier to read.
+- ``readability``: Flesch reading ease / 100; higher is easier to read. Syllables are
+  counted with pyphen's hyphenation dictionary (textstat now needs an NLTK corpus download
+  at run time, which offline machines cannot do).
 - ``length:N``: closeness of the word count to N, ``-|words - N| / N``.
 """
 
@@ -35,12 +37,23 @@ def _vader() -> Callable[[str], float]:
     return lambda text: analyzer.polarity_scores(text)["compound"]
 
 
-def _readability(text: str) -> float:
-    import textstat
+def _readability() -> Callable[[str], float]:
+    import re
 
-    if not text.strip():
-        return 0.0
-    return float(textstat.flesch_reading_ease(text)) / 100.0
+    import pyphen
+
+    dic = pyphen.Pyphen(lang="en_US")
+
+    def flesch(text: str) -> float:
+        words = re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?", text)
+        if not words:
+            return 0.0
+        sentences = max(1, len(re.findall(r"[.!?]+(?:\s|$)", text.strip() + " ")))
+        syllables = sum(max(1, len(dic.positions(w.lower())) + 1) for w in words)
+        ease = 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
+        return ease / 100.0
+
+    return flesch
 
 
 def _length(target: int) -> Callable[[str], float]:
@@ -58,7 +71,7 @@ def attribute_oracle(spec: str, temperature: float = 1.0) -> AttributeOracle:
         vader = _vader()
         return AttributeOracle("negativity", lambda t: -vader(t), temperature)
     if spec == "readability":
-        return AttributeOracle("readability", _readability, temperature)
+        return AttributeOracle("readability", _readability(), temperature)
     if spec.startswith("length"):
         _, _, value = spec.partition(":")
         try:

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simsteer.errors import SimsError
+from simsteer.oracles import RewardModelOracle, bradley_terry, get_oracle, win_rates
+from simsteer.oracles.base import Judgment
+
+from .conftest import build_tokenizer
+
+
+def test_bradley_terry_and_win_rates():
+    p = bradley_terry(np.array([2.0, 0.0, 0.0]))
+    assert np.allclose(p + p.T, 1.0)
+    assert np.allclose(np.diag(p), 0.5)
+    assert p[0, 1] == pytest.approx(1 / (1 + np.exp(-2.0)))
+    w = win_rates(p)
+    assert w[0] == pytest.approx(p[0, 1])  # mean over the two others, both equal
+    assert w[1] == pytest.approx((p[1, 0] + 0.5) / 2)
+    assert w[0] > 0.5 > w[1]
+    # Hand-computed example: a pairwise matrix from a judge.
+    m = np.array([[0.5, 0.9, 0.6], [0.1, 0.5, 0.3], [0.4, 0.7, 0.5]])
+    assert np.allclose(win_rates(m), [0.75, 0.2, 0.55])
+    assert Judgment(m).win_rates.tolist() == win_rates(m).tolist()
+
+
+def test_attribute_oracles():
+    sentiment = get_oracle("sentiment")
+    s = sentiment.score(["q", "q"], ["What a wonderful, lovely day!", "This is awful and sad."])
+    assert s[0] > 0.5 and s[1] < -0.5
+    assert get_oracle("negativity").score(["q"], ["awful"])[0] > 0
+    length = get_oracle("length:4")
+    assert length.score(["q"] * 2, ["one two three four", "one"]).tolist() == [0.0, -0.75]
+    read = get_oracle("readability").score(["q"] * 2, ["The cat sat.", "Notwithstanding multitudinous "
+                                                          "considerations, institutionalization "
+                                                          "predominates."])
+    assert read[0] > read[1]
+    (j,) = sentiment.judge(["q"], [["great!", "meh", "terrible"]])
+    assert j.scores is not None and np.argmax(j.win_rates) == 0 and np.argmin(j.win_rates) == 2
+
+
+@pytest.mark.parametrize("spec, message", [("sentimnet", "did you mean 'sentiment'"),
+                                           ("length:x", "length target"),
+                                           ("reward-model:", "needs a model"),
+                                           ("wat", "unknown oracle")])
+def test_oracle_name_errors(spec, message):
+    with pytest.raises(SimsError, match=message):
+        get_oracle(spec)
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("rm")
+    tok = build_tokenizer(chat=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_reward_model_oracle_matches_direct_computation(reward_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    oracle = get_oracle(f"reward-model:{reward_model_dir}")
+    assert isinstance(oracle, RewardModelOracle)
+    prompts = ["the good day", "a cat"]
+    responses = ["I love the sun and warm rain", "bad"]
+    batched = oracle.score(prompts, responses)
+    tok = AutoTokenizer.from_pretrained(reward_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    for p, r, s in zip(prompts, responses, batched, strict=True):
+        text = tok.apply_chat_template([{"role": "user", "content": p},
+                                        {"role": "assistant", "content": r}], tokenize=False)
+        with torch.no_grad():
+            direct = model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]
+        assert s == pytest.approx(float(direct), abs=1e-5)  # padding in the batch changes nothing
+    (j,) = oracle.judge(["the good day"], [responses])
+    assert np.allclose(j.preference, bradley_terry(j.scores))
+
+
+def test_reward_model_missing_path_is_clear(tmp_path):
+    with pytest.raises(SimsError, match="cannot load reward model"):
+        get_oracle(f"reward-model:{tmp_path / 'none'}")
