@@ -9,13 +9,95 @@ from pathlib import Path
 import pytest
 import torch
 
-WORDS = (
-    "the a good bad happy sad day night sun rain I you we they is was very not and but so "
-    "love hate great awful fine nice cold warm home work cat dog tree road city town "
-    "walk run eat sleep read write talk think see hear know want like feel make take "
-    "one two three four five six seven eight nine ten red blue green black white old new "
-    "big small long short fast slow high low hot wet dry light dark early late soft hard"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "good",
+    "bad",
+    "happy",
+    "sad",
+    "day",
+    "night",
+    "sun",
+    "rain",
+    "I",
+    "you",
+    "we",
+    "they",
+    "is",
+    "was",
+    "very",
+    "not",
+    "and",
+    "but",
+    "so",
+    "love",
+    "hate",
+    "great",
+    "awful",
+    "fine",
+    "nice",
+    "cold",
+    "warm",
+    "home",
+    "work",
+    "cat",
+    "dog",
+    "tree",
+    "road",
+    "city",
+    "town",
+    "walk",
+    "run",
+    "eat",
+    "sleep",
+    "read",
+    "write",
+    "talk",
+    "think",
+    "see",
+    "hear",
+    "know",
+    "want",
+    "like",
+    "feel",
+    "make",
+    "take",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "old",
+    "new",
+    "big",
+    "small",
+    "long",
+    "short",
+    "fast",
+    "slow",
+    "high",
+    "low",
+    "hot",
+    "wet",
+    "dry",
+    "light",
+    "dark",
+    "early",
+    "late",
+    "soft",
+    "hard",
+]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
@@ -39,7 +121,10 @@ def build_tokenizer(chat: bool = True):
 
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|end|>",
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
     )
     if chat:
@@ -55,16 +140,29 @@ def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: i
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=None,
             tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(
-            vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=256,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=256,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.eos_token_id,
         )
         model = GPT2LMHeadModel(cfg)
     else:

@@ -90,15 +90,22 @@ def _edited_masks(lm, positions, generate=True, prompt_end=None):
         inputs.append(h.clone())
         return h + 1.0
 
-    with torch.inference_mode(), record(lm.model, [1]) as acts:
-        with steer(lm.model, {1: edit}, positions=positions, prompt_end=prompt_end):
-            if generate:
-                lm.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
-                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
-                )
-            else:
-                lm.model(input_ids=ids, attention_mask=mask)
+    with (
+        torch.inference_mode(),
+        record(lm.model, [1]) as acts,
+        steer(lm.model, {1: edit}, positions=positions, prompt_end=prompt_end),
+    ):
+        if generate:
+            lm.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=4,
+                min_new_tokens=4,
+                do_sample=False,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
+        else:
+            lm.model(input_ids=ids, attention_mask=mask)
     for before, after in zip(inputs, acts[1], strict=True):
         seen.append((after - before).abs().sum(-1) > 0)
     return mask.bool(), seen
@@ -128,7 +135,7 @@ def test_positions_during_generation_token_by_token(tiny_lm, positions):
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated", "last"])
 def test_positions_teacher_forced_with_prompt_end(tiny_lm, positions):
-    ids, mask = _inputs(tiny_lm)
+    ids, _mask = _inputs(tiny_lm)
     width = ids.shape[1]
     # Pretend the last two tokens of each row are the response.
     prompt_end = torch.tensor([width - 2, width - 2])

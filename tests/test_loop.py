@@ -19,15 +19,30 @@ from simsteer.oracles import get_oracle
 from simsteer.prompts import Prompt
 from simsteer.sampling import SamplingConfig
 
-PROMPTS = [f"the {w} day is very {v}" for w in ("good", "bad", "cold", "warm", "long", "short")
-           for v in ("happy", "sad")]
-CONFIG = SIMSConfig(iterations=2, prompts_per_iteration=3, samples_per_prompt=3, eval_prompts=2,
-                    sampling=SamplingConfig(max_new_tokens=6, batch_size=5), seed=3)
+PROMPTS = [
+    f"the {w} day is very {v}"
+    for w in ("good", "bad", "cold", "warm", "long", "short")
+    for v in ("happy", "sad")
+]
+CONFIG = SIMSConfig(
+    iterations=2,
+    prompts_per_iteration=3,
+    samples_per_prompt=3,
+    eval_prompts=2,
+    sampling=SamplingConfig(max_new_tokens=6, batch_size=5),
+    seed=3,
+)
 
 
 def _run(lm, out: Path, callback=None):
-    sims = SIMS(lm, get_oracle("length:4"), get_learner("caa", layers="1-2", coefficient=0.5),
-                CONFIG, progress=False, callback=callback)
+    sims = SIMS(
+        lm,
+        get_oracle("length:4"),
+        get_learner("caa", layers="1-2", coefficient=0.5),
+        CONFIG,
+        progress=False,
+        callback=callback,
+    )
     return sims.fit(PROMPTS, out)
 
 
@@ -55,8 +70,11 @@ def test_run_writes_every_artefact(tiny_lm, tmp_path):
     assert config["sims"]["samples_per_prompt"] == 3 and config["layers"] == [1, 2]
     # Training prompts never overlap the held-out ones.
     held = {json.loads(x)["prompt"] for x in (root / "eval_prompts.jsonl").read_text().splitlines()}
-    seen = {s["prompt"] for t in range(3)
-            for s in map(json.loads, (root / f"iter_{t}" / "samples.jsonl").read_text().splitlines())}
+    seen = {
+        s["prompt"]
+        for t in range(3)
+        for s in map(json.loads, (root / f"iter_{t}" / "samples.jsonl").read_text().splitlines())
+    }
     assert not held & seen
 
 
@@ -78,10 +96,15 @@ def test_labels_split_on_one_half():
     assert label_by_win_rate(0.5) == "tie"
 
 
-@pytest.mark.parametrize("kwargs, message", [({"iterations": 0}, "iterations"),
-                                             ({"samples_per_prompt": 1}, "K"),
-                                             ({"prompts_per_iteration": 0}, "N"),
-                                             ({"sampling": SamplingConfig(temperature=0)}, "temperature")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"iterations": 0}, "iterations"),
+        ({"samples_per_prompt": 1}, "K"),
+        ({"prompts_per_iteration": 0}, "N"),
+        ({"sampling": SamplingConfig(temperature=0)}, "temperature"),
+    ],
+)
 def test_invalid_loop_settings(kwargs, message):
     with pytest.raises(SimsError, match=message):
         SIMSConfig(**kwargs)
@@ -112,16 +135,18 @@ def _artefacts(root: Path) -> dict:
             out[rel] = {k: v.tolist() for k, v in load_file(path).items()}
         elif path.suffix in (".json", ".jsonl"):
             text = path.read_text()
-            data = ([json.loads(x) for x in text.splitlines()] if path.suffix == ".jsonl"
-                    else json.loads(text))
+            data = [json.loads(x) for x in text.splitlines()] if path.suffix == ".jsonl" else json.loads(text)
             out[rel] = _drop_timing(data)
     return out
 
 
 def _drop_timing(data):
     if isinstance(data, dict):
-        return {k: _drop_timing(v) for k, v in data.items()
-                if k not in ("seconds", "seconds_total", "fit_seconds")}
+        return {
+            k: _drop_timing(v)
+            for k, v in data.items()
+            if k not in ("seconds", "seconds_total", "fit_seconds")
+        }
     if isinstance(data, list):
         return [_drop_timing(v) for v in data]
     return data
@@ -131,8 +156,9 @@ def _drop_timing(data):
 def test_resume_after_kill_matches_uninterrupted_run(tiny_lm, tiny_model_dir, tmp_path, step, t):
     reference = _run(tiny_lm, tmp_path / "reference").run_dir
     killed = tmp_path / "killed"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir),
-                                step=step, t=t, out=str(killed))
+    script = KILL_SCRIPT.format(
+        tests=str(Path(__file__).parent), model=str(tiny_model_dir), step=step, t=t, out=str(killed)
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert not (killed / "summary.json").exists()

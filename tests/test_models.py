@@ -21,8 +21,7 @@ def test_layers_found_for_llama_and_gpt2(tiny_lm, tiny_gpt2_dir):
 def test_unknown_architecture_is_clear(tmp_path):
     from transformers import MambaConfig, MambaForCausalLM
 
-    model = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                         state_size=4))
+    model = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, state_size=4))
     with pytest.raises(SimsError, match="unsupported architecture MambaForCausalLM"):
         find_layers(model)
     assert len(find_layers(model, "backbone.layers")) == 2  # the override works
@@ -39,9 +38,16 @@ def test_dtype_and_missing_model(tiny_model_dir, tmp_path):
         load_model(str(tmp_path / "no" / "such" / "dir"))
 
 
-@pytest.mark.parametrize("spec, expected", [("all", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
-                                            ("middle", [3, 4, 5, 6]), ("2-4", [2, 3, 4]),
-                                            ("1,3,-1", [1, 3, 9]), ([0, 2], [0, 2])])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("all", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        ("middle", [3, 4, 5, 6]),
+        ("2-4", [2, 3, 4]),
+        ("1,3,-1", [1, 3, 9]),
+        ([0, 2], [0, 2]),
+    ],
+)
 def test_parse_layers(spec, expected):
     assert parse_layers(spec, 10) == expected
 

@@ -33,18 +33,24 @@ def test_attribute_oracles():
     assert get_oracle("negativity").score(["q"], ["awful"])[0] > 0
     length = get_oracle("length:4")
     assert length.score(["q"] * 2, ["one two three four", "one"]).tolist() == [0.0, -0.75]
-    read = get_oracle("readability").score(["q"] * 2, ["The cat sat.", "Notwithstanding multitudinous "
-                                                          "considerations, institutionalization "
-                                                          "predominates."])
+    read = get_oracle("readability").score(
+        ["q"] * 2,
+        ["The cat sat.", "Notwithstanding multitudinous considerations, institutionalization predominates."],
+    )
     assert read[0] > read[1]
     (j,) = sentiment.judge(["q"], [["great!", "meh", "terrible"]])
     assert j.scores is not None and np.argmax(j.win_rates) == 0 and np.argmin(j.win_rates) == 2
 
 
-@pytest.mark.parametrize("spec, message", [("sentimnet", "did you mean 'sentiment'"),
-                                           ("length:x", "length target"),
-                                           ("reward-model:", "needs a model"),
-                                           ("wat", "unknown oracle")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("sentimnet", "did you mean 'sentiment'"),
+        ("length:x", "length target"),
+        ("reward-model:", "needs a model"),
+        ("wat", "unknown oracle"),
+    ],
+)
 def test_oracle_name_errors(spec, message):
     with pytest.raises(SimsError, match=message):
         get_oracle(spec)
@@ -57,9 +63,16 @@ def reward_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("rm")
     tok = build_tokenizer(chat=True)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -76,8 +89,9 @@ def test_reward_model_oracle_matches_direct_computation(reward_model_dir):
     tok = AutoTokenizer.from_pretrained(reward_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
     for p, r, s in zip(prompts, responses, batched, strict=True):
-        text = tok.apply_chat_template([{"role": "user", "content": p},
-                                        {"role": "assistant", "content": r}], tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+        )
         with torch.no_grad():
             direct = model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]
         assert s == pytest.approx(float(direct), abs=1e-5)  # padding in the batch changes nothing

@@ -19,9 +19,15 @@ def test_formats(tmp_path):
     assert [p.text for p in load_prompts(tmp_path / "b.txt")] == ["first", "second"]
 
 
-@pytest.mark.parametrize("content, message", [("", "no prompts"), ("\n \n", "no prompts"),
-                                              ('{"text": "x"}\n', "'prompt' or 'instruction'"),
-                                              ('{"prompt": "x"\n', "not valid JSON")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "no prompts"),
+        ("\n \n", "no prompts"),
+        ('{"text": "x"}\n', "'prompt' or 'instruction'"),
+        ('{"prompt": "x"\n', "not valid JSON"),
+    ],
+)
 def test_bad_files(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
     path.write_text(content)

@@ -19,8 +19,14 @@ from simsteer.steering import CONFIG_NAME, WEIGHTS_NAME, Steering
 def steering(tiny_lm):
     torch.manual_seed(0)
     fns = {1: AddVector(torch.randn(tiny_lm.hidden_size)), 3: AddVector(torch.randn(tiny_lm.hidden_size))}
-    return Steering(fns, "caa", tiny_lm.fingerprint(), positions="last", strength=0.5,
-                    hyperparameters={"coefficient": 0.1})
+    return Steering(
+        fns,
+        "caa",
+        tiny_lm.fingerprint(),
+        positions="last",
+        strength=0.5,
+        hyperparameters={"coefficient": 0.1},
+    )
 
 
 def _logits(lm, steering=None):

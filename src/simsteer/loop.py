@@ -387,8 +387,10 @@ class SIMS:
         target = run.steering(t + 1)
         if (target / "steering_config.json").is_file():
             saved = Steering.load(target)
-            return {"learner": self.learner.name,
-                    "carried_over": bool(saved.metadata.get("carried_over", False))}
+            return {
+                "learner": self.learner.name,
+                "carried_over": bool(saved.metadata.get("carried_over", False)),
+            }
         if data is None:
             if not policy:
                 # Nothing learned yet: an empty steering is the unsteered model.

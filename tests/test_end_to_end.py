@@ -1,0 +1,99 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: the CLI in fresh processes, as a
+user runs it. Slow (about two minutes), few, and run in CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _sims(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "simsteer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _responses(path: Path) -> list[str]:
+    return [json.loads(x)["response"] for x in path.read_text().splitlines()]
+
+
+def test_gguf_conversion_is_cached(embedded_lm):
+    from simsteer.models import cache_dir, load_model
+
+    folders = list((cache_dir() / "gguf").glob("*/config.json"))
+    assert folders, "the converted model was not cached"
+    assert "quantization_config" not in json.loads(folders[0].read_text())
+    start = time.perf_counter()
+    lm = load_model(device="cpu")
+    assert time.perf_counter() - start < 20  # a warm load does not dequantise again
+    assert lm.num_layers == 30 and lm.hidden_size == 576
+    assert lm.tokenizer.chat_template
+
+
+def test_run_improves_the_oracle_and_generate_reproduces_it(tmp_path):
+    out = tmp_path / "run"
+    proc = _sims(
+        "run",
+        "-T",
+        "2",
+        "-N",
+        "8",
+        "-K",
+        "4",
+        "--eval-prompts",
+        "8",
+        "--max-new-tokens",
+        "32",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert "sample_score" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["iteration"] for row in summary] == [0, 1, 2]
+    # The sentiment oracle's held-out score of the final policy beats the base model's.
+    assert summary[-1]["eval_score"] > summary[0]["eval_score"]
+    # A fresh process with the saved steering reproduces the last iteration's answers...
+    gen = tmp_path / "steered.jsonl"
+    _sims(
+        "generate",
+        "--steering",
+        str(out),
+        "--prompts",
+        str(out / "eval_prompts.jsonl"),
+        "--max-new-tokens",
+        "32",
+        "--output",
+        str(gen),
+        "--quiet",
+    )
+    assert _responses(gen) == _responses(out / "iter_2" / "eval.jsonl")
+    # ...and --no-steer gives the unsteered model's.
+    _sims(
+        "generate",
+        "--no-steer",
+        "--prompts",
+        str(out / "eval_prompts.jsonl"),
+        "--max-new-tokens",
+        "32",
+        "--output",
+        str(gen),
+        "--quiet",
+    )
+    assert _responses(gen) == _responses(out / "iter_0" / "eval.jsonl")
+    info = _sims("info", str(out)).stdout
+    assert "status: complete" in info and "LlamaForCausalLM" in info
