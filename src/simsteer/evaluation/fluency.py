@@ -1,0 +1,146 @@
+"""Fluency and diversity of generated answers: the metrics that catch an oracle being
+hacked (scores rise while answers degenerate).
+
+- perplexity of each answer under a reference model (the unsteered one by default):
+  ``exp(mean NLL of the answer's tokens given the prompt)``; the LM head runs only on
+  answer positions, so memory stays small;
+- repetition rate: share of an answer's word n-grams (n = 3) that repeat an earlier one;
+- distinct-n: unique word n-grams over all n-grams across a set of answers;
+- loop detection: an answer *ends in a loop* when its tail is periodic: some unit of 1-40
+  words repeats back to back covering at least one full extra copy of the unit and at
+  least 4 words (a truncated last copy counts);
+- mean length in tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..hooks import decoder_module
+from ..models import LoadedModel, encode_prompt, left_pad
+
+_WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of the answer's n-grams that already occurred earlier in it (0 = none)."""
+    grams = _ngrams(words(text), n)
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Unique n-grams / all n-grams over a set of answers (1 = no n-gram repeats)."""
+    grams = [g for t in texts for g in _ngrams(words(t), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def ends_in_loop(text: str, max_unit: int = 40, min_words: int = 4) -> bool:
+    """Whether the answer's tail repeats one unit of words back to back (see module doc)."""
+    w = words(text)
+    for unit in range(1, min(max_unit, len(w) // 2) + 1):
+        run = 0
+        for i in range(len(w) - 1, unit - 1, -1):
+            if w[i] != w[i - unit]:
+                break
+            run += 1
+        if run >= max(unit, min_words):
+            return True
+    return False
+
+
+def perplexities(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int = 8,
+    steering=None,
+) -> list[float]:
+    """Per-answer perplexity under ``lm`` (steered by ``steering`` if given).
+
+    Answers with no tokens get ``nan``.
+    """
+    tok = lm.tokenizer
+    rows = []
+    for p, r in zip(prompts, responses, strict=True):
+        prompt_ids = encode_prompt(tok, p)
+        resp_ids = list(tok(r, add_special_tokens=False)["input_ids"]) if r else []
+        rows.append((prompt_ids + resp_ids, len(resp_ids)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out = [math.nan] * len(rows)
+    head = lm.model.get_output_embeddings()
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ctx = steering.applied(lm.model) if steering is not None else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        for start in range(0, len(order), batch_size):
+            idx = [i for i in order[start : start + batch_size] if rows[i][1] > 0]
+            if not idx:
+                continue
+            ids, mask = left_pad([rows[i][0] for i in idx], pad)
+            ids, mask = ids.to(lm.device), mask.to(lm.device)
+            hidden = decoder_module(lm.model)(input_ids=ids, attention_mask=mask).last_hidden_state
+            width = ids.shape[1]
+            for row, i in enumerate(idx):
+                n = rows[i][1]
+                # Position p predicts token p + 1: the answer's tokens are predicted from
+                # the n positions just before them.
+                h = hidden[row, width - n - 1 : width - 1]
+                logits = head(h).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                target = ids[row, width - n :]
+                nll = torch.nn.functional.cross_entropy(logits, target)
+                out[i] = float(torch.exp(nll))
+    return out
+
+
+@dataclass(frozen=True)
+class FluencyReport:
+    """Fluency and diversity of a set of answers (see module docstring)."""
+
+    perplexity: float  # exp(mean log perplexity): the geometric mean over answers
+    repetition: float  # mean repetition rate
+    distinct_2: float
+    loop_share: float
+    mean_tokens: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in asdict(self).items()}
+
+
+def fluency_report(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    num_tokens: Sequence[int] | None = None,
+    batch_size: int = 8,
+) -> FluencyReport:
+    """All fluency metrics for aligned prompts and answers, perplexity under ``lm``."""
+    ppl = [p for p in perplexities(lm, prompts, responses, batch_size) if not math.isnan(p)]
+    log_ppl = sum(math.log(p) for p in ppl) / len(ppl) if ppl else math.nan
+    n = max(len(responses), 1)
+    if num_tokens is None:
+        num_tokens = [len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    return FluencyReport(
+        perplexity=math.exp(log_ppl) if ppl else math.nan,
+        repetition=sum(repetition_rate(r) for r in responses) / n,
+        distinct_2=distinct_n(responses, 2),
+        loop_share=sum(ends_in_loop(r) for r in responses) / n,
+        mean_tokens=sum(num_tokens) / n,
+    )
