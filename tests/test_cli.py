@@ -18,7 +18,21 @@ from simsteer.steering import Steering
 
 from .conftest import build_tiny_model
 
-TINY_RUN = ["-T", "1", "-N", "2", "-K", "2", "--eval-prompts", "2", "--max-new-tokens", "4", "--quiet"]
+TINY_RUN = [
+    "-T",
+    "1",
+    "-N",
+    "2",
+    "-K",
+    "2",
+    "--eval-prompts",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--calibration-prompts",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture()
@@ -90,7 +104,12 @@ def test_run_then_generate_and_info(tmp_path, tiny_model_dir, prompt_file, capsy
         == 0
     )
     steered = [json.loads(x)["response"] for x in gen_out.read_text().splitlines()]
-    last = [json.loads(x)["response"] for x in (out / "iter_1" / "eval.jsonl").read_text().splitlines()]
+    # Under the fluency guard the final policy is the best fluent one, named in its metadata.
+    final = json.loads((out / "final" / "steering_config.json").read_text())["metadata"]
+    last = [
+        json.loads(x)["response"]
+        for x in (out / f"iter_{final['policy_iteration']}" / "eval.jsonl").read_text().splitlines()
+    ]
     assert steered == last
     assert (
         main(

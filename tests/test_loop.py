@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from simsteer.errors import SimsError
 from simsteer.learners import get_learner
+from simsteer.guard import GuardConfig
 from simsteer.loop import SIMS, SIMSConfig, draw_prompts, label_by_win_rate, split_pool
 from simsteer.oracles import get_oracle
 from simsteer.prompts import Prompt
@@ -31,6 +32,7 @@ CONFIG = SIMSConfig(
     eval_prompts=2,
     sampling=SamplingConfig(max_new_tokens=6, batch_size=5),
     seed=3,
+    guard=GuardConfig(fluency_budget=None),  # the paper's plain loop; the guard has its own tests
 )
 
 

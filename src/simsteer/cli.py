@@ -35,6 +35,16 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _budget(text: str) -> float | None:
+    if text.lower() in ("off", "none"):
+        return None
+    return _number(text)
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    return tuple(_number(x) for x in text.split(",") if x.strip())
+
+
 def _option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -122,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stack each iteration's functions on the previous ones (paper: replace)",
     )
+    run.add_argument("--fluency-budget", type=_budget, default=0.10,
+                     help="fluency guard: allowed perplexity increase over the unsteered model "
+                          "(0.10 = +10%%), or 'off' for the paper's plain loop")
+    run.add_argument("--repetition-margin", type=_number, default=0.03,
+                     help="fluency guard: allowed repetition-rate increase")
+    run.add_argument("--strength-grid", type=_grid, default=(0.25, 0.5, 0.75, 1.0, 1.5),
+                     help="fluency guard: strength multipliers tried after each fit")
+    run.add_argument("--calibration-prompts", type=_positive_int, default=16,
+                     help="fluency guard: held-out prompts the strengths are compared on")
+    run.add_argument("--patience", type=_positive_int, default=1,
+                     help="stop after this many iterations without a better fluent score (0: never)")
     run.add_argument("--out", "-o", default=DEFAULT_RUN_DIR, help="run directory")
     run.add_argument(
         "--resume",
@@ -182,8 +203,11 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .config import SIMSConfig
+    from .guard import GuardConfig
     from .learners import get_learner
-    from .loop import SIMS, SIMSConfig, format_table
+    from .loop import SIMS
+    from .table import format_table
     from .models import load_model
     from .oracles import get_oracle
     from .prompts import load_prompts
@@ -221,6 +245,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary=args.summary,
         compose=args.compose,
         seed=args.seed,
+        guard=GuardConfig(
+            fluency_budget=args.fluency_budget,
+            repetition_margin=args.repetition_margin,
+            strength_grid=tuple(args.strength_grid),
+            calibration_prompts=args.calibration_prompts,
+            patience=args.patience,
+        ),
     )
     options = dict(args.learner_option)
     options.setdefault("layers", args.layers)
@@ -318,7 +349,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import read_json
-    from .loop import format_table
+    from .table import format_table
     from .rundir import RunDir
     from .steering import CONFIG_NAME, load_policy
 
@@ -345,7 +376,11 @@ def cmd_info(args: argparse.Namespace) -> int:
                 rows.append(read_json(run.iteration_summary(t)))
         if rows:
             print(format_table(rows))
-        done = len(rows) == sims["iterations"] + 1 and run.final.exists()
+        stopped = bool(rows) and bool(rows[-1].get("stop"))
+        done = (len(rows) == sims["iterations"] + 1 or stopped) and run.final.exists()
+        if done:
+            final = load_policy(run.final)[-1].metadata.get("policy_iteration")
+            print(f"final policy: iteration {final} (saved in {run.final})")
         print(
             "status: complete"
             if done

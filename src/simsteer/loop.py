@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .activations import SUMMARIES, collect_activations
+from .activations import collect_activations
+from .config import PromptSplit, SIMSConfig, draw_prompts, label_by_win_rate, split_pool
 from .errors import SimsError
+from .evaluation.fluency import fluency_report
+from .guard import FluencyGuard
 from .io import atomic_write_bytes, read_json, read_jsonl, write_json, write_jsonl
 from .learners.base import Learner, PreferenceActivations
 from .models import LoadedModel, parse_layers
@@ -40,66 +43,11 @@ from .prompts import Prompt
 from .rundir import RunDir
 from .sampling import SamplingConfig, generate
 from .steering import Steering
+from .table import TABLE_HEADER, format_row
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[str, int], None]
-
-
-@dataclass(frozen=True)
-class SIMSConfig:
-    """The loop's settings (the paper's T, N, K and how samples are drawn).
-
-    Attributes:
-        iterations: T, the number of learning iterations (>= 1).
-        prompts_per_iteration: N, new prompts drawn each iteration without replacement
-            while the pool lasts (then the pool is reshuffled).
-        samples_per_prompt: K responses per prompt (>= 2).
-        eval_prompts: held-out prompts answered greedily by every policy (0 = none).
-        sampling: temperature, top-k, top-p, max_new_tokens and batch size.
-        summary: activation summary per response, ``mean`` over tokens or ``last``.
-        activation_batch_size: sequences per forward when collecting activations.
-        compose: stack each iteration's functions on the previous policy instead of
-            replacing them (the paper replaces).
-        seed: the run's seed (prompt order and sampling).
-    """
-
-    iterations: int = 3
-    prompts_per_iteration: int = 16
-    samples_per_prompt: int = 4
-    eval_prompts: int = 16
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    summary: str = "mean"
-    activation_batch_size: int = 16
-    compose: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise SimsError(f"iterations (T) must be >= 1, got {self.iterations}")
-        if self.prompts_per_iteration < 1:
-            raise SimsError(f"prompts per iteration (N) must be >= 1, got {self.prompts_per_iteration}")
-        if self.samples_per_prompt < 2:
-            raise SimsError(
-                f"samples per prompt (K) must be >= 2 to compare responses, got {self.samples_per_prompt}"
-            )
-        if self.eval_prompts < 0:
-            raise SimsError(f"eval prompts must be >= 0, got {self.eval_prompts}")
-        if self.summary not in SUMMARIES:
-            raise SimsError(f"unknown activation summary {self.summary!r}: use {', '.join(SUMMARIES)}")
-        if self.activation_batch_size < 1:
-            raise SimsError("activation batch size must be >= 1")
-        if self.sampling.greedy:
-            raise SimsError("SIMS needs K distinct samples: use a temperature > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SIMSConfig:
-        data = dict(data)
-        data["sampling"] = SamplingConfig(**data.get("sampling", {}))
-        return cls(**data)
 
 
 @dataclass
@@ -109,42 +57,6 @@ class SIMSResult:
     policy: Steering | list[Steering]
     history: list[dict[str, Any]]
     run_dir: Path
-
-
-def split_pool(prompts: Sequence[Prompt], n_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
-    """Shuffle once with the seed; the first ``n_eval`` prompts are held out."""
-    order = list(prompts)
-    random.Random(seed).shuffle(order)
-    if n_eval and len(order) <= n_eval:
-        raise SimsError(
-            f"{len(order)} prompts leave none for training after {n_eval} held-out ones: "
-            "add prompts or lower --eval-prompts"
-        )
-    return order[n_eval:], order[:n_eval]
-
-
-def draw_prompts(pool: list[Prompt], t: int, n: int, seed: int) -> list[Prompt]:
-    """Iteration t's N prompts: consecutive slices of the pool, reshuffled per pass."""
-    out: list[Prompt] = []
-    position = t * n
-    while len(out) < n:
-        epoch, offset = divmod(position, len(pool))
-        order = list(pool)
-        if epoch:
-            random.Random(seed * 7919 + epoch).shuffle(order)
-        take = order[offset : offset + n - len(out)]
-        out.extend(take)
-        position += len(take)
-    return out
-
-
-def label_by_win_rate(win_rate: float) -> str:
-    """D+ above one half, D- below, ties dropped (SIMS.md)."""
-    if win_rate > 0.5:
-        return "positive"
-    if win_rate < 0.5:
-        return "negative"
-    return "tie"
 
 
 class SIMS:
@@ -174,6 +86,7 @@ class SIMS:
         self.progress = progress
         self.callback = callback
         self.layers = parse_layers(learner.config.layers, model.num_layers)
+        self.guard = FluencyGuard(model, oracle, self.config.guard, self.config.sampling)
 
     # -- public ------------------------------------------------------------------
     def fit(
@@ -185,6 +98,9 @@ class SIMS:
     ) -> SIMSResult:
         """Run (or resume) the loop in ``run_dir`` and return the final policy.
 
+        The final policy is the last one, or with the fluency guard on, the best fluent
+        one (the loop may stop early; the last summary row says why).
+
         Args:
             prompts: the prompt pool.
             eval_prompts: held-out prompts; by default ``config.eval_prompts`` are split
@@ -193,36 +109,30 @@ class SIMS:
                 model, oracle and learner for ``--resume``).
         """
         run = RunDir(Path(run_dir))
-        pool = [p if isinstance(p, Prompt) else Prompt(str(i), p) for i, p in enumerate(prompts)]
-        if not pool:
-            raise SimsError("no prompts to learn from")
-        if run.is_run():
-            train, held_out = self._check_resume(run)
-        else:
-            if run.root.exists() and any(run.root.iterdir()):
-                raise SimsError(f"{run.root} exists and is not an empty run directory")
-            if eval_prompts is not None:
-                held_out = [
-                    p if isinstance(p, Prompt) else Prompt(f"eval-{i}", p) for i, p in enumerate(eval_prompts)
-                ]
-                train = list(pool)
-                random.Random(self.config.seed).shuffle(train)
-            else:
-                train, held_out = split_pool(pool, self.config.eval_prompts, self.config.seed)
-            write_jsonl(run.prompts, [{"id": p.id, "prompt": p.text} for p in train])
-            write_jsonl(run.eval_prompts, [{"id": p.id, "prompt": p.text} for p in held_out])
-            write_json(run.config, self._config_record(extra_config))
-        history = []
+        split = self._prepare(run, prompts, eval_prompts, extra_config)
+        history: list[dict[str, Any]] = []
         if self.progress:
             tqdm.write(TABLE_HEADER)
         for t in range(self.config.iterations + 1):
-            history.append(self._iteration(run, t, train, held_out))
+            history.append(self._iteration(run, t, split))
             if self.progress:
                 tqdm.write(format_row(history[-1]))
+                if history[-1].get("stop"):
+                    tqdm.write(f"stopped: {history[-1]['stop']}")
+            if history[-1].get("stop"):
+                break
         write_json(run.summary, history)
-        stack = self._policy(run, self.config.iterations)
+        best = self.guard.final_index(history)
+        stack = self._policy(run, best)
         if run.final.exists():
             shutil.rmtree(run.final)
+        for steering in stack:
+            steering.metadata = {**steering.metadata, "policy_iteration": best}
+        if not stack:  # the unsteered model was best: an empty steering is a no-op
+            stack = [
+                Steering({}, self.learner.name, self.lm.fingerprint(),
+                         metadata={"unsteered": True, "policy_iteration": 0})
+            ]
         if self.config.compose:
             for i, steering in enumerate(stack, 1):
                 steering.save(run.final / f"step_{i}")
@@ -232,27 +142,76 @@ class SIMS:
             policy.save(run.final)
         return SIMSResult(policy=policy, history=history, run_dir=run.root)
 
+    def _prepare(
+        self,
+        run: RunDir,
+        prompts: Sequence[Prompt | str],
+        eval_prompts: Sequence[Prompt | str] | None,
+        extra_config: dict[str, Any] | None,
+    ) -> PromptSplit:
+        """Split the pool (train / eval / calibration) for a new run, or reload it."""
+        if run.is_run():
+            return self._check_resume(run)
+        pool = [p if isinstance(p, Prompt) else Prompt(str(i), p) for i, p in enumerate(prompts)]
+        if not pool:
+            raise SimsError("no prompts to learn from")
+        if run.root.exists() and any(run.root.iterdir()):
+            raise SimsError(f"{run.root} exists and is not an empty run directory")
+        if eval_prompts is not None:
+            held_out = [
+                p if isinstance(p, Prompt) else Prompt(f"eval-{i}", p) for i, p in enumerate(eval_prompts)
+            ]
+            train = list(pool)
+            random.Random(self.config.seed).shuffle(train)
+        else:
+            train, held_out = split_pool(pool, self.config.eval_prompts, self.config.seed)
+        calibration: list[Prompt] = []
+        if self.config.guard.enabled:
+            n = self.config.guard.calibration_prompts
+            if len(train) <= n:
+                raise SimsError(
+                    f"{len(train)} training prompts leave none after {n} calibration "
+                    "prompts: add prompts, lower --calibration-prompts or turn the "
+                    "guard off with --fluency-budget off"
+                )
+            calibration, train = train[:n], train[n:]
+        split = PromptSplit(train, held_out, calibration)
+        for path, part in (
+            (run.prompts, train),
+            (run.eval_prompts, held_out),
+            (run.calibration_prompts, calibration),
+        ):
+            write_jsonl(path, [{"id": p.id, "prompt": p.text} for p in part])
+        write_json(run.config, self._config_record(extra_config))
+        return split
+
     # -- steps -------------------------------------------------------------------
-    def _iteration(self, run: RunDir, t: int, train: list[Prompt], held_out: list[Prompt]) -> dict:
+    def _iteration(self, run: RunDir, t: int, split: PromptSplit) -> dict:
         if run.iteration_summary(t).is_file():
             return read_json(run.iteration_summary(t))
         cfg = self.config
         last = t == cfg.iterations
         policy = self._policy(run, t)
         seconds: dict[str, float] = {}
-        row: dict[str, Any] = {"iteration": t, "policy": f"iter_{t}" if t else "unsteered"}
+        row: dict[str, Any] = {
+            "iteration": t,
+            "policy": f"iter_{t}" if t else "unsteered",
+            "strength": policy[-1].strength if policy else 0.0,
+        }
 
         clock = time.perf_counter()
-        eval_rows = self._step_eval(run, t, held_out, policy)
-        seconds["eval"] = time.perf_counter() - clock
+        eval_rows = self._step_eval(run, t, split.eval, policy)
         scores = [r["score"] for r in eval_rows if r.get("score") is not None]
         row["eval_score"] = float(np.mean(scores)) if scores else None
+        row["eval_fluency"] = self._fluency(eval_rows)
+        seconds["eval"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        samples = self._step_sample(run, t, train, policy)
+        samples = self._step_sample(run, t, split.train, policy)
         seconds["sample_and_rank"] = time.perf_counter() - clock
         sample_scores = [r["score"] for r in samples if r.get("score") is not None]
         row["sample_score"] = float(np.mean(sample_scores)) if sample_scores else None
+        row["sample_fluency"] = self._fluency(samples)
         row["num_prompts"] = len({r["prompt_id"] for r in samples})
         row["num_positive"] = sum(r["label"] == "positive" for r in samples)
         row["num_negative"] = sum(r["label"] == "negative" for r in samples)
@@ -269,6 +228,18 @@ class SIMS:
             clock = time.perf_counter()
             row["fit"] = self._step_fit(run, t, data, policy)
             seconds["fit"] = time.perf_counter() - clock
+            if cfg.guard.enabled:
+                clock = time.perf_counter()
+                row["calibration"] = self.guard.calibrate_step(
+                    run,
+                    t,
+                    split.calibration,
+                    policy if self.config.compose else [],
+                    progress=self._bar(f"iter {t} calibrate"),
+                )
+                self._notify("calibrate", t)
+                seconds["calibrate"] = time.perf_counter() - clock
+                row["stop"] = self.guard.stop_reason(run, t, row["calibration"])
         row["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
         row["seconds_total"] = round(sum(seconds.values()), 2)
         write_json(run.iteration_summary(t), row)
@@ -384,7 +355,8 @@ class SIMS:
     def _step_fit(
         self, run: RunDir, t: int, data: PreferenceActivations | None, policy: list[Steering]
     ) -> dict:
-        target = run.steering(t + 1)
+        # With the guard on, the raw fit waits in fitted/ until a strength is chosen.
+        target = run.fitted(t) if self.config.guard.enabled else run.steering(t + 1)
         if (target / "steering_config.json").is_file():
             saved = Steering.load(target)
             return {
@@ -410,6 +382,17 @@ class SIMS:
         self._notify("fit", t)
         return {"learner": self.learner.name, "carried_over": data is None}
 
+    def _fluency(self, rows: list[dict]) -> dict | None:
+        if not rows:
+            return None
+        report = fluency_report(
+            self.lm,
+            [r["prompt"] for r in rows],
+            [r["response"] for r in rows],
+            [r["num_tokens"] for r in rows],
+        )
+        return report.to_dict()
+
     # -- helpers -----------------------------------------------------------------
     def _policy(self, run: RunDir, t: int) -> list[Steering]:
         """pi_t as a stack of steerings (one element unless composing)."""
@@ -419,13 +402,15 @@ class SIMS:
             return [Steering.load(run.steering(t))]
         return [Steering.load(run.steering(s)) for s in range(1, t + 1)]
 
-    def _check_resume(self, run: RunDir) -> tuple[list[Prompt], list[Prompt]]:
+    def _check_resume(self, run: RunDir) -> PromptSplit:
         saved = read_json(run.config)
-        if saved.get("sims") != self.config.to_dict():
+        if SIMSConfig.from_dict(saved.get("sims", {})) != self.config:
             raise SimsError(f"{run.root} was started with other loop settings; resume it with the same ones")
-        train = [Prompt(r["id"], r["prompt"]) for r in read_jsonl(run.prompts)]
-        held = [Prompt(r["id"], r["prompt"]) for r in read_jsonl(run.eval_prompts)]
-        return train, held
+
+        def read(path: Path) -> list[Prompt]:
+            return [Prompt(r["id"], r["prompt"]) for r in read_jsonl(path)] if path.is_file() else []
+
+        return PromptSplit(read(run.prompts), read(run.eval_prompts), read(run.calibration_prompts))
 
     def _config_record(self, extra: dict[str, Any] | None) -> dict[str, Any]:
         from . import __version__
@@ -480,23 +465,3 @@ def _load_activations(path: Path) -> tuple[PreferenceActivations, int]:
         token_norms=t["token_norms"],
     )
     return data, int(t["num_tokens"][0])
-
-
-def _fmt(value: float | None) -> str:
-    return "   -  " if value is None else f"{value:+.3f}"
-
-
-TABLE_HEADER = "iter  sample_score  eval_score  |D+|  |D-|  tokens  seconds"
-
-
-def format_row(row: dict) -> str:
-    return (
-        f"{row['iteration']:>4}  {_fmt(row.get('sample_score')):>12}  "
-        f"{_fmt(row.get('eval_score')):>10}  {row.get('num_positive', 0):>4}  "
-        f"{row.get('num_negative', 0):>4}  {row.get('tokens_generated', 0):>6}  "
-        f"{row.get('seconds_total', 0):>7.1f}"
-    )
-
-
-def format_table(history: list[dict]) -> str:
-    return "\n".join([TABLE_HEADER, *(format_row(r) for r in history)])

@@ -7,10 +7,15 @@ as done when its artefact exists, which is what ``--resume`` relies on.
       config.json                 resolved configuration (model, oracle, learner, loop)
       prompts.jsonl               the training pool in the order it is drawn
       eval_prompts.jsonl          held-out prompts scored for every policy
+      calibration_prompts.jsonl   held-out prompts the fluency guard calibrates on
+      calibration_base.json       the unsteered model's score and fluency on them
       iter_<t>/eval.jsonl         greedy answers of policy t to the held-out prompts
       iter_<t>/samples.jsonl      K samples per prompt with scores, win rates, labels
       iter_<t>/activations.safetensors   D+ / D- summaries learned from
-      iter_<t>/steering/          steering of policy t (t >= 1)
+      iter_<t>/fitted/            the learner's raw output at iteration t
+      iter_<t>/calibration.jsonl  the guard's frontier: strength -> score, fluency
+      iter_<t>/frontier.png       the same, plotted
+      iter_<t>/steering/          steering of policy t (t >= 1), at the chosen strength
       iter_<t>/summary.json       the iteration's row of the summary table
       summary.json                all rows, written at the end
       final/                      the last policy's steering
@@ -39,6 +44,14 @@ class RunDir:
         return self.root / "eval_prompts.jsonl"
 
     @property
+    def calibration_prompts(self) -> Path:
+        return self.root / "calibration_prompts.jsonl"
+
+    @property
+    def calibration_base(self) -> Path:
+        return self.root / "calibration_base.json"
+
+    @property
     def summary(self) -> Path:
         return self.root / "summary.json"
 
@@ -57,6 +70,15 @@ class RunDir:
 
     def activations(self, t: int) -> Path:
         return self.iteration(t) / "activations.safetensors"
+
+    def fitted(self, t: int) -> Path:
+        return self.iteration(t) / "fitted"
+
+    def calibration(self, t: int) -> Path:
+        return self.iteration(t) / "calibration.jsonl"
+
+    def frontier(self, t: int) -> Path:
+        return self.iteration(t) / "frontier.png"
 
     def steering(self, t: int) -> Path:
         return self.iteration(t) / "steering"

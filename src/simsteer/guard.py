@@ -1,0 +1,300 @@
+"""The fluency guard: strength calibration under a fluency budget, and early stopping.
+
+A self-improvement loop can hack its oracle: scores rise while answers degenerate into
+repetition. After each fit the guard answers a held-out *calibration* slice of prompts
+greedily at every strength of a small grid (multipliers on the learner's own strength
+knob: CAA coefficient, HPR angle scale, ITI alpha, SEA blend) and keeps the strength with
+the best oracle score among those that stay fluent:
+
+    perplexity under the unsteered model <= (1 + budget) x the unsteered model's
+    repetition rate                      <= the unsteered model's + margin
+
+The whole frontier (strength -> score, perplexity, repetition, loops) is saved and
+plotted. If no strength is fluent enough, or the best fluent score has not improved for
+``patience`` iterations, the loop stops and keeps the best policy so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SimsError
+from .evaluation.fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
+from .io import read_json, read_jsonl, write_json, write_jsonl
+from .models import LoadedModel
+from .oracles.base import Oracle, ScoreOracle
+from .prompts import Prompt
+from .rundir import RunDir
+from .sampling import SamplingConfig, generate
+from .steering import Steering
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Settings of the fluency guard.
+
+    Attributes:
+        fluency_budget: allowed relative perplexity increase over the unsteered model
+            (0.10 = +10%); ``None`` turns the guard off (the paper's plain loop).
+        repetition_margin: allowed increase of the repetition rate (absolute).
+        strength_grid: multipliers on the learner's strength tried after every fit.
+        calibration_prompts: held-out prompts the strengths are compared on (disjoint
+            from the training pool and from the evaluation prompts).
+        patience: stop after this many iterations without a better fluent calibration
+            score (0: never stop early).
+    """
+
+    fluency_budget: float | None = 0.10
+    repetition_margin: float = 0.03
+    strength_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
+    calibration_prompts: int = 16
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        if self.fluency_budget is not None and self.fluency_budget < 0:
+            raise SimsError(f"the fluency budget must be >= 0 or off, got {self.fluency_budget}")
+        if self.repetition_margin < 0:
+            raise SimsError(f"the repetition margin must be >= 0, got {self.repetition_margin}")
+        if not self.strength_grid or any(not s > 0 for s in self.strength_grid):
+            raise SimsError(f"the strength grid needs positive multipliers, got {self.strength_grid}")
+        if self.calibration_prompts < 1:
+            raise SimsError("the guard needs at least one calibration prompt")
+        if self.patience < 0:
+            raise SimsError(f"patience must be >= 0, got {self.patience}")
+        object.__setattr__(self, "strength_grid", tuple(float(s) for s in self.strength_grid))
+
+    @property
+    def enabled(self) -> bool:
+        return self.fluency_budget is not None
+
+
+def measure(
+    lm: LoadedModel,
+    oracle: Oracle,
+    prompts: Sequence[Prompt],
+    policy: Sequence[Steering],
+    sampling: SamplingConfig,
+    progress: bool | str = False,
+) -> dict[str, Any]:
+    """Greedy answers of ``policy`` to ``prompts``: oracle score and fluency metrics."""
+    greedy = SamplingConfig(
+        temperature=0.0, max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size
+    )
+    texts = [
+        g[0].text for g in generate(lm, [p.text for p in prompts], 1, greedy, list(policy), progress=progress)
+    ]
+    if not isinstance(oracle, ScoreOracle):
+        raise SimsError(
+            f"the fluency guard needs an oracle with scores; {oracle.name} has none "
+            "(turn the guard off with --fluency-budget off)"
+        )
+    scores = oracle.score([p.text for p in prompts], texts)
+    ppl = [p for p in perplexities(lm, [p.text for p in prompts], texts) if not math.isnan(p)]
+    n = len(texts)
+    return {
+        "score": float(sum(scores) / n),
+        "perplexity": math.exp(sum(math.log(p) for p in ppl) / len(ppl)) if ppl else math.nan,
+        "repetition": sum(repetition_rate(t) for t in texts) / n,
+        "loop_share": sum(ends_in_loop(t) for t in texts) / n,
+        "distinct_2": distinct_n(texts, 2),
+    }
+
+
+def is_fluent(point: dict[str, Any], base: dict[str, Any], config: GuardConfig) -> bool:
+    assert config.fluency_budget is not None
+    return (
+        point["perplexity"] <= (1 + config.fluency_budget) * base["perplexity"]
+        and point["repetition"] <= base["repetition"] + config.repetition_margin
+    )
+
+
+def calibrate(
+    lm: LoadedModel,
+    oracle: Oracle,
+    prompts: Sequence[Prompt],
+    previous: Sequence[Steering],
+    candidate: Steering,
+    base: dict[str, Any],
+    config: GuardConfig,
+    sampling: SamplingConfig,
+    path: Path,
+    progress: bool | str = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Score ``candidate`` (stacked on ``previous``) at every strength of the grid.
+
+    Each finished point is written to ``path`` at once, so a resumed run skips it.
+
+    Returns:
+        all points, and the chosen one (best fluent score; ``None`` if none is fluent).
+    """
+    done = {row["multiplier"]: row for row in read_jsonl(path)} if path.is_file() else {}
+    points = []
+    base_strength = candidate.strength
+    try:
+        for m in config.strength_grid:
+            if m not in done:
+                candidate.strength = base_strength * m
+                label = f"{progress} x{m:g}" if isinstance(progress, str) else progress
+                point = {
+                    "multiplier": m,
+                    "strength": candidate.strength,
+                    **measure(lm, oracle, prompts, [*previous, candidate], sampling, label),
+                }
+                point["fluent"] = is_fluent(point, base, config)
+                done[m] = point
+                write_jsonl(path, [done[k] for k in config.strength_grid if k in done])
+            points.append(done[m])
+    finally:
+        candidate.strength = base_strength
+    fluent = [p for p in points if p["fluent"]]
+    chosen = max(fluent, key=lambda p: (p["score"], -p["multiplier"])) if fluent else None
+    return points, chosen
+
+
+def plot_frontier(
+    points: list[dict[str, Any]], base: dict[str, Any], config: GuardConfig, path: Path, title: str
+) -> None:
+    """Strength -> score, perplexity ratio and repetition, with the budget marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [p["multiplier"] for p in points]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    axes[0].plot(xs, [p["score"] for p in points], "o-")
+    axes[0].axhline(base["score"], color="grey", ls=":", label="unsteered")
+    axes[0].set_ylabel("oracle score")
+    axes[1].plot(xs, [p["perplexity"] / base["perplexity"] for p in points], "o-")
+    axes[1].axhline(1 + (config.fluency_budget or 0), color="red", ls="--", label="budget")
+    axes[1].set_ylabel("perplexity / unsteered")
+    axes[2].plot(xs, [p["repetition"] for p in points], "o-")
+    axes[2].axhline(base["repetition"] + config.repetition_margin, color="red", ls="--", label="budget")
+    axes[2].set_ylabel("repetition rate")
+    for ax in axes:
+        ax.set_xlabel("strength multiplier")
+        ax.legend(fontsize=7)
+    for p in points:
+        if not p["fluent"]:
+            axes[0].plot(p["multiplier"], p["score"], "x", color="red", ms=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def early_stop(history: Sequence[float], patience: int) -> bool:
+    """True when the last ``patience`` values did not beat the best one before them.
+
+    ``history`` holds the best fluent calibration score of each policy, the unsteered
+    model's first.
+    """
+    if patience <= 0 or len(history) <= patience:
+        return False
+    best_before = max(history[:-patience])
+    return all(v <= best_before for v in history[-patience:])
+
+
+def calibration_scores(base: dict[str, Any], calibrations: Sequence[dict[str, Any]]) -> list[float]:
+    """Best fluent calibration score of policies 0, 1, ... (policy 0: unsteered); a policy
+    with no fluent strength scores minus infinity."""
+    return [base["score"], *(c["score"] if c["score"] is not None else -math.inf for c in calibrations)]
+
+
+class FluencyGuard:
+    """The guard's steps inside a run directory (used by :class:`simsteer.loop.SIMS`)."""
+
+    def __init__(
+        self, lm: LoadedModel, oracle: Oracle, config: GuardConfig, sampling: SamplingConfig
+    ) -> None:
+        self.lm = lm
+        self.oracle = oracle
+        self.config = config
+        self.sampling = sampling
+
+    def base(self, run: RunDir, prompts: Sequence[Prompt], progress: bool | str = False) -> dict:
+        """The unsteered model's score and fluency on the calibration prompts (cached)."""
+        if run.calibration_base.is_file():
+            return read_json(run.calibration_base)
+        base = measure(self.lm, self.oracle, prompts, [], self.sampling, progress=progress)
+        write_json(run.calibration_base, base)
+        return base
+
+    def calibrate_step(
+        self,
+        run: RunDir,
+        t: int,
+        prompts: Sequence[Prompt],
+        previous: Sequence[Steering],
+        progress: bool | str = False,
+    ) -> dict[str, Any]:
+        """Choose the strength of iteration t's fit and save policy t + 1 at it."""
+        base = self.base(run, prompts, progress and "calibration base")
+        candidate = Steering.load(run.fitted(t))
+        points, chosen = calibrate(
+            self.lm,
+            self.oracle,
+            prompts,
+            previous,
+            candidate,
+            base,
+            self.config,
+            self.sampling,
+            run.calibration(t),
+            progress,
+        )
+        plot_frontier(
+            points,
+            base,
+            self.config,
+            run.frontier(t),
+            f"iteration {t}: strength frontier of policy {t + 1} (budget "
+            f"+{self.config.fluency_budget:.0%} perplexity, "
+            f"+{self.config.repetition_margin} repetition)",
+        )
+        if chosen is not None and not run.steering(t + 1).is_dir():
+            candidate.strength = chosen["strength"]
+            candidate.metadata = {**candidate.metadata, "calibrated_multiplier": chosen["multiplier"]}
+            candidate.save(run.steering(t + 1))
+        return {
+            "base": base,
+            "points": points,
+            "chosen": None if chosen is None else chosen["multiplier"],
+            "score": None if chosen is None else chosen["score"],
+        }
+
+    def stop_reason(self, run: RunDir, t: int, calibration: dict[str, Any]) -> str | None:
+        """Why the loop stops after iteration t, or ``None`` to go on."""
+        cfg = self.config
+        if calibration["chosen"] is None:
+            return (
+                f"no strength in {list(cfg.strength_grid)} keeps perplexity within "
+                f"+{cfg.fluency_budget:.0%} and repetition within +{cfg.repetition_margin} of "
+                "the unsteered model; keeping the best policy so far"
+            )
+        earlier = [read_json(run.iteration_summary(s))["calibration"] for s in range(t)]
+        scores = calibration_scores(calibration["base"], [*earlier, calibration])
+        if early_stop(scores, cfg.patience):
+            best = max(range(len(scores)), key=scores.__getitem__)
+            return (
+                f"the fluent calibration score {scores[-1]:+.3f} did not beat "
+                f"{max(scores[: -cfg.patience]):+.3f} (policy {best}) for {cfg.patience} "
+                "iteration(s); keeping the best policy"
+            )
+        return None
+
+    def final_index(self, history: Sequence[dict[str, Any]]) -> int:
+        """Which policy a run returns: the last, or under the guard the best fluent one
+        (policy i + 1 is calibrated in row i; ties go to the earlier, weaker policy)."""
+        calibrations = [row["calibration"] for row in history if "calibration" in row]
+        if not self.config.enabled or not calibrations:
+            return history[-1]["iteration"]
+        scores = calibration_scores(calibrations[0]["base"], calibrations)
+        return max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -1,0 +1,250 @@
+"""The fluency guard: calibration on a planted trade-off, early stopping, compose vs
+replace, resume in the middle of a calibration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from simsteer.config import SIMSConfig
+from simsteer.errors import SimsError
+from simsteer.guard import GuardConfig, calibrate, early_stop, measure
+from simsteer.hooks import count_hooks
+from simsteer.learners import get_learner
+from simsteer.learners.caa import AddVector
+from simsteer.loop import SIMS
+from simsteer.oracles import get_oracle
+from simsteer.oracles.attributes import AttributeOracle
+from simsteer.prompts import Prompt
+from simsteer.sampling import SamplingConfig
+from simsteer.steering import Steering, load_policy
+
+from .test_loop import PROMPTS
+
+SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=8)
+CAL_PROMPTS = [Prompt(str(i), p) for i, p in enumerate(PROMPTS[:6])]
+
+
+def _push_toward(lm, word: str) -> Steering:
+    """Steering that adds the unembedding direction of ``word`` to the last layer: the
+    stronger, the more the model says ``word`` (and the less fluent it is)."""
+    token = lm.tokenizer.convert_tokens_to_ids(word)
+    direction = lm.model.get_output_embeddings().weight[token].detach().float()
+    direction = direction / direction.norm()
+    last = lm.num_layers - 1
+    return Steering({last: AddVector(direction)}, "caa", lm.fingerprint())
+
+
+def _share_of(word: str) -> AttributeOracle:
+    return AttributeOracle(word, lambda text: text.split().count(word) / max(len(text.split()), 1))
+
+
+def test_planted_trade_off_is_real(tiny_lm):
+    steering, oracle = _push_toward(tiny_lm, "cat"), _share_of("cat")
+    points = []
+    for strength in (0.0, 0.05, 0.2):
+        steering.strength = strength
+        policy = [steering] if strength else []
+        points.append(measure(tiny_lm, oracle, CAL_PROMPTS, policy, SAMPLING))
+    assert points[0]["score"] < points[1]["score"] < points[2]["score"]
+    assert points[0]["perplexity"] < points[2]["perplexity"]
+    assert points[0]["repetition"] < points[2]["repetition"]
+
+
+@pytest.mark.parametrize("budget, margin", [(1e9, 1.0), (0.1, 0.2), (0.0, 0.0)])
+def test_calibration_picks_best_fluent_strength(tiny_lm, tmp_path, budget, margin):
+    oracle = _share_of("cat")
+    base = measure(tiny_lm, oracle, CAL_PROMPTS, [], SAMPLING)
+    config = GuardConfig(fluency_budget=budget, repetition_margin=margin, strength_grid=(1, 2, 4))
+    candidate = _push_toward(tiny_lm, "cat")
+    candidate.strength = 0.05
+    points, chosen = calibrate(
+        tiny_lm, oracle, CAL_PROMPTS, [], candidate, base, config, SAMPLING, tmp_path / "cal.jsonl"
+    )
+    assert [p["multiplier"] for p in points] == [1, 2, 4]
+    assert [p["strength"] for p in points] == pytest.approx([0.05, 0.1, 0.2])
+    assert candidate.strength == 0.05  # the candidate itself is left as it was
+    fluent = [
+        p
+        for p in points
+        if p["perplexity"] <= (1 + budget) * base["perplexity"]
+        and p["repetition"] <= base["repetition"] + margin
+    ]
+    assert [p["fluent"] for p in points] == [p in fluent for p in points]
+    if budget == 1e9:
+        assert chosen["multiplier"] == 4  # no budget: the strongest push scores best
+    elif budget == 0.0:
+        assert chosen is None  # nothing steered is as fluent as the base model here
+    else:
+        # +10% perplexity allows the weakest push only, although stronger ones score more.
+        assert chosen is not None and chosen["multiplier"] == 1
+        assert chosen["score"] == max(p["score"] for p in fluent) < max(p["score"] for p in points)
+    # Points are saved as they finish, so a resumed calibration skips them.
+    saved = [json.loads(x) for x in (tmp_path / "cal.jsonl").read_text().splitlines()]
+    assert saved == points
+
+
+@pytest.mark.parametrize(
+    "scores, patience, stop",
+    [
+        ([0.1, 0.3, 0.2], 1, True),
+        ([0.1, 0.3, 0.4], 1, False),
+        ([0.1, 0.3, 0.2, 0.25], 2, True),
+        ([0.1, 0.3, 0.2, 0.35], 2, False),
+        ([0.1, 0.3, 0.3], 1, True),
+        ([0.5, 0.1], 0, False),
+        ([0.1], 1, False),
+    ],
+)
+def test_early_stopping_on_scripted_scores(scores, patience, stop):
+    assert early_stop(scores, patience) is stop
+
+
+def test_guard_settings_are_validated():
+    for kwargs in (
+        {"fluency_budget": -1},
+        {"strength_grid": ()},
+        {"strength_grid": (0.5, 0)},
+        {"patience": -1},
+        {"calibration_prompts": 0},
+    ):
+        with pytest.raises(SimsError):
+            GuardConfig(**kwargs)
+
+
+def _guarded_config(**guard) -> SIMSConfig:
+    return SIMSConfig(
+        iterations=2,
+        prompts_per_iteration=3,
+        samples_per_prompt=3,
+        eval_prompts=2,
+        sampling=SAMPLING,
+        seed=1,
+        guard=GuardConfig(calibration_prompts=2, strength_grid=(0.5, 1.0), **guard),
+    )
+
+
+def test_guarded_run_artefacts_and_best_policy(tiny_lm, tmp_path):
+    learner = get_learner("caa", layers="1-2", coefficient=0.5)
+    result = SIMS(
+        tiny_lm, get_oracle("length:4"), learner, _guarded_config(fluency_budget=5.0), progress=False
+    ).fit(PROMPTS, tmp_path / "r")
+    root = result.run_dir
+    assert (root / "calibration_base.json").is_file()
+    assert (root / "iter_0" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = [json.loads(x) for x in (root / "iter_0" / "calibration.jsonl").read_text().splitlines()]
+    assert [p["multiplier"] for p in points] == [0.5, 1.0]
+    row = result.history[0]
+    chosen = row["calibration"]["chosen"]
+    if chosen is not None:
+        saved = Steering.load(root / "iter_1" / "steering")
+        fitted = Steering.load(root / "iter_0" / "fitted")
+        assert saved.strength == pytest.approx(fitted.strength * chosen)
+    # The final policy is the best fluent one, and it says which iteration it is.
+    final = load_policy(root / "final")[-1]
+    scores = [row["calibration"]["base"]["score"]] + [
+        r["calibration"]["score"] if r["calibration"]["score"] is not None else -1e9
+        for r in result.history
+        if "calibration" in r
+    ]
+    assert final.metadata["policy_iteration"] == scores.index(max(scores))
+    if result.history[-1].get("stop"):
+        assert len(result.history) <= 3
+
+
+def test_guard_stops_when_nothing_is_fluent(tiny_lm, tmp_path):
+    learner = get_learner("caa", layers="all", coefficient=50.0)  # absurdly strong
+    result = SIMS(
+        tiny_lm,
+        get_oracle("length:4"),
+        learner,
+        _guarded_config(fluency_budget=0.0, repetition_margin=0.0),
+        progress=False,
+    ).fit(PROMPTS, tmp_path / "r")
+    assert len(result.history) == 1
+    assert "no strength" in result.history[0]["stop"]
+    assert not (result.run_dir / "iter_1" / "steering").exists()
+    final = load_policy(result.run_dir / "final")
+    assert final[-1].metadata["policy_iteration"] == 0 and not final[-1].functions
+
+
+@pytest.mark.parametrize("compose", [False, True])
+def test_compose_and_replace_hook_stacks(tiny_lm, tmp_path, compose):
+    config = SIMSConfig(
+        iterations=2,
+        prompts_per_iteration=3,
+        samples_per_prompt=3,
+        eval_prompts=0,
+        sampling=SAMPLING,
+        compose=compose,
+        guard=GuardConfig(fluency_budget=None),
+    )
+    sims = SIMS(tiny_lm, get_oracle("length:4"), get_learner("caa", layers="1-2"), config, progress=False)
+    result = sims.fit(PROMPTS, tmp_path / "r")
+    from simsteer.rundir import RunDir
+
+    stack = sims._policy(RunDir(result.run_dir), 2)
+    assert len(stack) == (2 if compose else 1)
+    before = count_hooks(tiny_lm.model)
+    with stack[0].applied(tiny_lm.model):
+        if compose:
+            with stack[1].applied(tiny_lm.model):
+                assert count_hooks(tiny_lm.model) == before + 2 * 3  # 2 layers + tracker, twice
+        else:
+            assert count_hooks(tiny_lm.model) == before + 3
+    assert count_hooks(tiny_lm.model) == before
+    final = load_policy(result.run_dir / "final")
+    assert len(final) == len(stack)
+    for a, b in zip(final, stack, strict=True):
+        assert all(torch.equal(a.functions[i].vector, b.functions[i].vector) for i in a.layers)
+
+
+KILL_MID_CALIBRATION = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import simsteer.guard as guard
+    from simsteer.models import load_model
+    from tests.test_guard import _run_guarded
+
+    calls = []
+    original = guard.measure
+
+    def measure(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # base, first grid point... then die inside the second
+            os._exit(9)
+        return original(*args, **kwargs)
+
+    guard.measure = measure
+    _run_guarded(load_model({model!r}, device="cpu", dtype="fp32"), {out!r})
+""")
+
+
+def _run_guarded(lm, out):
+    learner = get_learner("caa", layers="1-2", coefficient=0.5)
+    return SIMS(lm, get_oracle("length:4"), learner, _guarded_config(fluency_budget=5.0), progress=False).fit(
+        PROMPTS, Path(out)
+    )
+
+
+def test_resume_mid_calibration(tiny_lm, tiny_model_dir, tmp_path):
+    from .test_loop import _artefacts
+
+    reference = _run_guarded(tiny_lm, tmp_path / "reference").run_dir
+    killed = tmp_path / "killed"
+    script = KILL_MID_CALIBRATION.format(
+        tests=str(Path(__file__).parents[1]), model=str(tiny_model_dir), out=str(killed)
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    partial = [json.loads(x) for x in (killed / "iter_0" / "calibration.jsonl").read_text().splitlines()]
+    assert len(partial) == 1  # one grid point was finished and saved before the kill
+    _run_guarded(tiny_lm, killed)
+    ref, got = _artefacts(reference), _artefacts(killed)
+    assert got == ref
