@@ -13,8 +13,8 @@ import pytest
 from safetensors.torch import load_file
 
 from simsteer.errors import SimsError
-from simsteer.learners import get_learner
 from simsteer.guard import GuardConfig
+from simsteer.learners import get_learner
 from simsteer.loop import SIMS, SIMSConfig, draw_prompts, label_by_win_rate, split_pool
 from simsteer.oracles import get_oracle
 from simsteer.prompts import Prompt

@@ -132,17 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stack each iteration's functions on the previous ones (paper: replace)",
     )
-    run.add_argument("--fluency-budget", type=_budget, default=0.10,
-                     help="fluency guard: allowed perplexity increase over the unsteered model "
-                          "(0.10 = +10%%), or 'off' for the paper's plain loop")
-    run.add_argument("--repetition-margin", type=_number, default=0.03,
-                     help="fluency guard: allowed repetition-rate increase")
-    run.add_argument("--strength-grid", type=_grid, default=(0.25, 0.5, 0.75, 1.0, 1.5),
-                     help="fluency guard: strength multipliers tried after each fit")
-    run.add_argument("--calibration-prompts", type=_positive_int, default=16,
-                     help="fluency guard: held-out prompts the strengths are compared on")
-    run.add_argument("--patience", type=_positive_int, default=1,
-                     help="stop after this many iterations without a better fluent score (0: never)")
+    run.add_argument(
+        "--fluency-budget",
+        type=_budget,
+        default=0.10,
+        help="fluency guard: allowed perplexity increase over the unsteered model "
+        "(0.10 = +10%%), or 'off' for the paper's plain loop",
+    )
+    run.add_argument(
+        "--repetition-margin",
+        type=_number,
+        default=0.03,
+        help="fluency guard: allowed repetition-rate increase",
+    )
+    run.add_argument(
+        "--strength-grid",
+        type=_grid,
+        default=(0.25, 0.5, 0.75, 1.0, 1.5),
+        help="fluency guard: strength multipliers tried after each fit",
+    )
+    run.add_argument(
+        "--calibration-prompts",
+        type=_positive_int,
+        default=16,
+        help="fluency guard: held-out prompts the strengths are compared on",
+    )
+    run.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=1,
+        help="stop after this many iterations without a better fluent score (0: never)",
+    )
     run.add_argument("--out", "-o", default=DEFAULT_RUN_DIR, help="run directory")
     run.add_argument(
         "--resume",
@@ -207,12 +227,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .guard import GuardConfig
     from .learners import get_learner
     from .loop import SIMS
-    from .table import format_table
     from .models import load_model
     from .oracles import get_oracle
     from .prompts import load_prompts
     from .rundir import RunDir
     from .sampling import SamplingConfig
+    from .table import format_table
 
     if args.resume:
         run = RunDir(Path(args.resume))
@@ -349,9 +369,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .io import read_json
-    from .table import format_table
     from .rundir import RunDir
     from .steering import CONFIG_NAME, load_policy
+    from .table import format_table
 
     path = Path(args.path)
     run = RunDir(path)
