@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="summarise a run directory or a steering folder")
     info.add_argument("path")
+    from .cli_eval import add_commands  # eval, compare, baseline, sweep, judge-check, lc, arena
+
+    add_commands(sub)
     return parser
 
 
@@ -199,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "generate":
             return cmd_generate(args)
+        from .cli_eval import COMMANDS, run_command
+
+        if args.command in COMMANDS:
+            return run_command(args)
         return cmd_info(args)
     except SimsError as exc:
         print(f"sims: error: {exc}", file=sys.stderr)

@@ -1,0 +1,299 @@
+"""``sims eval RUN``: did steering help, how much, at what cost, is it significant?
+
+For a run directory (or a baseline folder, see :mod:`.baselines`) this answers the
+held-out prompts with the unsteered model and with the run's policy, then measures:
+
+- every built-in attribute scorer on both answer sets (mean, bootstrap CI, paired delta);
+- fluency under the *unsteered* model (perplexity, repetition, distinct-2, loops, mean
+  length: :func:`~simsteer.evaluation.fluency.fluency_report`);
+- win rate and LC win rate of the policy's answers against the base model's own answers,
+  judged in both orders by the run's oracle and by any ``judges`` (pick one the loop did
+  not train on);
+- optionally, AlpacaEval win rates against the gpt4_1106_preview reference answers and
+  multiple-choice accuracy (steered and unsteered in the same pass);
+- costs per stage (generated tokens, forward tokens, judge calls, seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SimsError
+from ..io import read_json, read_jsonl
+from ..models import LoadedModel, load_model
+from ..oracles import get_oracle
+from ..oracles.attributes import attribute_oracle
+from ..rundir import RunDir
+from ..sampling import SamplingConfig, generate
+from ..steering import Steering, load_policy
+from .baselines import best_of_n
+from .costs import CostMeter
+from .datasets import data_dir, load_alpaca_outputs, load_mc_task
+from .fluency import fluency_report
+from .lc import length_controlled_win_rate
+from .mc import evaluate_mc
+from .winrate import bootstrap_ci, judge_pairs, win_rate
+
+SCORERS = ("sentiment", "negativity", "readability", "length:50")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``sims eval`` measures.
+
+    Attributes:
+        judges: extra judges (oracle names) for win rates, beside the run's oracle.
+        scorers: attribute scorers reported on every answer set.
+        mc_tasks: multiple-choice tasks (see :data:`~.datasets.MC_TASKS`).
+        mc_limit: items per task (a seeded random subset; ``None`` = all).
+        alpaca: AlpacaEval instructions answered and judged against the reference (0 = off).
+        prompts: held-out prompt file overriding the run's ``eval_prompts.jsonl``.
+        max_new_tokens: answer length cap (default: the run's).
+        data: the evaluation data folder (``--data``).
+        bootstrap_rounds: resamples for every interval.
+        samples_shown: prompts shown side by side in the report.
+    """
+
+    judges: tuple[str, ...] = ()
+    scorers: tuple[str, ...] = SCORERS
+    mc_tasks: tuple[str, ...] = ()
+    mc_limit: int | None = 200
+    alpaca: int = 0
+    prompts: str | None = None
+    max_new_tokens: int | None = None
+    data: str | None = None
+    batch_size: int = 16
+    bootstrap_rounds: int = 1000
+    samples_shown: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mc_limit is not None and self.mc_limit < 1:
+            raise SimsError(f"--mc-limit must be >= 1, got {self.mc_limit}")
+        if self.alpaca < 0:
+            raise SimsError(f"--alpaca must be >= 0, got {self.alpaca}")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run or baseline folder says about itself."""
+
+    path: Path
+    kind: str  # "sims" or a baseline name
+    config: dict[str, Any]
+    policy: list[Steering]
+    history: list[dict[str, Any]]
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(**self.config["sims"]["sampling"])
+
+
+def read_run(path: str | Path) -> RunInfo:
+    """Load a run directory's config, final policy and per-iteration history."""
+    run = RunDir(Path(path))
+    if not run.is_run():
+        raise SimsError(f"{path} is not a run directory (no config.json)")
+    cfg = read_json(run.config)
+    kind = cfg.get("baseline", "sims")
+    policy = load_policy(run.final) if run.final.exists() else []
+    policy = [s for s in policy if s.functions]  # an empty steering is the unsteered model
+    if kind == "sims" and not run.final.exists():
+        raise SimsError(f"{path} has no final policy yet: finish it with `sims run --resume {path}`")
+    history = []
+    iterations = cfg.get("sims", {}).get("iterations", 0)
+    for t in range(iterations + 1):
+        if run.iteration_summary(t).is_file():
+            history.append(read_json(run.iteration_summary(t)))
+    return RunInfo(Path(path), kind, cfg, policy, history)
+
+
+def _mean_ci(values: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
+    lo, hi = bootstrap_ci(values, rounds=rounds, seed=seed)
+    return {"mean": float(values.mean()), "ci_low": lo, "ci_high": hi}
+
+
+def _answers(
+    lm,
+    info: RunInfo,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    meter: CostMeter,
+    oracle,
+    label: str,
+    steered: bool,
+) -> list[str]:
+    greedy = SamplingConfig(
+        temperature=0.0, max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size
+    )
+    with meter.stage(f"generate_{label}") as cost:
+        if steered and info.kind == "best-of-n":
+            gens, tokens = best_of_n(
+                lm, oracle, prompts, int(info.config["n"]), sampling, seed=info.config.get("seed", 0)
+            )
+            cost.generated_tokens += tokens
+            cost.judge_calls += len(prompts) * int(info.config["n"])
+        else:
+            gens = [g[0] for g in generate(lm, prompts, 1, greedy, info.policy if steered else [])]
+            cost.generated_tokens += sum(g.num_tokens for g in gens)
+    return [g.text for g in gens]
+
+
+def _compare(oracle, prompts, ours, theirs, meter, stage, rounds, seed) -> dict[str, Any]:
+    with meter.stage(stage) as cost:
+        judged = judge_pairs(oracle, prompts, ours, theirs)
+        cost.judge_calls += judged.judge_calls
+    wr = win_rate(judged.preference, rounds=rounds, seed=seed)
+    lc = length_controlled_win_rate(
+        judged.preference,
+        [len(a) for a in ours],
+        [len(b) for b in theirs],
+        rounds=min(rounds, 200),
+        seed=seed,
+    )
+    return {
+        "win_rate": wr.to_dict(),
+        "lc_win_rate": lc.to_dict(),
+        "position_flips": float(judged.position_flips.mean()) if len(prompts) else None,
+    }
+
+
+def _prompt_forward_tokens(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str]) -> int:
+    tok = lm.tokenizer
+    return sum(
+        len(tok(p)["input_ids"]) + len(tok(a)["input_ids"]) for p, a in zip(prompts, answers, strict=True)
+    )
+
+
+def evaluate_run(
+    path: str | Path, config: EvalConfig | None = None, lm: LoadedModel | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Evaluate a run directory or baseline folder; returns what ``eval.json`` holds.
+
+    Example:
+        >>> result = evaluate_run("runs/sims", EvalConfig(judges=("readability",), mc_tasks=("arc_easy",)))
+        >>> result["win_rates"]["readability"]["win_rate"]["value"]
+    """
+    config = config or EvalConfig()
+    clock = time.perf_counter()
+    info = read_run(path)
+    run = RunDir(info.path)
+    sampling = info.sampling
+    if config.max_new_tokens:
+        sampling = SamplingConfig(
+            **{**info.config["sims"]["sampling"], "max_new_tokens": config.max_new_tokens}
+        )
+    prompt_file = Path(config.prompts) if config.prompts else run.eval_prompts
+    if not prompt_file.is_file():
+        raise SimsError(f"no held-out prompts: {prompt_file} is missing (pass --prompts FILE)")
+    prompts = [r.get("prompt") or r.get("instruction") for r in read_jsonl(prompt_file)]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise SimsError(f"{prompt_file} has no usable prompts")
+    meter = CostMeter()
+    # A random-split baseline trained on random scores: judge it with the oracle of the
+    # run it mirrors (``eval_oracle``), like every other method.
+    oracle_name = info.config.get("eval_oracle") or info.config["oracle"]["name"]
+    oracle = get_oracle(oracle_name)
+    judges = {oracle_name: oracle}
+    for name in config.judges:
+        judges.setdefault(name, get_oracle(name))
+    model_cfg = info.config["model"]
+    lm = lm or load_model(model_cfg["source"], dtype=model_cfg.get("dtype"))
+
+    base = _answers(lm, info, prompts, sampling, meter, oracle, "base", steered=False)
+    if info.policy or info.kind == "best-of-n":
+        ours = _answers(lm, info, prompts, sampling, meter, oracle, "policy", steered=True)
+    else:
+        ours = list(base)
+
+    rounds, seed = config.bootstrap_rounds, config.seed
+    scores: dict[str, Any] = {}
+    with meter.stage("score") as cost:
+        for name in config.scorers:
+            scorer = attribute_oracle(name)
+            s_base = np.asarray(scorer.score(prompts, base))
+            s_ours = np.asarray(scorer.score(prompts, ours))
+            cost.judge_calls += 2 * len(prompts)
+            scores[name] = {
+                "base": _mean_ci(s_base, rounds, seed),
+                "policy": _mean_ci(s_ours, rounds, seed),
+                "delta": _mean_ci(s_ours - s_base, rounds, seed),
+            }
+    with meter.stage("fluency") as cost:
+        fluency = {
+            "base": fluency_report(lm, prompts, base).to_dict(),
+            "policy": fluency_report(lm, prompts, ours).to_dict(),
+        }
+        cost.forward_tokens += _prompt_forward_tokens(lm, prompts, base) + _prompt_forward_tokens(
+            lm, prompts, ours
+        )
+    win_rates = {
+        name: _compare(j, prompts, ours, base, meter, f"judge_{name}", rounds, seed)
+        for name, j in judges.items()
+    }
+
+    alpaca: dict[str, Any] = {}
+    if config.alpaca:
+        refs = load_alpaca_outputs(data_dir(config.data) / "alpaca_eval" / "alpaca_eval_normalized.jsonl")
+        refs = refs[: config.alpaca]
+        instr = [r.instruction for r in refs]
+        answers = _answers(lm, info, instr, sampling, meter, oracle, "alpaca", steered=True)
+        alpaca = {
+            name: _compare(j, instr, answers, [r.output for r in refs], meter, f"alpaca_{name}", rounds, seed)
+            for name, j in judges.items()
+        }
+        alpaca["n"] = len(refs)
+        alpaca["mean_chars"] = {
+            "policy": float(np.mean([len(a) for a in answers])),
+            "reference": float(np.mean([len(r.output) for r in refs])),
+        }
+
+    mc: dict[str, Any] = {}
+    for task in config.mc_tasks:
+        items = load_mc_task(task, config.data, config.mc_limit, seed)
+        policies = {"base": []} | ({"policy": info.policy} if info.policy else {})
+        with meter.stage(f"mc_{task}") as cost:
+            mc[task] = evaluate_mc(lm, items, policies, batch_size=config.batch_size)
+            cost.forward_tokens += sum(r["forward_tokens"] for r in mc[task].values())
+
+    shown = [
+        {"prompt": p, "base": b, "policy": o}
+        for p, b, o in list(zip(prompts, base, ours, strict=True))[: config.samples_shown]
+    ]
+    return {
+        "run": str(info.path),
+        "kind": info.kind,
+        "model": model_cfg["source"],
+        "oracle": oracle_name,
+        "learner": info.config.get("learner", {}).get("name"),
+        "steered": bool(info.policy),
+        "num_prompts": len(prompts),
+        "max_new_tokens": sampling.max_new_tokens,
+        "scores": scores,
+        "fluency": fluency,
+        "win_rates_vs_base": win_rates,
+        "alpaca_eval": alpaca,
+        "mc": mc,
+        "history": info.history,
+        "samples": shown,
+        "answers": {"prompts": prompts, "base": base, "policy": ours},
+        "costs": meter.to_dict(),
+        "training_costs": _training_costs(info.history),
+        "seconds": round(time.perf_counter() - clock, 2),
+        "config": {k: v for k, v in vars(config).items()},
+    }
+
+
+def _training_costs(history: list[dict[str, Any]]) -> dict[str, float]:
+    """What the loop spent (from its summary rows): tokens and seconds over iterations."""
+    return {
+        "tokens_generated": sum(int(r.get("tokens_generated", 0) or 0) for r in history),
+        "tokens_forward": sum(int(r.get("tokens_forward", 0) or 0) for r in history),
+        "seconds": round(sum(float(r.get("seconds_total", 0) or 0) for r in history), 2),
+    }

@@ -1,0 +1,149 @@
+"""``sims sweep``: ablations over the loop's settings from one command.
+
+Every grid point is an ordinary run directory made by the ``sims run`` command line
+(``OUT/<key=value_...>/``), so ``sims info`` / ``sims eval`` work on each. The sweep is
+resumable: a finished point is skipped, a started one continues with ``sims run
+--resume``, and the grid and run options are stored in ``OUT/sweep.json`` so a second
+call with other settings is refused instead of mixing results.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SimsError
+from ..io import read_json, write_json
+from ..rundir import RunDir
+
+#: grid key -> ``sims run`` flag (any other key is taken as a flag name itself).
+GRID_KEYS = {
+    "T": "--iterations",
+    "iterations": "--iterations",
+    "K": "--samples-per-prompt",
+    "samples_per_prompt": "--samples-per-prompt",
+    "N": "--prompts-per-iteration",
+    "prompts_per_iteration": "--prompts-per-iteration",
+    "tokens": "--max-new-tokens",
+    "max_new_tokens": "--max-new-tokens",
+}
+
+Runner = Callable[[list[str]], int]
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
+    """``["K=2,4", "T=1,3"]`` -> ``{"K": ["2", "4"], "T": ["1", "3"]}``."""
+    grid: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not items:
+            raise SimsError(f"a grid axis looks like K=2,4,8, got {spec!r}")
+        if key in grid:
+            raise SimsError(f"grid axis {key!r} is given twice")
+        grid[key] = items
+    if not grid:
+        raise SimsError("give at least one grid axis, e.g. --grid K=2,4,8")
+    return grid
+
+
+def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: dict[str, str]) -> str:
+    return "_".join(f"{k}={v}" for k, v in point.items())
+
+
+def _flag(key: str) -> str:
+    return GRID_KEYS.get(key, "--" + key.replace("_", "-"))
+
+
+def is_complete(path: Path) -> bool:
+    run = RunDir(path)
+    return run.summary.is_file() and run.final.exists()
+
+
+def run_sweep(
+    out: str | Path,
+    grid: dict[str, list[str]],
+    run_args: Sequence[str],
+    runner: Runner | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every grid point and return one row per point.
+
+    Args:
+        out: the sweep folder.
+        grid: axis -> values (see :data:`GRID_KEYS`).
+        run_args: further ``sims run`` options shared by every point.
+        runner: the ``sims`` entry point (``simsteer.cli.main`` by default).
+
+    Example:
+        >>> run_sweep("runs/sweep", {"K": ["2", "4"]}, ["-T", "1", "--quiet"])
+    """
+    if runner is None:
+        from ..cli import main as runner
+    out = Path(out)
+    for bad in ("--out", "-o", "--resume"):
+        if bad in run_args:
+            raise SimsError(f"{bad} is set by the sweep for each point; leave it out")
+    spec = {"grid": grid, "run_args": list(run_args)}
+    meta = out / "sweep.json"
+    if meta.is_file():
+        if read_json(meta) != spec:
+            raise SimsError(f"{out} holds a sweep with other settings: pick another folder")
+    else:
+        write_json(meta, spec)
+    rows = []
+    for point in grid_points(grid):
+        path = out / point_name(point)
+        status = "done"
+        if not is_complete(path):
+            if RunDir(path).is_run():
+                argv, status = ["run", "--resume", str(path), "--quiet"], "resumed"
+            else:
+                flags = [x for k, v in point.items() for x in (_flag(k), v)]
+                argv, status = ["run", *run_args, *flags, "--out", str(path)], "ran"
+            code = runner(argv)
+            if code != 0 or not is_complete(path):
+                raise SimsError(f"sweep point {point_name(point)} failed (exit status {code})")
+        history = read_json(RunDir(path).summary)
+        last = history[-1]
+        rows.append(
+            {
+                **point,
+                "run": str(path),
+                "status": status,
+                "iterations_done": len(history) - 1,
+                "eval_score_base": history[0].get("eval_score"),
+                "eval_score": last.get("eval_score"),
+                "eval_perplexity": (last.get("eval_fluency") or {}).get("perplexity"),
+                "tokens_generated": sum(int(r.get("tokens_generated", 0) or 0) for r in history),
+                "seconds": round(sum(float(r.get("seconds_total", 0) or 0) for r in history), 1),
+            }
+        )
+    write_json(out / "results.json", rows)
+    return rows
+
+
+def format_sweep(rows: list[dict[str, Any]], keys: Sequence[str]) -> str:
+    def num(x: Any, spec: str) -> str:
+        return "-" if x is None else f"{x:{spec}}"
+
+    head = [*keys, "base score", "final score", "final ppl", "tokens", "seconds", "status"]
+    lines = ["  ".join(f"{h:>11}" for h in head)]
+    for r in rows:
+        cells = [
+            *(str(r[k]) for k in keys),
+            num(r["eval_score_base"], "+.3f"),
+            num(r["eval_score"], "+.3f"),
+            num(r["eval_perplexity"], ".2f"),
+            str(r["tokens_generated"]),
+            num(r["seconds"], ".1f"),
+            r["status"],
+        ]
+        lines.append("  ".join(f"{c:>11}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Pairwise win rate of a policy's answers against reference answers (AlpacaEval style).
+
+Any :class:`~simsteer.oracles.base.Oracle` is the judge. Each (prompt, policy answer,
+reference answer) is judged in both orders, ``[policy, reference]`` and ``[reference,
+policy]``, and the two verdicts are averaged, so a judge that favours a position cannot
+favour a side. A score oracle sees each answer alone, so one order is enough for it: the
+second would repeat the same scores (documented, and counted as one judge call per answer).
+
+Outcomes per item: ``preference`` is ``P(policy > reference)`` in [0, 1]. The *discrete*
+win rate counts a win as 1, a tie as 1/2 (ties count half) and a loss as 0; the *soft* win
+rate averages the probabilities (AlpacaEval's weighted annotator). Confidence intervals are
+percentile bootstrap intervals over items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..oracles.base import Oracle, ScoreOracle
+
+TIE_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class PairJudgments:
+    """Judge verdicts on aligned (policy, reference) answers.
+
+    Attributes:
+        forward: ``P(policy > reference)`` with the policy's answer shown first.
+        backward: the same probability with the reference shown first (equal to
+            ``forward`` for score oracles, which do not see positions).
+        judge_calls: answers sent to the judge (a cost figure).
+    """
+
+    forward: np.ndarray
+    backward: np.ndarray
+    judge_calls: int
+
+    @property
+    def preference(self) -> np.ndarray:
+        return (self.forward + self.backward) / 2
+
+    @property
+    def position_flips(self) -> np.ndarray:
+        """Items whose discrete verdict changes with the order of the answers."""
+        return np.sign(_centered(self.forward)) != np.sign(_centered(self.backward))
+
+
+def _centered(p: np.ndarray) -> np.ndarray:
+    c = np.asarray(p, dtype=np.float64) - 0.5
+    c[np.abs(c) <= TIE_TOLERANCE] = 0.0
+    return c
+
+
+def judge_pairs(
+    oracle: Oracle, prompts: Sequence[str], policy: Sequence[str], reference: Sequence[str]
+) -> PairJudgments:
+    """Judge each policy answer against its reference answer, in both orders.
+
+    Args:
+        oracle: any oracle; its ``judge`` is called once per order on all items.
+        prompts, policy, reference: aligned lists.
+
+    Example:
+        >>> j = judge_pairs(get_oracle("sentiment"), ["Hi"], ["Great!"], ["Awful."])
+        >>> win_rate(j.preference).value
+        1.0
+    """
+    if not len(prompts) == len(policy) == len(reference):
+        raise ValueError("prompts, policy and reference answers must be aligned")
+    prompts, policy, reference = list(prompts), list(policy), list(reference)
+    if not prompts:
+        return PairJudgments(np.zeros(0), np.zeros(0), 0)
+    if isinstance(oracle, ScoreOracle):
+        scores = np.asarray(oracle.score(prompts + prompts, policy + reference), dtype=np.float64)
+        n = len(prompts)
+        diff = (scores[:n] - scores[n:]) / oracle.temperature
+        p = 1.0 / (1.0 + np.exp(-diff))
+        return PairJudgments(p, p.copy(), 2 * n)
+    first = oracle.judge(prompts, [[a, b] for a, b in zip(policy, reference, strict=True)])
+    second = oracle.judge(prompts, [[b, a] for a, b in zip(policy, reference, strict=True)])
+    forward = np.array([j.preference[0, 1] for j in first], dtype=np.float64)
+    backward = np.array([1.0 - j.preference[0, 1] for j in second], dtype=np.float64)
+    return PairJudgments(forward, backward, 4 * len(prompts))
+
+
+def discrete_outcomes(preference: np.ndarray) -> np.ndarray:
+    """1 for a win, 1/2 for a tie (equal within 1e-9), 0 for a loss."""
+    return np.sign(_centered(preference)) / 2 + 0.5
+
+
+def bootstrap_ci(
+    values: np.ndarray,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    rounds: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over the rows of ``values``.
+
+    Args:
+        values: one row (or value) per independent item.
+        statistic: maps a resampled array to a number.
+        rounds: bootstrap resamples.
+        level: coverage of the interval.
+    """
+    values = np.asarray(values)
+    n = len(values)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    stats = np.array([statistic(values[rng.integers(0, n, n)]) for _ in range(rounds)], dtype=np.float64)
+    alpha = (1 - level) / 2
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """A win rate (in [0, 1]) with its bootstrap interval and counts."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    standard_error: float
+    n: int
+    wins: int
+    ties: int
+    losses: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def win_rate(
+    preference: np.ndarray, discrete: bool = True, rounds: int = 1000, level: float = 0.95, seed: int = 0
+) -> WinRate:
+    """Win rate of the policy from per-item ``P(policy > reference)``.
+
+    Args:
+        preference: one probability per item (e.g. :attr:`PairJudgments.preference`).
+        discrete: count wins / ties (half) / losses; else average the probabilities.
+    """
+    p = np.asarray(preference, dtype=np.float64)
+    p = p[~np.isnan(p)]
+    outcome = discrete_outcomes(p) if discrete else p
+    n = len(outcome)
+    lo, hi = bootstrap_ci(outcome, rounds=rounds, level=level, seed=seed)
+    se = float(outcome.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    c = _centered(p)
+    return WinRate(
+        value=float(outcome.mean()) if n else float("nan"),
+        ci_low=lo,
+        ci_high=hi,
+        standard_error=se,
+        n=n,
+        wins=int((c > 0).sum()),
+        ties=int((c == 0).sum()),
+        losses=int((c < 0).sum()),
+    )

@@ -1,0 +1,169 @@
+"""`sims baseline`, `sims eval`, `sims compare` and `sims sweep` on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simsteer.cli import main
+from simsteer.evaluation.run_eval import EvalConfig, evaluate_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+TINY = [
+    "-T",
+    "1",
+    "-N",
+    "2",
+    "-K",
+    "2",
+    "--eval-prompts",
+    "3",
+    "--max-new-tokens",
+    "4",
+    "--fluency-budget",
+    "off",
+    "--quiet",
+]
+
+
+@pytest.fixture()
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text(
+        "\n".join(
+            [
+                "the good day",
+                "a cat is happy",
+                "I love the sun",
+                "we walk home",
+                "the cold rain",
+                "a big dog",
+                "the sad night",
+                "they run fast",
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
+@pytest.fixture()
+def tiny_run(tmp_path, tiny_model_dir, prompt_file) -> Path:
+    out = tmp_path / "sims"
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tiny_model_dir),
+                "--dtype",
+                "fp32",
+                "--prompts",
+                str(prompt_file),
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def _png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_baselines_eval_report_and_compare(tmp_path, tiny_run, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": "a good happy day", "rejected": "a bad sad night"}) + "\n"
+            for p in ["the day", "the cat", "the sun"]
+        )
+    )
+    out = {k: tmp_path / k for k in ("vanilla", "ms", "random", "bon")}
+    assert main(["baseline", "vanilla", "--like", str(tiny_run), "-o", str(out["vanilla"])]) == 0
+    assert main(["baseline", "ms", "--like", str(tiny_run), "-o", str(out["ms"]), "--pairs", str(pairs)]) == 0
+    assert main(["baseline", "random", "--like", str(tiny_run), "-o", str(out["random"]), "--quiet"]) == 0
+    assert main(["baseline", "best-of-n", "--like", str(tiny_run), "-o", str(out["bon"]), "--n", "3"]) == 0
+    # the random split drew the same prompts as SIMS
+    assert (out["random"] / "iter_0" / "samples.jsonl").is_file()
+    sims_prompts = [
+        json.loads(x)["prompt_id"] for x in (tiny_run / "iter_0/samples.jsonl").read_text().splitlines()
+    ]
+    rnd_prompts = [
+        json.loads(x)["prompt_id"] for x in (out["random"] / "iter_0/samples.jsonl").read_text().splitlines()
+    ]
+    assert sims_prompts == rnd_prompts
+    for run in [tiny_run, *out.values()]:
+        assert main(["eval", str(run), "--judge", "readability", "--bootstrap", "50"]) == 0
+        result = json.loads((run / "eval.json").read_text())
+        assert set(result["win_rates_vs_base"]) == {"sentiment", "readability"}
+        assert set(result["scores"]) == {"sentiment", "negativity", "readability", "length:50"}
+        assert result["costs"]["total"]["generated_tokens"] > 0
+        assert result["costs"]["judge_sentiment"]["judge_calls"] == 6
+        assert (run / "report.md").read_text().startswith("# Evaluation of")
+        _png(run / "eval_metrics.png")
+    _png(tiny_run / "eval_curves.png")
+    vanilla = json.loads((out["vanilla"] / "eval.json").read_text())
+    assert vanilla["answers"]["base"] == vanilla["answers"]["policy"]  # no steering: a tie everywhere
+    assert vanilla["win_rates_vs_base"]["sentiment"]["win_rate"]["value"] == 0.5
+    ms = json.loads((out["ms"] / "eval.json").read_text())
+    assert ms["kind"] == "ms" and ms["steered"]
+    capsys.readouterr()
+    assert main(["compare", str(tiny_run), *map(str, out.values()), "-o", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert "| sims | sims |" in table and "best-of-n" in table
+    _png(tmp_path / "cmp" / "compare.png")
+
+
+def test_eval_api_on_a_run_with_other_prompts(tmp_path, tiny_run, tiny_lm):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"instruction": "a good cat"}\n{"prompt": "the rain"}\n')
+    result = evaluate_run(
+        tiny_run, EvalConfig(prompts=str(prompts), scorers=("sentiment",), bootstrap_rounds=20), lm=tiny_lm
+    )
+    assert result["num_prompts"] == 2 and len(result["samples"]) == 2
+    assert result["history"] and result["training_costs"]["tokens_generated"] > 0
+
+
+def test_sweep_runs_points_and_resumes(tmp_path, tiny_model_dir, prompt_file, capsys):
+    out = tmp_path / "sweep"
+    args = [
+        "sweep",
+        "-o",
+        str(out),
+        "--grid",
+        "K=2,3",
+        "--",
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "fp32",
+        "--prompts",
+        str(prompt_file),
+        *TINY,
+    ]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results] == ["ran", "ran"] and [r["K"] for r in results] == ["2", "3"]
+    cfg = json.loads((out / "K=3" / "config.json").read_text())
+    assert cfg["sims"]["samples_per_prompt"] == 3
+    # Interrupt point K=3 after its first iteration; K=2 stays finished.
+    done = (out / "K=2" / "summary.json").stat().st_mtime_ns
+    (out / "K=3" / "summary.json").unlink()
+    for p in (out / "K=3" / "iter_1").iterdir():
+        if p.is_file():
+            p.unlink()
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results] == ["done", "resumed"]
+    assert (out / "K=2" / "summary.json").stat().st_mtime_ns == done
+    # Other settings in the same folder are refused.
+    capsys.readouterr()
+    assert main(["sweep", "-o", str(out), "--grid", "K=4", "--", *args[5:]]) == 2
+    assert "other settings" in capsys.readouterr().err
