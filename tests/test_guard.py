@@ -156,6 +156,12 @@ def test_guarded_run_artefacts_and_best_policy(tiny_lm, tmp_path):
     assert final.metadata["policy_iteration"] == scores.index(max(scores))
     if result.history[-1].get("stop"):
         assert len(result.history) <= 3
+    outcome = json.loads((root / "outcome.json").read_text())
+    assert outcome["final_policy"] == final.metadata["policy_iteration"]
+    held = outcome["held_out"]
+    lo, hi = held["ci95"]
+    assert lo <= held["improvement"] <= hi and held["prompts"] == 2
+    assert held["improvement"] == pytest.approx(held["final_score"] - held["base_score"])
 
 
 def test_guard_stops_when_nothing_is_fluent(tiny_lm, tmp_path):

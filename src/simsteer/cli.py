@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--fluency-budget",
         type=_budget,
-        default=0.10,
+        default=0.12,
         help="fluency guard: allowed perplexity increase over the unsteered model "
         "(0.10 = +10%%), or 'off' for the paper's plain loop",
     )
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--strength-grid",
         type=_grid,
-        default=(0.25, 0.5, 0.75, 1.0, 1.5),
+        default=(0.125, 0.25, 0.375, 0.5, 0.75, 1.0),
         help="fluency guard: strength multipliers tried after each fit",
     )
     run.add_argument(
@@ -232,10 +232,12 @@ def _quiet_libraries() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import SIMSConfig
     from .guard import GuardConfig
+    from .io import read_json
     from .learners import get_learner
     from .loop import SIMS
     from .models import load_model
     from .oracles import get_oracle
+    from .outcome import format_outcome
     from .prompts import load_prompts
     from .rundir import RunDir
     from .sampling import SamplingConfig
@@ -299,6 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
     result = sims.fit(prompts or [], out, eval_prompts=eval_prompts, extra_config={"cli": cli})
     print(format_table(result.history))
+    print(format_outcome(read_json(RunDir(result.run_dir).outcome)))
     print(f"steering saved to {result.run_dir / 'final'}")
     return 0
 
@@ -405,9 +408,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(format_table(rows))
         stopped = bool(rows) and bool(rows[-1].get("stop"))
         done = (len(rows) == sims["iterations"] + 1 or stopped) and run.final.exists()
-        if done:
-            final = load_policy(run.final)[-1].metadata.get("policy_iteration")
-            print(f"final policy: iteration {final} (saved in {run.final})")
+        if done and run.outcome.is_file():
+            from .outcome import format_outcome
+
+            print(format_outcome(read_json(run.outcome)))
         print(
             "status: complete"
             if done

@@ -48,9 +48,9 @@ class GuardConfig:
             score (0: never stop early).
     """
 
-    fluency_budget: float | None = 0.10
+    fluency_budget: float | None = 0.12
     repetition_margin: float = 0.03
-    strength_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
+    strength_grid: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
     calibration_prompts: int = 16
     patience: int = 1
 

@@ -39,6 +39,7 @@ from .io import atomic_write_bytes, read_json, read_jsonl, write_json, write_jso
 from .learners.base import Learner, PreferenceActivations
 from .models import LoadedModel, parse_layers
 from .oracles.base import Oracle, ScoreOracle
+from .outcome import run_outcome
 from .prompts import Prompt
 from .rundir import RunDir
 from .sampling import SamplingConfig, generate
@@ -123,6 +124,7 @@ class SIMS:
                 break
         write_json(run.summary, history)
         best = self.guard.final_index(history)
+        write_json(run.outcome, run_outcome(run, history, best))
         stack = self._policy(run, best)
         if run.final.exists():
             shutil.rmtree(run.final)
@@ -130,8 +132,12 @@ class SIMS:
             steering.metadata = {**steering.metadata, "policy_iteration": best}
         if not stack:  # the unsteered model was best: an empty steering is a no-op
             stack = [
-                Steering({}, self.learner.name, self.lm.fingerprint(),
-                         metadata={"unsteered": True, "policy_iteration": 0})
+                Steering(
+                    {},
+                    self.learner.name,
+                    self.lm.fingerprint(),
+                    metadata={"unsteered": True, "policy_iteration": 0},
+                )
             ]
         if self.config.compose:
             for i, steering in enumerate(stack, 1):

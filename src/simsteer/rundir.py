@@ -18,6 +18,7 @@ as done when its artefact exists, which is what ``--resume`` relies on.
       iter_<t>/steering/          steering of policy t (t >= 1), at the chosen strength
       iter_<t>/summary.json       the iteration's row of the summary table
       summary.json                all rows, written at the end
+      outcome.json                final policy vs unsteered on the held-out prompts
       final/                      the last policy's steering
 """
 
@@ -54,6 +55,10 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def outcome(self) -> Path:
+        return self.root / "outcome.json"
 
     @property
     def final(self) -> Path:

@@ -1,0 +1,59 @@
+"""What a finished run achieved on its held-out prompts: the final policy against the
+unsteered model, paired per prompt, with a bootstrap interval, next to the fluency cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .evaluation.stats import bootstrap_ci
+from .io import read_jsonl
+from .rundir import RunDir
+
+
+def run_outcome(run: RunDir, history: list[dict[str, Any]], final: int) -> dict[str, Any]:
+    """Held-out comparison of policy ``final`` with policy 0 (see module docstring)."""
+    out: dict[str, Any] = {"final_policy": final, "stopped": history[-1].get("stop")}
+    if not run.eval(0).is_file() or not run.eval(final).is_file():
+        return out
+    base = {r["prompt_id"]: r["score"] for r in read_jsonl(run.eval(0))}
+    last = {r["prompt_id"]: r["score"] for r in read_jsonl(run.eval(final))}
+    ids = [i for i in base if i in last and base[i] is not None and last[i] is not None]
+    if ids:
+        diffs = np.array([last[i] - base[i] for i in ids])
+        low, high = bootstrap_ci(diffs)
+        out["held_out"] = {
+            "prompts": len(ids),
+            "base_score": float(np.mean([base[i] for i in ids])),
+            "final_score": float(np.mean([last[i] for i in ids])),
+            "improvement": float(diffs.mean()),
+            "ci95": [low, high],
+        }
+    f0, f1 = history[0].get("eval_fluency"), history[final].get("eval_fluency")
+    if f0 and f1:
+        out["fluency"] = {
+            "perplexity_ratio": f1["perplexity"] / f0["perplexity"],
+            "repetition_delta": f1["repetition"] - f0["repetition"],
+            "loop_share_delta": f1["loop_share"] - f0["loop_share"],
+        }
+    return out
+
+
+def format_outcome(outcome: dict[str, Any]) -> str:
+    lines = [f"final policy: iteration {outcome['final_policy']}"]
+    held = outcome.get("held_out")
+    if held:
+        lo, hi = held["ci95"]
+        lines.append(
+            f"held-out score {held['base_score']:+.3f} -> {held['final_score']:+.3f} "
+            f"(improvement {held['improvement']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], "
+            f"{held['prompts']} prompts)"
+        )
+    fl = outcome.get("fluency")
+    if fl:
+        lines.append(
+            f"fluency vs unsteered: perplexity x{fl['perplexity_ratio']:.3f}, "
+            f"repetition {fl['repetition_delta']:+.3f}, loops {fl['loop_share_delta']:+.3f}"
+        )
+    return "\n".join(lines)
