@@ -102,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--oracle",
-        default="sentiment",
-        help="sentiment, negativity, readability, length:N or reward-model:PATH",
+        default=None,
+        help="sentiment (default), negativity, readability, length:N, reward-model:PATH, "
+        "self-rank (default of --variant pr), self-judge, self-judge-pairwise, "
+        "judge:MODEL@BASE_URL, python:MODULE:FUNCTION or self-consistency",
     )
     run.add_argument("--learner", default="caa", help="steering-function learner (default caa)")
     run.add_argument(
@@ -115,8 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="learner hyper-parameter, e.g. -L coefficient=0.04",
     )
-    run.add_argument("--layers", default="middle", help="all, middle, 4-11 or 3,5,7")
-    run.add_argument("--positions", default="all", help="all, prompt, generated or last")
+    run.add_argument(
+        "--layers",
+        default=None,
+        help="all, middle, 4-11 or 3,5,7 (default: the learner's own, middle for CAA)",
+    )
+    run.add_argument(
+        "--positions",
+        default=None,
+        help="all, prompt, generated or last (default: the learner's own, all for CAA)",
+    )
     run.add_argument("--iterations", "-T", type=_positive_int, default=3)
     run.add_argument("--prompts-per-iteration", "-N", type=_positive_int, default=16)
     run.add_argument("--samples-per-prompt", "-K", type=_positive_int, default=4)
@@ -171,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run with its saved settings",
     )
     sampling_args(run, 0.8)
+    from .cli_oracles import add_run_options  # --variant, bank and judge flags
+
+    add_run_options(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="answer prompts with or without a saved steering")
@@ -191,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_eval import add_commands  # eval, compare, baseline, sweep, judge-check, lc, arena
 
     add_commands(sub)
+    from .serve import add_serve_command  # sims serve: OpenAI-compatible HTTP server
+
+    add_serve_command(sub)
     return parser
 
 
@@ -202,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            from .serve import cmd_serve
+
+            return cmd_serve(args)
         from .cli_eval import COMMANDS, run_command
 
         if args.command in COMMANDS:
@@ -230,13 +250,13 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .cli_oracles import bank_config, build_oracle, resolve_oracle_name
     from .config import SIMSConfig
     from .guard import GuardConfig
     from .io import read_json
     from .learners import get_learner
     from .loop import SIMS
     from .models import load_model
-    from .oracles import get_oracle
     from .outcome import format_outcome
     from .prompts import load_prompts
     from .rundir import RunDir
@@ -281,10 +301,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             calibration_prompts=args.calibration_prompts,
             patience=args.patience,
         ),
+        variant=args.variant,
+        bank=bank_config(args),
     )
     options = dict(args.learner_option)
-    options.setdefault("layers", args.layers)
-    options.setdefault("positions", args.positions)
+    # Only what the user gave overrides the learner's own defaults.
+    if args.layers is not None:
+        options.setdefault("layers", args.layers)
+    if args.positions is not None:
+        options.setdefault("positions", args.positions)
     learner = get_learner(args.learner, **options)
     out = Path(args.out)
     if not args.resume and RunDir(out).is_run():
@@ -293,10 +318,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     eval_prompts = (
         load_prompts(args.eval_prompts_file) if args.eval_prompts_file and not args.resume else None
     )
-    oracle = get_oracle(args.oracle, device=args.device)
+    args.oracle = resolve_oracle_name(args)
     lm = load_model(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
+    oracle = build_oracle(args, lm)  # after the model: the self-* oracles judge with it
     sims = SIMS(lm, oracle, learner, config, progress=not args.quiet)
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
     result = sims.fit(prompts or [], out, eval_prompts=eval_prompts, extra_config={"cli": cli})
