@@ -30,6 +30,7 @@ def main() -> None:
 
     from simsteer import SIMS, SamplingConfig, SIMSConfig, get_learner, get_oracle, load_prompts
     from simsteer.activations import collect_activations
+    from simsteer.guard import GuardConfig
     from simsteer.learners.caa import AddVector
     from simsteer.models import encode_prompt, left_pad, load_model, parse_layers
     from simsteer.steering import Steering
@@ -103,7 +104,8 @@ def main() -> None:
         f"{len(layers)} layers, no LM head)"
     )
 
-    # One SIMS iteration: N=32, K=4, 128 new tokens.
+    # One SIMS iteration of Algorithm 1: N=32, K=4, 128 new tokens. The fluency guard's
+    # calibration is extra work on top (its cost is in the README's default-run table).
     n = 8 if args.quick else 32
     config = SIMSConfig(
         iterations=1,
@@ -111,6 +113,7 @@ def main() -> None:
         samples_per_prompt=4,
         eval_prompts=0,
         sampling=SamplingConfig(max_new_tokens=128),
+        guard=GuardConfig(fluency_budget=None),
     )
     with tempfile.TemporaryDirectory() as out:
         sims = SIMS(lm, get_oracle("sentiment"), get_learner("caa"), config, progress=False)
