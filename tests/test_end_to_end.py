@@ -44,7 +44,7 @@ def test_gguf_conversion_is_cached(embedded_lm):
     assert lm.tokenizer.chat_template
 
 
-def test_run_improves_the_oracle_and_generate_reproduces_it(tmp_path):
+def test_guarded_run_improves_and_generate_reproduces_it(tmp_path):
     out = tmp_path / "run"
     proc = _sims(
         "run",
@@ -56,18 +56,25 @@ def test_run_improves_the_oracle_and_generate_reproduces_it(tmp_path):
         "4",
         "--eval-prompts",
         "8",
+        "--calibration-prompts",
+        "8",
         "--max-new-tokens",
         "32",
         "--out",
         str(out),
         "--quiet",
     )
-    assert "sample_score" in proc.stdout
+    assert "sample_score" in proc.stdout and "final policy: iteration" in proc.stdout
+    outcome = json.loads((out / "outcome.json").read_text())
+    final = outcome["final_policy"]
+    # The guard found a strength that raises the sentiment oracle's held-out score while
+    # staying within the fluency budget on the calibration prompts.
+    assert final >= 1
+    assert outcome["held_out"]["improvement"] > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [row["iteration"] for row in summary] == [0, 1, 2]
-    # The sentiment oracle's held-out score of the final policy beats the base model's.
-    assert summary[-1]["eval_score"] > summary[0]["eval_score"]
-    # A fresh process with the saved steering reproduces the last iteration's answers...
+    assert summary[0]["calibration"]["chosen"] is not None
+    assert (out / "iter_0" / "frontier.png").is_file()
+    # A fresh process with the saved steering reproduces the final policy's answers...
     gen = tmp_path / "steered.jsonl"
     _sims(
         "generate",
@@ -81,7 +88,7 @@ def test_run_improves_the_oracle_and_generate_reproduces_it(tmp_path):
         str(gen),
         "--quiet",
     )
-    assert _responses(gen) == _responses(out / "iter_2" / "eval.jsonl")
+    assert _responses(gen) == _responses(out / f"iter_{final}" / "eval.jsonl")
     # ...and --no-steer gives the unsteered model's.
     _sims(
         "generate",
@@ -96,4 +103,4 @@ def test_run_improves_the_oracle_and_generate_reproduces_it(tmp_path):
     )
     assert _responses(gen) == _responses(out / "iter_0" / "eval.jsonl")
     info = _sims("info", str(out)).stdout
-    assert "status: complete" in info and "LlamaForCausalLM" in info
+    assert "LlamaForCausalLM" in info and "final policy: iteration" in info
