@@ -167,3 +167,24 @@ def test_sweep_runs_points_and_resumes(tmp_path, tiny_model_dir, prompt_file, ca
     capsys.readouterr()
     assert main(["sweep", "-o", str(out), "--grid", "K=4", "--", *args[5:]]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_eval_mc_caches_the_unsteered_scores(tmp_path, tiny_run, tiny_lm, shared_data, monkeypatch):
+    monkeypatch.setenv("SIMSTEER_CACHE", str(tmp_path / "cache"))
+    config = EvalConfig(
+        scorers=("sentiment",),
+        bootstrap_rounds=10,
+        mc_tasks=("arc_easy", "truthfulqa_mc2"),
+        mc_limit=3,
+        data=str(shared_data),
+    )
+    first = evaluate_run(tiny_run, config, lm=tiny_lm)["mc"]
+    second = evaluate_run(tiny_run, config, lm=tiny_lm)["mc"]
+    for task in ("arc_easy", "truthfulqa_mc2"):
+        assert second[task]["base"].pop("cached") is True
+        assert second[task]["base"] == first[task]["base"]
+        for side in (first, second):
+            side[task]["policy"].pop("seconds")
+        assert second[task]["policy"] == first[task]["policy"]
+        assert "delta_acc" in second[task]["policy"]
+    assert "mc2" in first["truthfulqa_mc2"]["policy"]

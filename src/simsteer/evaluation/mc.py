@@ -145,13 +145,17 @@ def evaluate_mc(
     policies: Mapping[str, Sequence[Steering]],
     batch_size: int = 16,
     reference: str | None = "base",
-) -> dict[str, dict]:
+    reference_rows: list[dict[str, float]] | None = None,
+    return_rows: bool = False,
+) -> dict[str, dict] | tuple[dict[str, dict], dict[str, list[dict[str, float]]]]:
     """Score ``items`` under every policy; means, standard errors and paired differences.
 
     Args:
         policies: name -> steering stack (``[]`` for the unsteered model).
         reference: the policy the others are compared with (paired difference and its
             standard error), when present.
+        reference_rows: per-item metrics of the reference computed earlier (a cache).
+        return_rows: also return the per-item metrics of every policy.
 
     Returns:
         ``{policy: {"acc": .., "acc_se": .., "acc_norm": .., ..., "n", "choices",
@@ -179,18 +183,15 @@ def evaluate_mc(
             mean, se = _mean_se(np.array([r[metric] for r in rows if metric in r]))
             summary[metric], summary[f"{metric}_se"] = mean, se
         results[name] = summary
-    if reference in per_item:
+    ref_rows = reference_rows if reference_rows is not None else per_item.get(reference or "")
+    if ref_rows is not None:
         for name, rows in per_item.items():
             if name == reference:
                 continue
             for metric in _metric_names(rows):
                 diff = np.array(
-                    [
-                        a[metric] - b[metric]
-                        for a, b in zip(rows, per_item[reference], strict=True)
-                        if metric in a
-                    ]
+                    [a[metric] - b[metric] for a, b in zip(rows, ref_rows, strict=True) if metric in a]
                 )
                 mean, se = _mean_se(diff)
                 results[name][f"delta_{metric}"], results[name][f"delta_{metric}_se"] = mean, se
-    return results
+    return (results, per_item) if return_rows else results

@@ -257,10 +257,9 @@ def evaluate_run(
     mc: dict[str, Any] = {}
     for task in config.mc_tasks:
         items = load_mc_task(task, config.data, config.mc_limit, seed)
-        policies = {"base": []} | ({"policy": info.policy} if info.policy else {})
         with meter.stage(f"mc_{task}") as cost:
-            mc[task] = evaluate_mc(lm, items, policies, batch_size=config.batch_size)
-            cost.forward_tokens += sum(r["forward_tokens"] for r in mc[task].values())
+            mc[task] = _mc_with_cached_base(lm, model_cfg, task, items, info.policy, config)
+            cost.forward_tokens += sum(r["forward_tokens"] for r in mc[task].values() if not r.get("cached"))
 
     shown = [
         {"prompt": p, "base": b, "policy": o}
@@ -288,6 +287,44 @@ def evaluate_run(
         "seconds": round(time.perf_counter() - clock, 2),
         "config": {k: v for k, v in vars(config).items()},
     }
+
+
+def _mc_with_cached_base(
+    lm: LoadedModel, model_cfg: dict, task: str, items: list, policy: list[Steering], config: EvalConfig
+) -> dict[str, Any]:
+    """MC results; the unsteered model's per-item metrics are cached (``$SIMSTEER_CACHE/mc``)
+    because every run of one model shares them. The key covers the model, the task, the
+    item ids and the batch size; a cached result says ``"cached": true``."""
+    import hashlib
+    import json
+
+    from ..models import cache_dir
+
+    key = json.dumps(
+        [
+            model_cfg["source"],
+            model_cfg.get("dtype"),
+            model_cfg.get("fingerprint"),
+            task,
+            [it.id for it in items],
+            config.batch_size,
+        ]
+    )
+    path = cache_dir() / "mc" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    policies: dict[str, list[Steering]] = {"policy": policy} if policy else {}
+    if path.is_file():
+        cached = read_json(path)
+        out = {"base": {**cached["summary"], "cached": True}}
+        if policies:
+            out |= evaluate_mc(
+                lm, items, policies, config.batch_size, reference=None, reference_rows=cached["rows"]
+            )
+        return out
+    out, rows = evaluate_mc(lm, items, {"base": [], **policies}, config.batch_size, return_rows=True)
+    from ..io import write_json
+
+    write_json(path, {"summary": out["base"], "rows": rows["base"]})
+    return out
 
 
 def _training_costs(history: list[dict[str, Any]]) -> dict[str, float]:
