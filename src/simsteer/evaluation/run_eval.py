@@ -38,7 +38,8 @@ from .datasets import data_dir, load_alpaca_outputs, load_mc_task
 from .fluency import fluency_report
 from .lc import length_controlled_win_rate
 from .mc import evaluate_mc
-from .winrate import bootstrap_ci, judge_pairs, win_rate
+from .stats import bootstrap_ci
+from .winrate import judge_pairs, win_rate
 
 SCORERS = ("sentiment", "negativity", "readability", "length:50")
 

@@ -14,12 +14,13 @@ percentile bootstrap intervals over items.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ..oracles.base import Oracle, ScoreOracle
+from .stats import bootstrap_ci
 
 TIE_TOLERANCE = 1e-9
 
@@ -90,31 +91,6 @@ def judge_pairs(
 def discrete_outcomes(preference: np.ndarray) -> np.ndarray:
     """1 for a win, 1/2 for a tie (equal within 1e-9), 0 for a loss."""
     return np.sign(_centered(preference)) / 2 + 0.5
-
-
-def bootstrap_ci(
-    values: np.ndarray,
-    statistic: Callable[[np.ndarray], float] = np.mean,
-    rounds: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic`` over the rows of ``values``.
-
-    Args:
-        values: one row (or value) per independent item.
-        statistic: maps a resampled array to a number.
-        rounds: bootstrap resamples.
-        level: coverage of the interval.
-    """
-    values = np.asarray(values)
-    n = len(values)
-    if n == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    stats = np.array([statistic(values[rng.integers(0, n, n)]) for _ in range(rounds)], dtype=np.float64)
-    alpha = (1 - level) / 2
-    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
 
 @dataclass(frozen=True)
