@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .activations import SUMMARIES
+from .bank import BankConfig
 from .errors import SimsError
 from .guard import GuardConfig
 from .prompts import Prompt
@@ -32,6 +33,9 @@ class SIMSConfig:
         guard: the fluency guard (strength calibration and early stopping; see
             :mod:`simsteer.guard`); ``GuardConfig(fluency_budget=None)`` turns it off.
         seed: the run's seed (prompt order and sampling).
+        variant: ``sims`` (Algorithm 1), ``pr`` (top/bottom-ranked answer per prompt) or
+            ``cs`` (contrast sampling from a response bank); see :mod:`simsteer.selection`.
+        bank: SIMS-CS response-bank options (capacity, top-N, re-scoring).
     """
 
     iterations: int = 3
@@ -44,6 +48,8 @@ class SIMSConfig:
     compose: bool = False
     seed: int = 0
     guard: GuardConfig = field(default_factory=GuardConfig)
+    variant: str = "sims"
+    bank: BankConfig = field(default_factory=BankConfig)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -62,6 +68,8 @@ class SIMSConfig:
             raise SimsError("activation batch size must be >= 1")
         if self.sampling.greedy:
             raise SimsError("SIMS needs K distinct samples: use a temperature > 0")
+        if self.variant not in ("sims", "pr", "cs"):
+            raise SimsError(f"unknown SIMS variant {self.variant!r}: use sims, pr or cs")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +82,7 @@ class SIMSConfig:
         if "strength_grid" in guard:
             guard["strength_grid"] = tuple(guard["strength_grid"])
         data["guard"] = GuardConfig(**guard)
+        data["bank"] = BankConfig(**data.get("bank", {}))
         return cls(**data)
 
 

@@ -16,13 +16,20 @@ Where an edit applies is an explicit option (:data:`POSITIONS`):
 Padding (``attention_mask == 0``) is never edited. The absolute position of the tokens in
 a forward is worked out from the attention mask, which covers the cached tokens too:
 ``past = attention_mask.shape[1] - new_tokens``; a forward with ``past == 0`` starts a new
-sequence (the prefill).
+sequence (the prefill). Edits that depend on the token's index in its sequence (ActAdd's
+per-position rows) read it with :func:`current_token_index` (padding not counted).
+
+Where an edit applies in a layer is its *site* (:data:`SITES`): ``"residual"`` edits the
+decoder layer's output; ``"attn_heads"`` edits the input of the attention output
+projection (``o_proj``: the concatenated per-head outputs, ITI's site), with the same
+position mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +40,69 @@ from .errors import SimsError
 from .models import find_layers
 
 POSITIONS = ("all", "prompt", "generated", "last")
+SITES = ("residual", "attn_heads")
+
+# Attribute paths, inside a decoder layer, of the attention output projection.
+ATTN_OUT_PATHS = (
+    "self_attn.o_proj",  # Llama, Mistral, Qwen, Gemma, SmolLM
+    "attn.c_proj",  # GPT-2
+    "attention.dense",  # GPT-NeoX
+    "self_attention.dense",  # Falcon, Bloom
+    "self_attn.out_proj",  # OPT
+    "attn.out_proj",  # GPT-J, MPT
+)
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Index of each token of the current forward in its own sequence, padding not counted
+# ([batch, new_tokens]); set by the position tracker of the innermost active steer().
+_TOKEN_INDEX: ContextVar[torch.Tensor | None] = ContextVar("simsteer_token_index", default=None)
+
+
+def current_token_index() -> torch.Tensor | None:
+    """``[batch, seq]`` index of each token of the running forward in its sequence (0 =
+    first non-padding token, -1 = left padding), or ``None`` outside :func:`steer`."""
+    return _TOKEN_INDEX.get()
+
+
+def find_attn_output(layer: nn.Module) -> nn.Module:
+    """The attention output projection of a decoder layer (its input holds the heads)."""
+    for candidate in ATTN_OUT_PATHS:
+        obj: Any = layer
+        for part in candidate.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.Module):
+            return obj
+    raise SimsError(
+        f"no attention output projection in {type(layer).__name__} (looked for {', '.join(ATTN_OUT_PATHS)})"
+    )
+
+
+def num_attention_heads(model: nn.Module) -> int:
+    """Query heads per layer, from the model config."""
+    cfg = model.config
+    for name in ("num_attention_heads", "n_head", "num_heads"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise SimsError(f"cannot tell the number of attention heads of {type(model).__name__}")
+
+
+def edit_site(edit: Any) -> str:
+    """Where ``edit`` applies: its ``site`` attribute, else that of the steering function
+    bound as a default argument (how ``Steering.applied`` wraps functions), else residual."""
+    site = getattr(edit, "site", None)
+    if site is None:
+        for bound in getattr(edit, "__defaults__", None) or ():
+            site = getattr(bound, "site", None)
+            if site is not None:
+                break
+    site = site or "residual"
+    if site not in SITES:
+        raise SimsError(f"unknown steering site {site!r}: use one of {', '.join(SITES)}")
+    return site
 
 
 def check_positions(positions: str) -> str:
@@ -93,6 +161,11 @@ class PositionTracker:
         if past == 0:
             self._prompt_len = new
         self._calls += 1
+        if isinstance(attn, torch.Tensor) and attn.dim() == 2 and attn.shape[1] >= new:
+            index = (attn.long().cumsum(1) - 1)[:, past:]
+        else:
+            index = torch.arange(past, past + new, device=ref.device).expand(batch, new)
+        _TOKEN_INDEX.set(index)
         absolute = torch.arange(past, past + new, device=ref.device)
         if self.positions == "all":
             keep = valid
@@ -109,19 +182,28 @@ class PositionTracker:
         self.mask = None if bool(keep.all()) else keep
 
 
+def _masked_edit(edit: EditFn, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    edited = edit(hidden)
+    if mask is not None:
+        if mask.shape != hidden.shape[:2]:
+            raise RuntimeError(
+                f"position mask {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:2])}"
+            )
+        edited = torch.where(mask.unsqueeze(-1), edited, hidden)
+    return edited
+
+
 def _edit_hook(edit: EditFn, tracker: PositionTracker) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        hidden = unwrap_output(output)
-        edited = edit(hidden)
-        mask = tracker.mask
-        if mask is not None:
-            if mask.shape != hidden.shape[:2]:
-                raise RuntimeError(
-                    f"position mask {tuple(mask.shape)} does not match hidden states "
-                    f"{tuple(hidden.shape[:2])}"
-                )
-            edited = torch.where(mask.unsqueeze(-1), edited, hidden)
-        return rewrap_output(output, edited)
+        return rewrap_output(output, _masked_edit(edit, unwrap_output(output), tracker.mask))
+
+    return hook
+
+
+def _heads_hook(edit: EditFn, tracker: PositionTracker) -> Callable[..., Any]:
+    # A pre-hook on o_proj: its first argument is [batch, seq, heads * head_dim].
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (_masked_edit(edit, args[0], tracker.mask), *args[1:])
 
     return hook
 
@@ -137,7 +219,9 @@ def steer(
     """Apply ``edits[layer](hidden) -> hidden`` to decoder-layer outputs inside the block.
 
     Hooks are prepended, so ``output_hidden_states`` and later hooks see the edited
-    tensors, and they are removed on exit, also when the block raises.
+    tensors, and they are removed on exit, also when the block raises. An edit whose
+    site (:func:`edit_site`) is ``"attn_heads"`` edits the input of the layer's attention
+    output projection instead of the layer output.
 
     Args:
         edits: layer index -> function from ``[batch, seq, d]`` to the same shape.
@@ -154,40 +238,69 @@ def steer(
     bad = [i for i in edits if not 0 <= i < len(layers)]
     if bad:
         raise SimsError(f"layers {bad} do not exist in a {len(layers)}-layer model")
+    # Resolve every target first, so a missing module raises before any hook exists.
+    targets = []
+    for index, edit in edits.items():
+        if edit_site(edit) == "attn_heads":
+            targets.append((find_attn_output(layers[index]), edit, True))
+        else:
+            targets.append((layers[index], edit, False))
     tracker = PositionTracker(positions=positions, prompt_end=prompt_end)
     with ExitStack() as stack:
+        reset = _TOKEN_INDEX.set(None)
+        stack.callback(_TOKEN_INDEX.reset, reset)
         handle = decoder_module(model).register_forward_pre_hook(
             tracker.pre_hook, with_kwargs=True, prepend=True
         )
         stack.callback(handle.remove)
-        for index, edit in edits.items():
-            h = layers[index].register_forward_hook(_edit_hook(edit, tracker), prepend=True)
+        for module, edit, heads in targets:
+            if heads:
+                h = module.register_forward_pre_hook(_heads_hook(edit, tracker), prepend=True)
+            else:
+                h = module.register_forward_hook(_edit_hook(edit, tracker), prepend=True)
             stack.callback(h.remove)
         yield tracker
 
 
 @contextmanager
 def record(
-    model: nn.Module, layer_indices: Sequence[int], layers_path: str | None = None
+    model: nn.Module,
+    layer_indices: Sequence[int],
+    layers_path: str | None = None,
+    site: str = "residual",
 ) -> Iterator[dict[int, list[torch.Tensor]]]:
     """Collect the output hidden states of the given decoder layers, one tensor per forward.
+
+    Args:
+        site: ``"residual"`` (layer outputs) or ``"attn_heads"`` (the inputs of the
+            layers' attention output projections, ``[batch, seq, heads * head_dim]``).
 
     Example:
         >>> with record(lm.model, [3, 4]) as acts:
         ...     lm.model.model(**inputs)
         >>> acts[3][0].shape  # [batch, seq, d]
     """
+    if site not in SITES:
+        raise SimsError(f"unknown recording site {site!r}: use one of {', '.join(SITES)}")
     layers = find_layers(model, layers_path)
     store: dict[int, list[torch.Tensor]] = {i: [] for i in layer_indices}
+    bad = [i for i in layer_indices if not 0 <= i < len(layers)]
+    if bad:
+        raise SimsError(f"layer {bad[0]} does not exist in a {len(layers)}-layer model")
     with ExitStack() as stack:
         for index in layer_indices:
-            if not 0 <= index < len(layers):
-                raise SimsError(f"layer {index} does not exist in a {len(layers)}-layer model")
+            if site == "attn_heads":
 
-            def hook(module: nn.Module, args: tuple, output: Any, index: int = index) -> None:
-                store[index].append(unwrap_output(output).detach())
+                def pre(module: nn.Module, args: tuple, index: int = index) -> None:
+                    store[index].append(args[0].detach())
 
-            handle = layers[index].register_forward_hook(hook)
+                handle = find_attn_output(layers[index]).register_forward_pre_hook(pre)
+            else:
+
+                def hook(module: nn.Module, args: tuple, output: Any, index: int = index) -> None:
+                    store[index].append(unwrap_output(output).detach())
+
+                handle = layers[index].register_forward_hook(hook)
             stack.callback(handle.remove)
         yield store
 

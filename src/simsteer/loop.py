@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .activations import collect_activations
-from .config import PromptSplit, SIMSConfig, draw_prompts, label_by_win_rate, split_pool
+from .activations import collect_activations, collect_extra_activations
+from .config import PromptSplit, SIMSConfig, draw_prompts, split_pool
 from .errors import SimsError
 from .evaluation.fluency import fluency_report
 from .guard import FluencyGuard
@@ -43,6 +43,7 @@ from .outcome import run_outcome
 from .prompts import Prompt
 from .rundir import RunDir
 from .sampling import SamplingConfig, generate
+from .selection import judging_stats, select_samples, training_rows
 from .steering import Steering
 from .table import TABLE_HEADER, format_row
 
@@ -225,6 +226,7 @@ class SIMS:
             r["num_tokens"] for r in eval_rows
         )
         row["mean_response_tokens"] = float(np.mean([r["num_tokens"] for r in samples]))
+        row.update(judging_stats(run, t, samples))
 
         if not last:
             clock = time.perf_counter()
@@ -302,24 +304,8 @@ class SIMS:
             progress=self._bar(f"iter {t} sample"),
         )
         judgments = self.oracle.judge([p.text for p in batch], [[g.text for g in gs] for gs in gens])
-        rows = []
-        for p, gs, j in zip(batch, gens, judgments, strict=True):
-            wins = j.win_rates
-            for k, g in enumerate(gs):
-                rows.append(
-                    {
-                        "iteration": t,
-                        "prompt_id": p.id,
-                        "prompt": p.text,
-                        "sample": k,
-                        "response": g.text,
-                        "num_tokens": g.num_tokens,
-                        "finished": g.finished,
-                        "score": None if j.scores is None else float(j.scores[k]),
-                        "win_rate": float(wins[k]),
-                        "label": label_by_win_rate(float(wins[k])),
-                    }
-                )
+        # The variant (sims / pr / cs) decides the labels; cs also updates the bank.
+        rows = select_samples(cfg, run, t, batch, gens, judgments, self.oracle)
         write_jsonl(run.samples(t), rows)
         self._notify("sample", t)
         return rows
@@ -327,10 +313,16 @@ class SIMS:
     def _step_collect(
         self, run: RunDir, t: int, samples: list[dict]
     ) -> tuple[PreferenceActivations | None, int]:
+        self.learner.prepare(self.lm)  # learners that need the model at fit time (ActAdd)
+        kind = self.learner.summary
+        if kind == "none":
+            log.info("iteration %d: learner %s ignores D+ and D-", t, self.learner.name)
+            empty = torch.zeros(0, len(self.layers), self.lm.hidden_size)
+            return PreferenceActivations(self.layers, empty, empty, [], [], torch.zeros(len(self.layers))), 0
         path = run.activations(t)
         if path.is_file():
             return _load_activations(path)
-        chosen = [r for r in samples if r["label"] in ("positive", "negative")]
+        chosen = training_rows(run, t, samples)
         pos = [r for r in chosen if r["label"] == "positive"]
         neg = [r for r in chosen if r["label"] == "negative"]
         if not pos or not neg:
@@ -345,6 +337,18 @@ class SIMS:
             batch_size=self.config.activation_batch_size,
             progress=self._bar(f"iter {t} collect"),
         )
+        # Per-token / per-head activations, only for learners that ask (HPR, ITI).
+        extra = collect_extra_activations(
+            self.lm,
+            kind,
+            [r["prompt"] for r in pos + neg],
+            [r["response"] for r in pos + neg],
+            self.layers,
+            len(pos),
+            batch_size=self.config.activation_batch_size,
+            max_response_tokens=getattr(self.learner.config, "max_response_tokens", 32),
+            progress=self._bar(f"iter {t} collect {kind}"),
+        )
         groups = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in chosen))}
         data = PreferenceActivations(
             layers=self.layers,
@@ -353,6 +357,7 @@ class SIMS:
             positive_groups=[groups[r["prompt_id"]] for r in pos],
             negative_groups=[groups[r["prompt_id"]] for r in neg],
             token_norms=acts.token_norms,
+            **extra,  # type: ignore[arg-type]
         )
         _save_activations(path, data, acts.num_tokens)
         self._notify("collect", t)
@@ -453,6 +458,18 @@ def _save_activations(path: Path, data: PreferenceActivations, num_tokens: int) 
         "layers": torch.tensor(data.layers, dtype=torch.long),
         "num_tokens": torch.tensor([num_tokens], dtype=torch.long),
     }
+    # Optional per-token activations: concatenated, with each response's length.
+    for name in ("positive_tokens", "negative_tokens"):
+        seqs = getattr(data, name)
+        if seqs is not None:
+            empty = data.positive.new_zeros(0, *data.positive.shape[1:])
+            tensors[name] = torch.cat([empty, *seqs]).contiguous()
+            tensors[f"{name}_lengths"] = torch.tensor([len(x) for x in seqs], dtype=torch.long)
+    for name in ("positive_heads", "negative_heads"):
+        if getattr(data, name) is not None:
+            tensors[name] = getattr(data, name).contiguous()
+    if data.num_heads:
+        tensors["num_heads"] = torch.tensor([data.num_heads], dtype=torch.long)
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp))
@@ -462,6 +479,15 @@ def _save_activations(path: Path, data: PreferenceActivations, num_tokens: int) 
 
 def _load_activations(path: Path) -> tuple[PreferenceActivations, int]:
     t = load_file(str(path))
+    extra: dict[str, Any] = {}
+    for name in ("positive_tokens", "negative_tokens"):
+        if name in t:
+            extra[name] = list(torch.split(t[name], t[f"{name}_lengths"].tolist()))
+    for name in ("positive_heads", "negative_heads"):
+        if name in t:
+            extra[name] = t[name]
+    if "num_heads" in t:
+        extra["num_heads"] = int(t["num_heads"][0])
     data = PreferenceActivations(
         layers=t["layers"].tolist(),
         positive=t["positive"],
@@ -469,5 +495,6 @@ def _load_activations(path: Path) -> tuple[PreferenceActivations, int]:
         positive_groups=t["positive_groups"].tolist(),
         negative_groups=t["negative_groups"].tolist(),
         token_norms=t["token_norms"],
+        **extra,
     )
     return data, int(t["num_tokens"][0])

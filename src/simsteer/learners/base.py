@@ -44,6 +44,13 @@ class PreferenceActivations:
         positive_groups / negative_groups: prompt index of each row, for pairing.
         token_norms: ``[len(layers)]`` mean L2 norm of single-token activations, the
             scale against which relative strengths are expressed.
+        positive_tokens / negative_tokens: per response, ``[T_i, len(layers), d]``
+            activations of its first response tokens (learners with ``summary =
+            "tokens"``, e.g. HPR); ``None`` when not collected.
+        positive_heads / negative_heads: ``[n, len(layers), heads * head_dim]`` inputs of
+            the attention output projection at each sequence's last token (learners
+            with ``summary = "heads"``, e.g. ITI); ``None`` when not collected.
+        num_heads: attention heads per layer (with the head activations).
     """
 
     layers: list[int]
@@ -52,12 +59,26 @@ class PreferenceActivations:
     positive_groups: list[int]
     negative_groups: list[int]
     token_norms: torch.Tensor
+    positive_tokens: list[torch.Tensor] | None = None
+    negative_tokens: list[torch.Tensor] | None = None
+    positive_heads: torch.Tensor | None = None
+    negative_heads: torch.Tensor | None = None
+    num_heads: int = 0
 
     def __post_init__(self) -> None:
         if self.positive.shape[1:] != self.negative.shape[1:]:
             raise ValueError("positive and negative activations have different shapes")
         if len(self.positive_groups) != len(self.positive) or len(self.negative_groups) != len(self.negative):
             raise ValueError("one group id is needed per activation row")
+        for name, rows in (
+            ("positive_tokens", len(self.positive)),
+            ("negative_tokens", len(self.negative)),
+            ("positive_heads", len(self.positive)),
+            ("negative_heads", len(self.negative)),
+        ):
+            extra = getattr(self, name)
+            if extra is not None and len(extra) != rows:
+                raise ValueError(f"{name} needs one entry per activation row ({len(extra)} != {rows})")
 
     def at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(positive, negative) summaries at model layer ``layer``."""
@@ -90,8 +111,10 @@ class Learner(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[LearnerConfig]] = LearnerConfig
-    #: The activation summary this learner needs: ``"mean"`` over response tokens or
-    #: ``"last"`` token.
+    #: The activations this learner needs: ``"mean"``/``"last"`` (the loop's summaries
+    #: only), ``"tokens"`` (also per-token activations), ``"heads"`` (also per-head
+    #: attention outputs) or ``"none"`` (no activations: the learner works from its
+    #: own inputs, e.g. ActAdd's prompt pair).
     summary: ClassVar[str] = "mean"
 
     def __init__(self, config: LearnerConfig | None = None, **options: Any) -> None:
@@ -110,6 +133,11 @@ class Learner(ABC):
 
     def hyperparameters(self) -> dict[str, Any]:
         return asdict(self.config)
+
+    def prepare(self, model: Any) -> None:
+        """Called by the loop with its :class:`~simsteer.models.LoadedModel` before
+        fitting; learners that need the model at fit time (ActAdd) keep it."""
+        return None  # most learners need activations only
 
     @abstractmethod
     def fit(self, data: PreferenceActivations, fingerprint: dict[str, Any]) -> Steering:

@@ -21,10 +21,15 @@ class Judgment:
         preference: ``[K, K]`` with ``P[k, j] = P(y_k > y_j)``, ``P + P.T = 1`` off the
             diagonal and 0.5 on it.
         scores: the scalar scores behind ``preference`` when the oracle has them.
+        parsed: False when the oracle could not judge this prompt (e.g. an unreadable
+            self-ranking); ``preference`` is then all 0.5 and the prompt is skipped.
+        info: oracle-specific bookkeeping (raw judge answers, requests, cache hits).
     """
 
     preference: np.ndarray
     scores: np.ndarray | None = None
+    parsed: bool = True
+    info: dict | None = None
 
     @property
     def win_rates(self) -> np.ndarray:

@@ -1,0 +1,168 @@
+"""Oracles you write yourself, and the label-free self-consistency vote.
+
+``python:MODULE:FUNCTION`` loads a function from an importable module
+(``python:mypkg.scorers:helpful``) or from a file given by path
+(``python:./scorers.py:helpful``). Two shapes are accepted:
+
+- ``fn(prompt, response) -> float``: a score per answer (higher is better);
+- ``fn(prompt, responses) -> list[int]``: a ranking, answer indices best first. A
+  function is taken as a ranker when its second parameter is named ``responses`` or is
+  annotated as a list/sequence. Returning ``None`` skips the prompt.
+
+``self-consistency``: each answer's final answer is extracted (a ``\\boxed{}`` value, the
+text after "answer is"/"answer:", else the last number); the score of an answer is the
+share of the K answers that agree with it, so the majority answer wins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SimsError
+from .base import Judgment, Oracle, ScoreOracle, bradley_terry
+
+
+def load_function(target: str) -> Callable:
+    """``MODULE:FUNCTION`` or ``PATH.py:FUNCTION`` -> the function."""
+    module_name, sep, fn_name = target.rpartition(":")
+    if not sep or not module_name or not fn_name:
+        raise SimsError(f"python oracle needs MODULE:FUNCTION or FILE.py:FUNCTION, got {target!r}")
+    if module_name.endswith(".py") or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise SimsError(f"python oracle file not found: {path}")
+        spec = importlib.util.spec_from_file_location(f"simsteer_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as exc:  # the user's code may raise anything on import
+            raise SimsError(f"cannot import {path}: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise SimsError(f"cannot import module {module_name!r}: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise SimsError(f"{module_name} has no function {fn_name!r}")
+    return fn
+
+
+def is_ranker(fn: Callable) -> bool:
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) < 2:
+        raise SimsError(f"{fn.__name__} must take (prompt, response) or (prompt, responses)")
+    second = params[1]
+    note = str(second.annotation).lower()
+    return second.name == "responses" or any(w in note for w in ("list", "sequence"))
+
+
+class PythonScoreOracle(ScoreOracle):
+    """``fn(prompt, response) -> float`` as an oracle (Bradley-Terry over the scores)."""
+
+    def __init__(self, fn: Callable[[str, str], float], name: str, temperature: float = 1.0) -> None:
+        super().__init__(temperature)
+        self.fn = fn
+        self.name = name
+
+    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            value = self.fn(p, r)
+            try:
+                out.append(float(value))
+            except (TypeError, ValueError):
+                raise SimsError(f"{self.name} returned {value!r}; a score must be a number") from None
+        return np.asarray(out, dtype=np.float64)
+
+
+class PythonRankOracle(Oracle):
+    """``fn(prompt, responses) -> indices best first`` as an oracle."""
+
+    def __init__(self, fn: Callable[[str, list[str]], list[int] | None], name: str) -> None:
+        self.fn = fn
+        self.name = name
+
+    def judge(self, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
+        out = []
+        for p, rs in zip(prompts, responses, strict=True):
+            order = self.fn(p, list(rs))
+            k = len(rs)
+            if order is None:
+                out.append(Judgment(np.full((k, k), 0.5), parsed=False))
+                continue
+            order = [int(i) for i in order]
+            if sorted(order) != list(range(k)):
+                raise SimsError(f"{self.name} returned {order}; a ranking lists each index 0..{k - 1} once")
+            # Position in the ranking as a score: best gets k-1, worst 0.
+            score = np.empty(k)
+            score[order] = np.arange(k - 1, -1, -1)
+            pref = np.where(score[:, None] > score[None, :], 1.0, 0.0)
+            np.fill_diagonal(pref, 0.5)
+            out.append(Judgment(pref, scores=score / (k - 1)))
+        return out
+
+
+def python_oracle(target: str, temperature: float = 1.0) -> Oracle:
+    fn = load_function(target)
+    name = f"python:{target}"
+    return PythonRankOracle(fn, name) if is_ranker(fn) else PythonScoreOracle(fn, name, temperature)
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*\**\s*([^\n]+)", re.I)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response, normalised for voting (``None`` when there is none)."""
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return _normalise(boxed[-1])
+    stated = _ANSWER.findall(text)
+    if stated:
+        numbers = _NUMBER.findall(stated[-1])
+        return _normalise(numbers[0]) if numbers else _normalise(stated[-1].split(".")[0])
+    numbers = _NUMBER.findall(text)
+    return _normalise(numbers[-1]) if numbers else None
+
+
+def _normalise(answer: str) -> str | None:
+    a = answer.strip().strip("*$. ").lower().replace(",", "")
+    try:
+        number = float(a)
+        return f"{number:g}"
+    except ValueError:
+        return a or None
+
+
+class SelfConsistencyOracle(Oracle):
+    """Majority vote over the K answers' final answers (no labels, no model)."""
+
+    name = "self-consistency"
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        self.temperature = temperature
+
+    def judge(self, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
+        out = []
+        for rs in responses:
+            answers = [extract_answer(r) for r in rs]
+            votes = Counter(a for a in answers if a is not None)
+            share = np.array([votes[a] / len(rs) if a is not None else 0.0 for a in answers])
+            out.append(
+                Judgment(
+                    bradley_terry(share, self.temperature),
+                    scores=share,
+                    info={"majority": votes.most_common(1)[0][0] if votes else None},
+                )
+            )
+        return out
