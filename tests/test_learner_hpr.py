@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from simsteer.activation_store import load_preference_activations, save_preference_activations
 from simsteer.activations import collect_activations, collect_token_activations
 from simsteer.errors import SimsError
 from simsteer.learners import PreferenceActivations, get_learner
 from simsteer.learners.hpr import HouseholderRotation, householder_slerp, mlp_widths, token_pairs
-from simsteer.loop import _load_activations, _save_activations
 from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
 
@@ -151,8 +151,8 @@ def test_token_activations_match_mean_summaries_and_persist(tiny_lm, tmp_path):
     data = PreferenceActivations(
         [1, 2], means.expand(2, -1, -1), means[:1], [0, 1], [0], torch.ones(2), toks[:2], toks[2:]
     )
-    _save_activations(tmp_path / "acts.safetensors", data, 7)
-    loaded, n = _load_activations(tmp_path / "acts.safetensors")
+    save_preference_activations(tmp_path / "acts.safetensors", data, 7)
+    loaded, n = load_preference_activations(tmp_path / "acts.safetensors")
     assert n == 7 and loaded.negative_heads is None
     assert [t.shape for t in loaded.positive_tokens] == [t.shape for t in toks[:2]]
     assert all(torch.equal(a, b) for a, b in zip(loaded.negative_tokens, toks[2:], strict=True))
@@ -203,7 +203,7 @@ def test_loop_collects_tokens_and_refit_from_saved_activations_is_identical(tiny
     result = SIMS(tiny_lm, get_oracle("length:3"), learner, config, progress=False).fit(
         prompts, tmp_path / "run"
     )
-    data, _ = _load_activations(tmp_path / "run" / "iter_0" / "activations.safetensors")
+    data, _ = load_preference_activations(tmp_path / "run" / "iter_0" / "activations.safetensors")
     assert data.positive_tokens is not None and len(data.positive_tokens) == len(data.positive)
     assert max(len(t) for t in data.positive_tokens + data.negative_tokens) <= 4
     # What a resumed run would fit from the saved activations is what the run saved.

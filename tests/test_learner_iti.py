@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from simsteer.activation_store import load_preference_activations, save_preference_activations
 from simsteer.activations import collect_head_activations
 from simsteer.errors import SimsError
 from simsteer.hooks import count_hooks, find_attn_output, record
 from simsteer.learners import PreferenceActivations, get_learner
 from simsteer.learners.iti import HeadShift
-from simsteer.loop import _load_activations, _save_activations
 from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
 
@@ -120,8 +120,8 @@ def test_collect_head_activations_last_token(tiny_lm, tmp_path):
         tiny_lm.model(input_ids=torch.tensor([ids]))
     assert torch.allclose(heads[0, 1], acts[2][0][0, -1], atol=1e-5)
     data, *_ = _planted()
-    _save_activations(tmp_path / "a.safetensors", data, 3)
-    loaded, _ = _load_activations(tmp_path / "a.safetensors")
+    save_preference_activations(tmp_path / "a.safetensors", data, 3)
+    loaded, _ = load_preference_activations(tmp_path / "a.safetensors")
     assert loaded.num_heads == HEADS and torch.equal(loaded.positive_heads, data.positive_heads)
     assert loaded.positive_tokens is None
 
@@ -173,7 +173,7 @@ def test_loop_collects_head_activations(tiny_lm, tmp_path):
     SIMS(tiny_lm, get_oracle("length:3"), get_learner("iti"), config, progress=False).fit(
         prompts, tmp_path / "run"
     )
-    data, _ = _load_activations(tmp_path / "run" / "iter_0" / "activations.safetensors")
+    data, _ = load_preference_activations(tmp_path / "run" / "iter_0" / "activations.safetensors")
     assert data.num_heads == 4 and data.positive_heads.shape == (len(data.positive), 4, 32)
     saved = Steering.load(tmp_path / "run" / "iter_1" / "steering")
     assert saved.learner == "iti" and saved.positions == "last" and saved.layers

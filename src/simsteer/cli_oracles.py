@@ -9,6 +9,7 @@ turn the flags into objects.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from .bank import BankConfig
@@ -46,8 +47,16 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     judge.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
     judge.add_argument("--judge-retries", type=int, default=4, help="retries on 429/5xx/timeouts")
     judge.add_argument(
-        "--judge-cache", default=None, metavar="FILE", help="judgment cache (default: user cache)"
+        "--judge-cache",
+        type=_absolute,  # saved absolute in the run config: --resume from another folder finds it
+        default=None,
+        metavar="FILE",
+        help="judgment cache (default: user cache)",
     )
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def resolve_oracle_name(args: argparse.Namespace) -> str:

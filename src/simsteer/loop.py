@@ -27,15 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .activation_store import load_preference_activations, save_preference_activations
 from .activations import collect_activations, collect_extra_activations
 from .config import PromptSplit, SIMSConfig, draw_prompts, split_pool
 from .errors import SimsError
 from .evaluation.fluency import fluency_report
 from .guard import FluencyGuard
-from .io import atomic_write_bytes, read_json, read_jsonl, write_json, write_jsonl
+from .io import read_json, read_jsonl, write_json, write_jsonl
 from .learners.base import Learner, PreferenceActivations
 from .models import LoadedModel, parse_layers
 from .oracles.base import Oracle, ScoreOracle
@@ -321,7 +321,7 @@ class SIMS:
             return PreferenceActivations(self.layers, empty, empty, [], [], torch.zeros(len(self.layers))), 0
         path = run.activations(t)
         if path.is_file():
-            return _load_activations(path)
+            return load_preference_activations(path)
         chosen = training_rows(run, t, samples)
         pos = [r for r in chosen if r["label"] == "positive"]
         neg = [r for r in chosen if r["label"] == "negative"]
@@ -359,7 +359,7 @@ class SIMS:
             token_norms=acts.token_norms,
             **extra,  # type: ignore[arg-type]
         )
-        _save_activations(path, data, acts.num_tokens)
+        save_preference_activations(path, data, acts.num_tokens)
         self._notify("collect", t)
         return data, acts.num_tokens
 
@@ -446,55 +446,3 @@ class SIMS:
     def _notify(self, step: str, t: int) -> None:
         if self.callback is not None:
             self.callback(step, t)
-
-
-def _save_activations(path: Path, data: PreferenceActivations, num_tokens: int) -> None:
-    tensors = {
-        "positive": data.positive.contiguous(),
-        "negative": data.negative.contiguous(),
-        "positive_groups": torch.tensor(data.positive_groups, dtype=torch.long),
-        "negative_groups": torch.tensor(data.negative_groups, dtype=torch.long),
-        "token_norms": data.token_norms.contiguous(),
-        "layers": torch.tensor(data.layers, dtype=torch.long),
-        "num_tokens": torch.tensor([num_tokens], dtype=torch.long),
-    }
-    # Optional per-token activations: concatenated, with each response's length.
-    for name in ("positive_tokens", "negative_tokens"):
-        seqs = getattr(data, name)
-        if seqs is not None:
-            empty = data.positive.new_zeros(0, *data.positive.shape[1:])
-            tensors[name] = torch.cat([empty, *seqs]).contiguous()
-            tensors[f"{name}_lengths"] = torch.tensor([len(x) for x in seqs], dtype=torch.long)
-    for name in ("positive_heads", "negative_heads"):
-        if getattr(data, name) is not None:
-            tensors[name] = getattr(data, name).contiguous()
-    if data.num_heads:
-        tensors["num_heads"] = torch.tensor([data.num_heads], dtype=torch.long)
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp))
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink(missing_ok=True)
-
-
-def _load_activations(path: Path) -> tuple[PreferenceActivations, int]:
-    t = load_file(str(path))
-    extra: dict[str, Any] = {}
-    for name in ("positive_tokens", "negative_tokens"):
-        if name in t:
-            extra[name] = list(torch.split(t[name], t[f"{name}_lengths"].tolist()))
-    for name in ("positive_heads", "negative_heads"):
-        if name in t:
-            extra[name] = t[name]
-    if "num_heads" in t:
-        extra["num_heads"] = int(t["num_heads"][0])
-    data = PreferenceActivations(
-        layers=t["layers"].tolist(),
-        positive=t["positive"],
-        negative=t["negative"],
-        positive_groups=t["positive_groups"].tolist(),
-        negative_groups=t["negative_groups"].tolist(),
-        token_norms=t["token_norms"],
-        **extra,
-    )
-    return data, int(t["num_tokens"][0])

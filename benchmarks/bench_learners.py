@@ -1,0 +1,103 @@
+"""Learner comparison on finished runs (issue: steering-function learners).
+
+For each run directory (one ``sims run --learner NAME`` each, same prompts, oracle and
+seed) prints one row: the oracle's mean score of the policy's samples at iterations 0-3
+(``sample``) and of its greedy held-out answers (``eval``), the perplexity of the final
+policy's held-out answers under the unsteered model (base in brackets), the learner's
+mean fit seconds per iteration, and the final steering's sampling throughput as a ratio
+to the unsteered model, measured here in one process on identical work (batch 32,
+64 new tokens forced, top-k sampling, best of 3 alternating runs).
+
+Usage:
+    for L in caa hpr sea iti actadd; do
+        .venv/bin/sims run --learner $L --fluency-budget off -o runs/learner-$L
+    done
+    .venv/bin/python benchmarks/bench_learners.py runs/learner-*
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def throughput_ratio(lm, policy, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
+    from simsteer.models import encode_prompt, left_pad
+
+    ids, mask = left_pad([encode_prompt(lm.tokenizer, p) for p in prompts[:batch]], lm.tokenizer.pad_token_id)
+    gen = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=True,
+        top_k=50,
+        temperature=0.8,
+        pad_token_id=lm.tokenizer.pad_token_id,
+    )
+
+    def timed(steered: bool) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if steered:
+                for step in policy:
+                    stack.enter_context(step.applied(lm.model))
+            lm.model.generate(input_ids=ids, attention_mask=mask, **gen)
+        return time.perf_counter() - start
+
+    timed(False)  # warm-up
+    plain, steered = [], []
+    for _ in range(repeats):
+        plain.append(timed(False))
+        steered.append(timed(True))
+    return min(plain) / min(steered)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from simsteer import load_model, load_prompts
+    from simsteer.steering import load_policy
+
+    lm = load_model(device="cpu")
+    prompts = [p.text for p in load_prompts()]
+    header = (
+        f"{'learner':<8} {'sample score, iter 0-3':<31} {'eval score, iter 0-3':<31} "
+        f"{'eval ppl (base)':<16} {'fit s':>6} {'steered/unsteered':>18}"
+    )
+    print(header)
+    for run in args.runs:
+        history = json.loads((run / "summary.json").read_text())
+        config = json.loads((run / "config.json").read_text())
+        name = config.get("learner", {}).get("name", run.name)
+
+        def series(key: str, rows=history) -> str:
+            return " ".join("   -  " if r.get(key) is None else f"{r[key]:+.3f}" for r in rows)
+
+        base_ppl = (history[0].get("eval_fluency") or {}).get("perplexity")
+        last_ppl = (history[-1].get("eval_fluency") or {}).get("perplexity")
+        fits = [r["seconds"]["fit"] for r in history[:-1] if "fit" in r.get("seconds", {})]
+        fit = sum(fits) / len(fits) if fits else float("nan")
+        policy = load_policy(run / "final") if (run / "final").exists() else []
+        ratio = throughput_ratio(lm, policy, prompts, args.batch, args.new_tokens, args.repeats)
+        ppl = "-" if last_ppl is None else f"{last_ppl:.2f} ({base_ppl:.2f})"
+        print(
+            f"{name:<8} {series('sample_score'):<31} {series('eval_score'):<31} {ppl:<16} "
+            f"{fit:6.2f} {ratio:18.3f}",
+            flush=True,
+        )
+    print(f"({torch.get_num_threads()} threads, batch {args.batch}, {args.new_tokens} new tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Persistence of :class:`~simsteer.learners.base.PreferenceActivations` in a run
+directory: one safetensors file per iteration (summaries, group ids, token norms, and the
+optional per-token and per-head activations), written atomically so ``--resume`` never
+reads half a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import atomic_write_bytes
+from .learners.base import PreferenceActivations
+
+
+def save_preference_activations(path: Path, data: PreferenceActivations, num_tokens: int) -> None:
+    """Write ``data`` (and the forward token count) to one safetensors file, atomically."""
+    tensors = {
+        "positive": data.positive.contiguous(),
+        "negative": data.negative.contiguous(),
+        "positive_groups": torch.tensor(data.positive_groups, dtype=torch.long),
+        "negative_groups": torch.tensor(data.negative_groups, dtype=torch.long),
+        "token_norms": data.token_norms.contiguous(),
+        "layers": torch.tensor(data.layers, dtype=torch.long),
+        "num_tokens": torch.tensor([num_tokens], dtype=torch.long),
+    }
+    # Optional per-token activations: concatenated, with each response's length.
+    for name in ("positive_tokens", "negative_tokens"):
+        seqs = getattr(data, name)
+        if seqs is not None:
+            empty = data.positive.new_zeros(0, *data.positive.shape[1:])
+            tensors[name] = torch.cat([empty, *seqs]).contiguous()
+            tensors[f"{name}_lengths"] = torch.tensor([len(x) for x in seqs], dtype=torch.long)
+    for name in ("positive_heads", "negative_heads"):
+        if getattr(data, name) is not None:
+            tensors[name] = getattr(data, name).contiguous()
+    if data.num_heads:
+        tensors["num_heads"] = torch.tensor([data.num_heads], dtype=torch.long)
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp))
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink(missing_ok=True)
+
+
+def load_preference_activations(path: Path) -> tuple[PreferenceActivations, int]:
+    """Read what :func:`save_preference_activations` wrote: (data, forward tokens)."""
+    t = load_file(str(path))
+    extra: dict[str, Any] = {}
+    for name in ("positive_tokens", "negative_tokens"):
+        if name in t:
+            extra[name] = list(torch.split(t[name], t[f"{name}_lengths"].tolist()))
+    for name in ("positive_heads", "negative_heads"):
+        if name in t:
+            extra[name] = t[name]
+    if "num_heads" in t:
+        extra["num_heads"] = int(t["num_heads"][0])
+    data = PreferenceActivations(
+        layers=t["layers"].tolist(),
+        positive=t["positive"],
+        negative=t["negative"],
+        positive_groups=t["positive_groups"].tolist(),
+        negative_groups=t["negative_groups"].tolist(),
+        token_norms=t["token_norms"],
+        **extra,
+    )
+    return data, int(t["num_tokens"][0])
