@@ -61,7 +61,9 @@ def test_planted_trade_off_is_real(tiny_lm):
 def test_calibration_picks_best_fluent_strength(tiny_lm, tmp_path, budget, margin):
     oracle = _share_of("cat")
     base = measure(tiny_lm, oracle, CAL_PROMPTS, [], SAMPLING)
-    config = GuardConfig(fluency_budget=budget, repetition_margin=margin, strength_grid=(1, 2, 4))
+    config = GuardConfig(
+        fluency_budget=budget, repetition_margin=margin, strength_grid=(4, 1, 2), stop_at_unfluent=False
+    )
     candidate = _push_toward(tiny_lm, "cat")
     candidate.strength = 0.05
     points, chosen = calibrate(
@@ -88,6 +90,15 @@ def test_calibration_picks_best_fluent_strength(tiny_lm, tmp_path, budget, margi
     # Points are saved as they finish, so a resumed calibration skips them.
     saved = [json.loads(x) for x in (tmp_path / "cal.jsonl").read_text().splitlines()]
     assert saved == points
+    # The default scan (ascending, stops at the first strength that breaks the budget)
+    # scores a prefix of the grid and, on this monotone trade-off, picks the same one.
+    scan = GuardConfig(fluency_budget=budget, repetition_margin=margin, strength_grid=(4, 1, 2))
+    scanned, chosen_scan = calibrate(
+        tiny_lm, oracle, CAL_PROMPTS, [], candidate, base, scan, SAMPLING, tmp_path / "scan.jsonl"
+    )
+    first_unfluent = next((i for i, p in enumerate(points) if not p["fluent"]), len(points) - 1)
+    assert scanned == points[: first_unfluent + 1]
+    assert chosen_scan == chosen
 
 
 @pytest.mark.parametrize(
@@ -126,7 +137,7 @@ def _guarded_config(**guard) -> SIMSConfig:
         eval_prompts=2,
         sampling=SAMPLING,
         seed=1,
-        guard=GuardConfig(calibration_prompts=2, strength_grid=(0.5, 1.0), **guard),
+        guard=GuardConfig(calibration_prompts=2, strength_grid=(0.5, 1.0), stop_at_unfluent=False, **guard),
     )
 
 

@@ -170,8 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--patience",
         type=_positive_int,
-        default=1,
+        default=2,
         help="stop after this many iterations without a better fluent score (0: never)",
+    )
+    run.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="fluency guard: score every strength of the grid (default: stop the ascending "
+        "scan at the first strength that breaks the budget)",
     )
     run.add_argument("--out", "-o", default=DEFAULT_RUN_DIR, help="run directory")
     run.add_argument(
@@ -300,6 +306,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             strength_grid=tuple(args.strength_grid),
             calibration_prompts=args.calibration_prompts,
             patience=args.patience,
+            stop_at_unfluent=not args.full_grid,
         ),
         variant=args.variant,
         bank=bank_config(args),

@@ -83,6 +83,10 @@ def add_commands(sub: Any) -> None:
     jc.add_argument("--oracle", required=True)
     jc.add_argument("--pairs", default=None, help="JSONL(.gz) pairs (default: HH-RLHF harmless-base test)")
     jc.add_argument("--limit", type=_int, default=None)
+    jc.add_argument(
+        "--model", default=None, help="backbone of self-rank / self-judge* (default: the embedded model)"
+    )
+    jc.add_argument("--dtype", default="auto")
     jc.add_argument("--data", default=None)
 
     lc = sub.add_parser("lc", help="win rate and length-controlled win rate of AlpacaEval annotation files")
@@ -250,7 +254,14 @@ def _judge_check(args: argparse.Namespace) -> int:
         if args.pairs
         else data_dir(args.data) / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
     )
-    oracle = get_oracle(args.oracle)
+    from .oracles import MODEL_ORACLES
+
+    lm = None
+    if args.oracle in MODEL_ORACLES:  # the model judges: load it
+        from .models import load_model
+
+        lm = load_model(args.model, dtype=args.dtype)
+    oracle = get_oracle(args.oracle, lm=lm)
     result = check_judge(oracle, load_pairs(path, args.limit))
     print(json.dumps({"pairs": str(path), **result.to_dict()}, indent=2))
     return 0

@@ -46,13 +46,18 @@ class GuardConfig:
             from the training pool and from the evaluation prompts).
         patience: stop after this many iterations without a better fluent calibration
             score (0: never stop early).
+        stop_at_unfluent: scan the grid from the smallest multiplier up and stop at the
+            first one that breaks the budget (perplexity and repetition grow with the
+            strength, so larger ones almost never pass; this halves calibration time);
+            false scores every multiplier.
     """
 
     fluency_budget: float | None = 0.12
     repetition_margin: float = 0.03
     strength_grid: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
     calibration_prompts: int = 16
-    patience: int = 1
+    patience: int = 2
+    stop_at_unfluent: bool = True
 
     def __post_init__(self) -> None:
         if self.fluency_budget is not None and self.fluency_budget < 0:
@@ -124,9 +129,11 @@ def calibrate(
     path: Path,
     progress: bool | str = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Score ``candidate`` (stacked on ``previous``) at every strength of the grid.
+    """Score ``candidate`` (stacked on ``previous``) at the strengths of the grid.
 
-    Each finished point is written to ``path`` at once, so a resumed run skips it.
+    The grid is scanned in ascending order; with ``config.stop_at_unfluent`` the scan
+    ends at the first strength that is not fluent. Each finished point is written to
+    ``path`` at once, so a resumed run skips it.
 
     Returns:
         all points, and the chosen one (best fluent score; ``None`` if none is fluent).
@@ -134,8 +141,9 @@ def calibrate(
     done = {row["multiplier"]: row for row in read_jsonl(path)} if path.is_file() else {}
     points = []
     base_strength = candidate.strength
+    grid = sorted(config.strength_grid)
     try:
-        for m in config.strength_grid:
+        for m in grid:
             if m not in done:
                 candidate.strength = base_strength * m
                 label = f"{progress} x{m:g}" if isinstance(progress, str) else progress
@@ -146,8 +154,10 @@ def calibrate(
                 }
                 point["fluent"] = is_fluent(point, base, config)
                 done[m] = point
-                write_jsonl(path, [done[k] for k in config.strength_grid if k in done])
+                write_jsonl(path, [done[k] for k in grid if k in done])
             points.append(done[m])
+            if config.stop_at_unfluent and not done[m]["fluent"]:
+                break
     finally:
         candidate.strength = base_strength
     fluent = [p for p in points if p["fluent"]]

@@ -200,12 +200,13 @@ def evaluate_run(
     # A random-split baseline trained on random scores: judge it with the oracle of the
     # run it mirrors (``eval_oracle``), like every other method.
     oracle_name = info.config.get("eval_oracle") or info.config["oracle"]["name"]
-    oracle = get_oracle(oracle_name)
-    judges = {oracle_name: oracle}
-    for name in config.judges:
-        judges.setdefault(name, get_oracle(name))
     model_cfg = info.config["model"]
     lm = lm or load_model(model_cfg["source"], dtype=model_cfg.get("dtype"))
+    # Self-judges (self-rank, self-judge*) judge with the unsteered backbone.
+    oracle = get_oracle(oracle_name, lm=lm)
+    judges = {oracle_name: oracle}
+    for name in config.judges:
+        judges.setdefault(name, get_oracle(name, lm=lm))
 
     base = _answers(lm, info, prompts, sampling, meter, oracle, "base", steered=False)
     if info.policy or info.kind == "best-of-n":
