@@ -11,3 +11,15 @@ def test_bootstrap_interval_covers_known_mean():
     assert high - low < 4 * 1.0 / np.sqrt(400) * 1.2  # about +-1.96 standard errors
     assert bootstrap_ci(np.zeros(10)) == (0.0, 0.0)
     assert all(np.isnan(bootstrap_ci(np.array([]))))
+
+
+def test_outcome_warns_when_the_steering_degrades_the_model():
+    from simsteer.outcome import format_outcome
+
+    held = {"base_score": 0.2, "final_score": 0.9, "improvement": 0.7, "ci95": [0.5, 0.9], "prompts": 16}
+    fine = {"final_policy": 2, "held_out": held, "fluency": {
+        "perplexity_ratio": 1.08, "repetition_delta": 0.0, "loop_share_delta": 0.0}}  # fmt: skip
+    assert "warning" not in format_outcome(fine)
+    broken = {**fine, "fluency": {**fine["fluency"], "perplexity_ratio": 806.0}}
+    text = format_outcome(broken)
+    assert text.splitlines()[-1].startswith("warning: the final policy's answers have x806.00")

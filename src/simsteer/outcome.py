@@ -40,6 +40,11 @@ def run_outcome(run: RunDir, history: list[dict[str, Any]], final: int) -> dict[
     return out
 
 
+#: Above this perplexity ratio (final policy / unsteered, on the held-out answers) the
+#: run's last lines warn that the steering degrades the model.
+DEGRADED_PERPLEXITY_RATIO = 1.5
+
+
 def format_outcome(outcome: dict[str, Any]) -> str:
     lines = [f"final policy: iteration {outcome['final_policy']}"]
     held = outcome.get("held_out")
@@ -56,4 +61,10 @@ def format_outcome(outcome: dict[str, Any]) -> str:
             f"fluency vs unsteered: perplexity x{fl['perplexity_ratio']:.3f}, "
             f"repetition {fl['repetition_delta']:+.3f}, loops {fl['loop_share_delta']:+.3f}"
         )
+        if fl["perplexity_ratio"] > DEGRADED_PERPLEXITY_RATIO:
+            lines.append(
+                f"warning: the final policy's answers have x{fl['perplexity_ratio']:.2f} the unsteered "
+                "model's perplexity: the steering degrades the model here; use the fluency guard "
+                "(the default) or a smaller strength"
+            )
     return "\n".join(lines)
