@@ -106,7 +106,11 @@ def add_serve_command(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import sys
 
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise SimsError('sims serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
 
     from .models import load_model
 

@@ -102,7 +102,10 @@ class JudgeOracle(Oracle):
     """
 
     def __init__(self, config: JudgeConfig) -> None:
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise SimsError('the judge oracle needs the openai client: pip install -e ".[judge]"') from None
 
         self.config = config
         self.name = f"judge:{config.model}@{config.base_url}"
