@@ -6,7 +6,7 @@ seed) prints one row: the oracle's mean score of the policy's samples at iterati
 policy's held-out answers under the unsteered model (base in brackets), the learner's
 mean fit seconds per iteration, and the final steering's sampling throughput as a ratio
 to the unsteered model, measured here in one process on identical work (batch 32,
-64 new tokens forced, top-k sampling, best of 3 alternating runs).
+64 new tokens forced, top-k sampling, median of 4 pairs in ABBA order; see _throughput.py).
 
 Usage:
     for L in caa hpr sea iti actadd; do
@@ -18,43 +18,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-
-def throughput_ratio(lm, policy, prompts: list[str], batch: int, new_tokens: int, repeats: int) -> float:
-    from simsteer.models import encode_prompt, left_pad
-
-    ids, mask = left_pad([encode_prompt(lm.tokenizer, p) for p in prompts[:batch]], lm.tokenizer.pad_token_id)
-    gen = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=True,
-        top_k=50,
-        temperature=0.8,
-        pad_token_id=lm.tokenizer.pad_token_id,
-    )
-
-    def timed(steered: bool) -> float:
-        start = time.perf_counter()
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            if steered:
-                for step in policy:
-                    stack.enter_context(step.applied(lm.model))
-            lm.model.generate(input_ids=ids, attention_mask=mask, **gen)
-        return time.perf_counter() - start
-
-    timed(False)  # warm-up
-    plain, steered = [], []
-    for _ in range(repeats):
-        plain.append(timed(False))
-        steered.append(timed(True))
-    return min(plain) / min(steered)
+from _throughput import measure
 
 
 def main() -> int:
@@ -62,7 +31,7 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="ABBA pairs per learner")
     args = parser.parse_args()
 
     from simsteer import load_model, load_prompts
@@ -88,11 +57,11 @@ def main() -> int:
         fits = [r["seconds"]["fit"] for r in history[:-1] if "fit" in r.get("seconds", {})]
         fit = sum(fits) / len(fits) if fits else float("nan")
         policy = load_policy(run / "final") if (run / "final").exists() else []
-        ratio = throughput_ratio(lm, policy, prompts, args.batch, args.new_tokens, args.repeats)
+        speed = measure(lm, policy, prompts, args.batch, args.new_tokens, args.repeats) if policy else None
         ppl = "-" if last_ppl is None else f"{last_ppl:.2f} ({base_ppl:.2f})"
         print(
             f"{name:<8} {series('sample_score'):<31} {series('eval_score'):<31} {ppl:<16} "
-            f"{fit:6.2f} {ratio:18.3f}",
+            f"{fit:6.2f}  {speed.describe() if speed else '-'}",
             flush=True,
         )
     print(f"({torch.get_num_threads()} threads, batch {args.batch}, {args.new_tokens} new tokens)")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _throughput import measure
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     from simsteer.activations import collect_activations
     from simsteer.guard import GuardConfig
     from simsteer.learners.caa import AddVector
-    from simsteer.models import encode_prompt, left_pad, load_model, parse_layers
+    from simsteer.models import load_model, parse_layers
     from simsteer.steering import Steering
 
     with tempfile.TemporaryDirectory() as cache:
@@ -59,40 +60,14 @@ def main() -> None:
         {i: AddVector(torch.randn(lm.hidden_size) * 0.3) for i in layers}, "caa", lm.fingerprint()
     )
 
-    # Sampling throughput: identical work (min = max new tokens), alternating order.
+    # Sampling throughput: identical work (min = max new tokens), ABBA order.
     batch, new_tokens = 64, 64
-    ids, mask = left_pad([encode_prompt(lm.tokenizer, p) for p in prompts[:batch]], lm.tokenizer.pad_token_id)
-    gen = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=True,
-        top_k=50,
-        temperature=0.8,
-        pad_token_id=lm.tokenizer.pad_token_id,
-    )
-
-    def timed(steered: bool) -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            if steered:
-                with steering.applied(lm.model):
-                    lm.model.generate(input_ids=ids, attention_mask=mask, **gen)
-            else:
-                lm.model.generate(input_ids=ids, attention_mask=mask, **gen)
-        return time.perf_counter() - start
-
-    timed(False)  # warm-up
-    plain, steered = [], []
-    for _ in range(2):
-        plain.append(timed(False))
-        steered.append(timed(True))
-    tokens = batch * new_tokens
-    plain_tps, steered_tps = tokens / min(plain), tokens / min(steered)
+    speed = measure(lm, [steering], prompts, batch, new_tokens, repeats=4)
     print(
-        f"sampling         {plain_tps:6.1f} tok/s unsteered, {steered_tps:6.1f} tok/s steered "
+        f"sampling         {speed.plain_tps:6.1f} tok/s unsteered, {speed.steered_tps:6.1f} tok/s steered "
         f"(batch {batch}, {new_tokens} new tokens, {len(layers)} CAA layers)"
     )
-    print(f"steered ratio    {steered_tps / plain_tps:6.3f}   (target >= 0.98)")
+    print(f"steered ratio    {speed.describe()}   (target >= 0.98)")
 
     # Activation collection over 128 (prompt, response) pairs of ~100 tokens.
     responses = [" ".join(prompts[(i + 1) % len(prompts)].split() * 8)[:400] for i in range(128)]

@@ -64,7 +64,9 @@ def add_commands(sub: Any) -> None:
     base.add_argument("--pairs", default=None, help="ms: labelled pairs (default: UltraFeedback train)")
     base.add_argument("--pairs-limit", type=_int, default=1000, help="ms: pairs used")
     base.add_argument("--max-response-tokens", type=_int, default=128, help="ms: answer tokens used per pair")
-    base.add_argument("--data", default=None)
+    base.add_argument(
+        "--data", default=None, help="ms: data folder holding ultrafeedback/ (default ../shared/data)"
+    )
     base.add_argument("--seed", type=_int, default=0)
     base.add_argument("--quiet", action="store_true")
 
@@ -80,14 +82,16 @@ def add_commands(sub: Any) -> None:
     sw.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: options passed to every sims run")
 
     jc = sub.add_parser("judge-check", help="an oracle's agreement with human preference pairs")
-    jc.add_argument("--oracle", required=True)
+    jc.add_argument(
+        "--oracle", required=True, help="oracle spec, as in sims run (sentiment, self-judge, judge:URL, ...)"
+    )
     jc.add_argument("--pairs", default=None, help="JSONL(.gz) pairs (default: HH-RLHF harmless-base test)")
-    jc.add_argument("--limit", type=_int, default=None)
+    jc.add_argument("--limit", type=_int, default=None, help="first N pairs only (default: all)")
     jc.add_argument(
         "--model", default=None, help="backbone of self-rank / self-judge* (default: the embedded model)"
     )
-    jc.add_argument("--dtype", default="auto")
-    jc.add_argument("--data", default=None)
+    jc.add_argument("--dtype", default="auto", help="dtype of --model (auto, float32, bfloat16, float16)")
+    jc.add_argument("--data", default=None, help="data folder holding hh_rlhf/ (default ../shared/data)")
 
     lc = sub.add_parser("lc", help="win rate and length-controlled win rate of AlpacaEval annotation files")
     lc.add_argument("annotations", nargs="+")
