@@ -114,6 +114,9 @@ def test_baselines_eval_report_and_compare(tmp_path, tiny_run, capsys):
     assert vanilla["win_rates_vs_base"]["sentiment"]["win_rate"]["value"] == 0.5
     ms = json.loads((out["ms"] / "eval.json").read_text())
     assert ms["kind"] == "ms" and ms["steered"]
+    # MS is fitted once, outside the loop: its cost comes from what the baseline recorded.
+    assert ms["training_costs"]["tokens_forward"] > 0
+    assert ms["training_costs"]["tokens_generated"] == 0
     capsys.readouterr()
     assert main(["compare", str(tiny_run), *map(str, out.values()), "-o", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out

@@ -285,7 +285,7 @@ def evaluate_run(
         "samples": shown,
         "answers": {"prompts": prompts, "base": base, "policy": ours},
         "costs": meter.to_dict(),
-        "training_costs": _training_costs(info.history),
+        "training_costs": _training_costs(info),
         "seconds": round(time.perf_counter() - clock, 2),
         "config": {k: v for k, v in vars(config).items()},
     }
@@ -329,8 +329,16 @@ def _mc_with_cached_base(
     return out
 
 
-def _training_costs(history: list[dict[str, Any]]) -> dict[str, float]:
-    """What the loop spent (from its summary rows): tokens and seconds over iterations."""
+def _training_costs(info: RunInfo) -> dict[str, float]:
+    """What producing the policy cost: the loop's summary rows summed over iterations,
+    or, for a baseline fitted once (MS), the figures its config records."""
+    if not info.history:
+        return {
+            "tokens_generated": 0,
+            "tokens_forward": int(info.config.get("tokens_forward", 0) or 0),
+            "seconds": float(info.config.get("fit_seconds", 0) or 0),
+        }
+    history = info.history
     return {
         "tokens_generated": sum(int(r.get("tokens_generated", 0) or 0) for r in history),
         "tokens_forward": sum(int(r.get("tokens_forward", 0) or 0) for r in history),
