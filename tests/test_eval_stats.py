@@ -64,6 +64,30 @@ def test_judge_pairs_both_orders_cancel_position_bias():
     assert win_rate(s.preference, rounds=10).value == 0.5
 
 
+class _LongerWinsShown(Oracle):
+    """Pairwise judge that sees the order: prefers the longer answer, with a bias to A."""
+
+    name = "longer"
+
+    def judge(self, prompts, responses):
+        out = []
+        for a, b in responses:
+            p = 0.8 if len(a) > len(b) else 0.3
+            out.append(Judgment(np.array([[0.5, p], [1 - p, 0.5]])))
+        return out
+
+
+def test_judge_pairs_in_chunks_equals_one_call(capsys):
+    policy = ["x" * (i % 5 + 1) for i in range(11)]
+    reference = ["y" * (i % 3 + 1) for i in range(11)]
+    whole = judge_pairs(_LongerWinsShown(), ["p"] * 11, policy, reference, chunk=100)
+    chunked = judge_pairs(_LongerWinsShown(), ["p"] * 11, policy, reference, progress="judging", chunk=3)
+    assert np.array_equal(whole.forward, chunked.forward)
+    assert np.array_equal(whole.backward, chunked.backward)
+    assert chunked.judge_calls == whole.judge_calls == 44
+    assert "judging" in capsys.readouterr().err  # the progress bar
+
+
 def test_judge_check_accuracy_bias_and_ece():
     pairs = [PreferencePair("p", "longer one", "short")] * 3 + [PreferencePair("p", "s", "longer")]
     res = check_judge(_Scores(temperature=100.0), pairs)

@@ -266,7 +266,7 @@ def _judge_check(args: argparse.Namespace) -> int:
 
         lm = load_model(args.model, dtype=args.dtype)
     oracle = get_oracle(args.oracle, lm=lm)
-    result = check_judge(oracle, load_pairs(path, args.limit))
+    result = check_judge(oracle, load_pairs(path, args.limit), progress=True)
     print(json.dumps({"pairs": str(path), **result.to_dict()}, indent=2))
     return 0
 

@@ -64,7 +64,9 @@ class JudgeCheck:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def check_judge(oracle: Oracle, pairs: Sequence[PreferencePair], seed: int = 0) -> JudgeCheck:
+def check_judge(
+    oracle: Oracle, pairs: Sequence[PreferencePair], seed: int = 0, progress: bool = False
+) -> JudgeCheck:
     """Accuracy, position bias and calibration of ``oracle`` on human-labelled pairs.
 
     Example:
@@ -72,7 +74,11 @@ def check_judge(oracle: Oracle, pairs: Sequence[PreferencePair], seed: int = 0) 
     """
     clock = time.perf_counter()
     judged = judge_pairs(
-        oracle, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
+        oracle,
+        [p.prompt for p in pairs],
+        [p.chosen for p in pairs],
+        [p.rejected for p in pairs],
+        progress=f"judge-check {oracle.name}" if progress else None,
     )
     wr = win_rate(judged.preference, seed=seed)
     return JudgeCheck(

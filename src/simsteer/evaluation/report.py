@@ -204,7 +204,8 @@ def write_report(result: dict[str, Any], folder: Path) -> Path:
     if tc["seconds"]:
         lines += [
             "",
-            f"Training (the loop's summary rows): {tc['tokens_generated']} tokens generated, "
+            f"Training ({'the loop' if has_history else 'one fit on the labelled pairs'}): "
+            f"{tc['tokens_generated']} tokens generated, "
             f"{tc['tokens_forward']} forward tokens, {tc['seconds']:.0f} s.",
         ]
     lines += ["", "## Plots", ""]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..oracles.base import Oracle, ScoreOracle
 from .stats import bootstrap_ci
@@ -57,13 +58,20 @@ def _centered(p: np.ndarray) -> np.ndarray:
 
 
 def judge_pairs(
-    oracle: Oracle, prompts: Sequence[str], policy: Sequence[str], reference: Sequence[str]
+    oracle: Oracle,
+    prompts: Sequence[str],
+    policy: Sequence[str],
+    reference: Sequence[str],
+    progress: str | None = None,
+    chunk: int = 32,
 ) -> PairJudgments:
     """Judge each policy answer against its reference answer, in both orders.
 
     Args:
-        oracle: any oracle; its ``judge`` is called once per order on all items.
+        oracle: any oracle; its ``judge`` is called once per order on each chunk of items.
         prompts, policy, reference: aligned lists.
+        progress: a label shows a progress bar (pairs judged) under that name.
+        chunk: items per ``judge`` call when a model judges (the bar's step).
 
     Example:
         >>> j = judge_pairs(get_oracle("sentiment"), ["Hi"], ["Great!"], ["Awful."])
@@ -81,11 +89,18 @@ def judge_pairs(
         diff = (scores[:n] - scores[n:]) / oracle.temperature
         p = 1.0 / (1.0 + np.exp(-diff))
         return PairJudgments(p, p.copy(), 2 * n)
-    first = oracle.judge(prompts, [[a, b] for a, b in zip(policy, reference, strict=True)])
-    second = oracle.judge(prompts, [[b, a] for a, b in zip(policy, reference, strict=True)])
-    forward = np.array([j.preference[0, 1] for j in first], dtype=np.float64)
-    backward = np.array([1.0 - j.preference[0, 1] for j in second], dtype=np.float64)
-    return PairJudgments(forward, backward, 4 * len(prompts))
+    forward: list[float] = []
+    backward: list[float] = []
+    with tqdm(total=len(prompts), desc=progress, unit="pair", disable=progress is None, leave=False) as bar:
+        for start in range(0, len(prompts), max(1, chunk)):
+            qs = prompts[start : start + chunk]
+            pairs = list(zip(policy[start : start + chunk], reference[start : start + chunk], strict=True))
+            first = oracle.judge(qs, [[a, b] for a, b in pairs])
+            second = oracle.judge(qs, [[b, a] for a, b in pairs])
+            forward += [float(j.preference[0, 1]) for j in first]
+            backward += [1.0 - float(j.preference[0, 1]) for j in second]
+            bar.update(len(qs))
+    return PairJudgments(np.array(forward), np.array(backward), 4 * len(prompts))
 
 
 def discrete_outcomes(preference: np.ndarray) -> np.ndarray:
