@@ -88,6 +88,30 @@ def test_judge_pairs_in_chunks_equals_one_call(capsys):
     assert "judging" in capsys.readouterr().err  # the progress bar
 
 
+class _SwapsItself(Oracle):
+    """A pairwise judge that shows both orders itself (like self-judge-pairwise and the
+    LLM judge) and always picks the answer shown first: a pure position bias."""
+
+    name = "swaps"
+
+    def __init__(self):
+        self.calls = 0
+
+    def judge(self, prompts, responses):
+        self.calls += 1
+        shown = [[None, 1.0], [1.0, None]]
+        return [Judgment(np.array([[0.5, 0.5], [0.5, 0.5]]), info={"shown_first": shown}) for _ in prompts]
+
+
+def test_judge_pairs_reads_position_bias_of_a_judge_that_swaps_itself():
+    oracle = _SwapsItself()
+    j = judge_pairs(oracle, ["p"] * 5, ["a"] * 5, ["b"] * 5)
+    assert oracle.calls == 1  # no second, redundant pass in the other order
+    assert np.allclose(j.preference, 0.5) and j.position_flips.all()
+    res = check_judge(_SwapsItself(), [PreferencePair("p", "a", "b")] * 4)
+    assert res.position_bias_rate == 1.0 and res.accuracy == 0.5
+
+
 def test_judge_check_accuracy_bias_and_ece():
     pairs = [PreferencePair("p", "longer one", "short")] * 3 + [PreferencePair("p", "s", "longer")]
     res = check_judge(_Scores(temperature=100.0), pairs)

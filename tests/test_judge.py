@@ -104,7 +104,13 @@ def test_pairwise_with_swap_and_cache(tmp_path):
         assert len(fake.requests) == 6  # 3 pairs x 2 orders
         assert np.allclose(j.preference + j.preference.T, 1.0)
         assert list(np.argsort(-j.win_rates)) == [1, 2, 0]
-        assert j.info == {"requests": 6, "cache_hits": 0, "parse_failures": 0}
+        assert {k: j.info[k] for k in ("requests", "cache_hits", "parse_failures")} == {
+            "requests": 6,
+            "cache_hits": 0,
+            "parse_failures": 0,
+        }
+        # Raw single-order verdicts (k shown first vs j): this judge has no position bias.
+        assert j.info["shown_first"] == [[None, 0.0, 0.0], [1.0, None, 1.0], [1.0, 0.0, None]]
         # A second judge (rerun / resume) asks nothing.
         again = _oracle(fake.url, tmp_path).judge(["q"], responses)[0]
         assert len(fake.requests) == 6

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..oracles.base import Oracle, ScoreOracle
+from ..oracles.base import Judgment, Oracle, ScoreOracle
 from .stats import bootstrap_ci
 
 TIE_TOLERANCE = 1e-9
@@ -35,11 +35,16 @@ class PairJudgments:
         backward: the same probability with the reference shown first (equal to
             ``forward`` for score oracles, which do not see positions).
         judge_calls: answers sent to the judge (a cost figure).
+        shown_forward / shown_backward: for a judge that swaps positions itself (its
+            judgments carry ``info["shown_first"]``), its raw single-order verdicts, from
+            which the position bias is read; ``None`` otherwise.
     """
 
     forward: np.ndarray
     backward: np.ndarray
     judge_calls: int
+    shown_forward: np.ndarray | None = None
+    shown_backward: np.ndarray | None = None
 
     @property
     def preference(self) -> np.ndarray:
@@ -48,7 +53,9 @@ class PairJudgments:
     @property
     def position_flips(self) -> np.ndarray:
         """Items whose discrete verdict changes with the order of the answers."""
-        return np.sign(_centered(self.forward)) != np.sign(_centered(self.backward))
+        forward = self.forward if self.shown_forward is None else self.shown_forward
+        backward = self.backward if self.shown_backward is None else self.shown_backward
+        return np.sign(_centered(forward)) != np.sign(_centered(backward))
 
 
 def _centered(p: np.ndarray) -> np.ndarray:
@@ -91,16 +98,46 @@ def judge_pairs(
         return PairJudgments(p, p.copy(), 2 * n)
     forward: list[float] = []
     backward: list[float] = []
+    shown_forward: list[float] = []
+    shown_backward: list[float] = []
+    calls = 0
     with tqdm(total=len(prompts), desc=progress, unit="pair", disable=progress is None, leave=False) as bar:
         for start in range(0, len(prompts), max(1, chunk)):
             qs = prompts[start : start + chunk]
             pairs = list(zip(policy[start : start + chunk], reference[start : start + chunk], strict=True))
             first = oracle.judge(qs, [[a, b] for a, b in pairs])
-            second = oracle.judge(qs, [[b, a] for a, b in pairs])
-            forward += [float(j.preference[0, 1]) for j in first]
-            backward += [1.0 - float(j.preference[0, 1]) for j in second]
+            shown = [_shown_first(j) for j in first]
+            if all(m is not None for m in shown):
+                # The judge saw both orders itself: its preference is already
+                # swap-averaged, and its raw verdicts tell the position bias.
+                p = [float(j.preference[0, 1]) for j in first]
+                forward += p
+                backward += p
+                shown_forward += [m[0][1] for m in shown]
+                shown_backward += [1.0 - m[1][0] for m in shown]
+                calls += 2 * len(qs)
+            else:
+                second = oracle.judge(qs, [[b, a] for a, b in pairs])
+                f = [float(j.preference[0, 1]) for j in first]
+                b = [1.0 - float(j.preference[0, 1]) for j in second]
+                forward += f
+                backward += b
+                shown_forward += f
+                shown_backward += b
+                calls += 4 * len(qs)
             bar.update(len(qs))
-    return PairJudgments(np.array(forward), np.array(backward), 4 * len(prompts))
+    return PairJudgments(
+        np.array(forward), np.array(backward), calls, np.array(shown_forward), np.array(shown_backward)
+    )
+
+
+def _shown_first(judgment: Judgment) -> list[list[float]] | None:
+    """``info["shown_first"]`` of a two-answer judgment: ``[k][j]`` = P(the answer shown
+    first wins) with answer k first and j second; an unparsed verdict counts as 1/2."""
+    m = (judgment.info or {}).get("shown_first")
+    if m is None:
+        return None
+    return [[0.5 if x is None else float(x) for x in row] for row in m]
 
 
 def discrete_outcomes(preference: np.ndarray) -> np.ndarray:

@@ -214,6 +214,7 @@ class JudgeOracle(Oracle):
     def _combine(self, n, k, jobs, answers, hits) -> Judgment:
         mine = [(order, key) for m, order, key, _ in jobs if m == n]
         wins, counts = np.zeros((k, k)), np.zeros((k, k))
+        shown_first: list[list[float | None]] = [[None] * k for _ in range(k)]
         failures = 0
         for order, key in mine:
             text = answers[key] or ""
@@ -222,6 +223,7 @@ class JudgeOracle(Oracle):
                 if verdict is None:
                     failures += 1
                     continue
+                shown_first[order[0]][order[1]] = 1.0 if verdict == "A" else 0.0
                 winner, loser = (order[0], order[1]) if verdict == "A" else (order[1], order[0])
                 wins[winner, loser] += 1
                 counts[winner, loser] += 1
@@ -242,6 +244,8 @@ class JudgeOracle(Oracle):
             "cache_hits": sum(key in hits for _, key in mine),
             "parse_failures": failures,
         }
+        if self.config.mode == "pairwise":
+            info["shown_first"] = shown_first  # P(first shown wins) per order: position bias
         return Judgment(pref, parsed=failures < len(mine), info=info)
 
     def describe(self) -> dict:

@@ -149,11 +149,17 @@ class SelfJudgePairwiseOracle(Oracle):
             # Averaging the two orders: P[k, j] = (a[k, j] + 1 - a[j, k]) / 2.
             pref = (a + 1.0 - a.T) / 2.0
             np.fill_diagonal(pref, 0.5)
-            out.append(Judgment(preference=pref, info={"position_bias": _position_bias(a)}))
+            info = {"position_bias": _position_bias(a), "shown_first": _as_json_matrix(a)}
+            out.append(Judgment(preference=pref, info=info))
         return out
 
     def describe(self) -> dict:
         return {"name": self.name, "template": self.template.name, "labels": list(self.labels)}
+
+
+def _as_json_matrix(a: np.ndarray) -> list[list[float | None]]:
+    """A matrix as JSON-ready lists (``None`` where it holds NaN, like the diagonal)."""
+    return [[None if np.isnan(x) else round(float(x), 6) for x in row] for row in a]
 
 
 def _position_bias(shown_first: np.ndarray) -> float:
