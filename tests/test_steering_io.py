@@ -4,12 +4,15 @@ corrupt files."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from simsteer.errors import SimsError
+from simsteer.io import new_file_mode, write_json
 from simsteer.learners.caa import AddVector
 from simsteer.models import encode_prompt, left_pad, load_model
 from simsteer.steering import CONFIG_NAME, WEIGHTS_NAME, Steering
@@ -83,3 +86,18 @@ def test_corrupt_files_give_clear_errors(tmp_path, steering, damage):
 def test_missing_folder(tmp_path):
     with pytest.raises(SimsError, match="not found"):
         Steering.load(tmp_path / "absent")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # mkstemp alone would leave every file 0o600, unreadable to a team sharing the run.
+    old = os.umask(0o022)
+    try:
+        assert new_file_mode() == 0o644
+        write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert new_file_mode() == 0o600
+        write_json(tmp_path / "b.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

@@ -17,11 +17,32 @@ from typing import Any
 from .errors import SimsError
 
 
+def new_file_mode() -> int:
+    """The permissions ``open()`` would give a new file: ``0o666`` minus the umask.
+
+    (``mkstemp`` creates its files ``0o600``, which would hide a shared run directory
+    from everybody else.) Read from ``/proc`` where it exists, so the process-wide umask
+    is never changed, not even for a moment.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
