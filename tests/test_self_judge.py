@@ -13,7 +13,7 @@ import torch
 from simsteer.cli import main
 from simsteer.models import encode_prompt
 from simsteer.oracles import get_oracle
-from simsteer.oracles.self_judge import LikelihoodJudge
+from simsteer.oracles.self_judge import LikelihoodJudge, SelfJudgePairwiseOracle
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +68,18 @@ def test_judge_check_and_eval_with_self_judges(tmp_path, embedded_lm, capsys):
         result = json.loads(capsys.readouterr().out)
         assert result["n"] == 3 and result["judge"] == oracle and result["judge_calls"] > 0
         assert 0.0 <= result["accuracy"] <= 1.0
-        if oracle == "self-judge-pairwise":
-            assert result["position_bias_rate"] == 0.0  # both orders averaged: the bias cancels
+        if oracle == "self-judge":
+            assert result["position_bias_rate"] == 0.0  # a score per answer: positions unseen
+        else:
+            # The oracle averages both orders itself; the bias reported is that of its raw
+            # single-order verdicts: the share of pairs whose verdict follows the slot.
+            judged = SelfJudgePairwiseOracle(embedded_lm).judge(
+                [r["prompt"] for r in rows], [[r["chosen"], r["rejected"]] for r in rows]
+            )
+            flips = [
+                (j.info["shown_first"][0][1] > 0.5) != (1 - j.info["shown_first"][1][0] > 0.5) for j in judged
+            ]
+            assert result["position_bias_rate"] == pytest.approx(sum(flips) / len(flips))
 
     out = tmp_path / "run"
     args = ["run", "--oracle", "self-judge", "-T", "1", "-N", "2", "-K", "2", "--eval-prompts", "2"]
