@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsteer.bank import BankConfig, BankEntry, ResponseBank, contrast_reward
-from simsteer.config import SIMSConfig
-from simsteer.guard import GuardConfig
 from simsteer.learners import get_learner
-from simsteer.loop import SIMS
+from simsteer.loop.bank import BankConfig, BankEntry, ResponseBank, contrast_reward
+from simsteer.loop.config import SIMSConfig
+from simsteer.loop.guard import GuardConfig
+from simsteer.loop.sims import SIMS
 from simsteer.oracles.base import Judgment, Oracle
 from simsteer.sampling import SamplingConfig
 

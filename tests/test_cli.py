@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simsteer.cli import main
+from simsteer.cli.main import main
 from simsteer.learners.caa import AddVector
 from simsteer.steering import Steering
 

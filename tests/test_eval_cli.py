@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simsteer.cli import main
+from simsteer.cli.main import main
 from simsteer.evaluation.run_eval import EvalConfig, evaluate_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

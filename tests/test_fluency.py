@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from simsteer.evaluation.fluency import (
+from simsteer.fluency import (
     distinct_n,
     ends_in_loop,
     fluency_report,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from simsteer.config import SIMSConfig
 from simsteer.errors import SimsError
-from simsteer.guard import GuardConfig, calibrate, early_stop, measure
 from simsteer.hooks import count_hooks
 from simsteer.learners import get_learner
 from simsteer.learners.caa import AddVector
-from simsteer.loop import SIMS
+from simsteer.loop.config import SIMSConfig
+from simsteer.loop.guard import GuardConfig, calibrate, early_stop, measure
+from simsteer.loop.sims import SIMS
 from simsteer.oracles import get_oracle
 from simsteer.oracles.attributes import AttributeOracle
 from simsteer.prompts import Prompt
@@ -204,7 +204,7 @@ def test_compose_and_replace_hook_stacks(tiny_lm, tmp_path, compose):
     )
     sims = SIMS(tiny_lm, get_oracle("length:4"), get_learner("caa", layers="1-2"), config, progress=False)
     result = sims.fit(PROMPTS, tmp_path / "r")
-    from simsteer.rundir import RunDir
+    from simsteer.loop.rundir import RunDir
 
     stack = sims._policy(RunDir(result.run_dir), 2)
     assert len(stack) == (2 if compose else 1)
@@ -225,7 +225,7 @@ def test_compose_and_replace_hook_stacks(tiny_lm, tmp_path, compose):
 KILL_MID_CALIBRATION = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
-    import simsteer.guard as guard
+    import simsteer.loop.guard as guard
     from simsteer.models import load_model
     from tests.test_guard import _run_guarded
 

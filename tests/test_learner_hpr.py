@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from simsteer.activation_store import load_preference_activations, save_preference_activations
 from simsteer.activations import collect_activations, collect_token_activations
 from simsteer.errors import SimsError
 from simsteer.learners import PreferenceActivations, get_learner
 from simsteer.learners.hpr import HouseholderRotation, householder_slerp, mlp_widths, token_pairs
+from simsteer.loop.activation_store import load_preference_activations, save_preference_activations
 from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
 
@@ -185,8 +185,8 @@ def test_save_load_round_trip_and_strength_zero(tiny_lm, tmp_path):
 
 
 def test_loop_collects_tokens_and_refit_from_saved_activations_is_identical(tiny_lm, tmp_path):
-    from simsteer.guard import GuardConfig
-    from simsteer.loop import SIMS, SIMSConfig
+    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.sims import SIMS, SIMSConfig
     from simsteer.oracles import get_oracle
     from simsteer.sampling import SamplingConfig
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simsteer.activation_store import load_preference_activations, save_preference_activations
 from simsteer.activations import collect_head_activations
 from simsteer.errors import SimsError
 from simsteer.hooks import count_hooks, find_attn_output, record
 from simsteer.learners import PreferenceActivations, get_learner
 from simsteer.learners.iti import HeadShift
+from simsteer.loop.activation_store import load_preference_activations, save_preference_activations
 from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
 
@@ -156,8 +156,8 @@ def test_gpt2_attention_output_found(tiny_gpt2_dir):
 
 
 def test_loop_collects_head_activations(tiny_lm, tmp_path):
-    from simsteer.guard import GuardConfig
-    from simsteer.loop import SIMS, SIMSConfig
+    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.sims import SIMS, SIMSConfig
     from simsteer.oracles import get_oracle
     from simsteer.sampling import SamplingConfig
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from simsteer.config import label_by_win_rate
 from simsteer.errors import SimsError
-from simsteer.guard import GuardConfig
 from simsteer.learners import get_learner
-from simsteer.loop import SIMS, SIMSConfig, draw_prompts, split_pool
+from simsteer.loop.config import label_by_win_rate
+from simsteer.loop.guard import GuardConfig
+from simsteer.loop.sims import SIMS, SIMSConfig, draw_prompts, split_pool
 from simsteer.oracles import get_oracle
 from simsteer.prompts import Prompt
 from simsteer.sampling import SamplingConfig

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from simsteer.cli import main
+from simsteer.cli.main import main
 from simsteer.models import encode_prompt
 from simsteer.oracles import get_oracle
 from simsteer.oracles.self_judge import LikelihoodJudge, SelfJudgePairwiseOracle

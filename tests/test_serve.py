@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from simsteer.learners.caa import AddVector
-from simsteer.serve import ServeConfig
-from simsteer.serve_app import create_app
-from simsteer.serve_engine import BatchEngine
+from simsteer.serve.app import create_app
+from simsteer.serve.engine import BatchEngine
+from simsteer.serve.server import ServeConfig
 from simsteer.steering import Steering
 
 KEY = "test-key-123"

@@ -1,6 +1,6 @@
 import numpy as np
 
-from simsteer.evaluation.stats import bootstrap_ci
+from simsteer.stats import bootstrap_ci
 
 
 def test_bootstrap_interval_covers_known_mean():
@@ -14,7 +14,7 @@ def test_bootstrap_interval_covers_known_mean():
 
 
 def test_outcome_warns_when_the_steering_degrades_the_model():
-    from simsteer.outcome import format_outcome
+    from simsteer.loop.outcome import format_outcome
 
     held = {"base_score": 0.2, "final_score": 0.9, "improvement": 0.7, "ci95": [0.5, 0.9], "prompts": 16}
     fine = {"final_policy": 2, "held_out": held, "fluency": {

@@ -6,8 +6,7 @@ functions, and ``SIMS`` that iterates; the result is a ``Steering`` (the policy'
 that loads onto the frozen model anywhere.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import SimsError
 from .learners import get_learner
 from .loop import SIMS, SIMSConfig, SIMSResult
@@ -24,6 +23,7 @@ __all__ = [
     "SamplingConfig",
     "SimsError",
     "Steering",
+    "__version__",
     "generate",
     "get_learner",
     "get_oracle",

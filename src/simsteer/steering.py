@@ -71,7 +71,7 @@ def function_kind(kind: str) -> type[SteeringFunction]:
 
 
 def _library_version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

@@ -1,19 +1,4 @@
-"""Evaluation: fluency and diversity metrics (and, later, benchmarks and reports)."""
+"""Studies of runs: evaluation, comparison, sweeps, baselines, judge checks, reports.
 
-from .fluency import (
-    FluencyReport,
-    distinct_n,
-    ends_in_loop,
-    fluency_report,
-    perplexities,
-    repetition_rate,
-)
-
-__all__ = [
-    "FluencyReport",
-    "distinct_n",
-    "ends_in_loop",
-    "fluency_report",
-    "perplexities",
-    "repetition_rate",
-]
+The instruments the loop uses too (fluency metrics, bootstrap statistics) live below the
+loop, in :mod:`simsteer.fluency` and :mod:`simsteer.stats`."""

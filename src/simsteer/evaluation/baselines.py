@@ -27,9 +27,9 @@ from ..activations import collect_activations
 from ..errors import SimsError
 from ..io import read_json, write_json
 from ..learners.base import Learner, PreferenceActivations
+from ..loop.rundir import RunDir
 from ..models import LoadedModel, parse_layers
 from ..oracles.base import Oracle, ScoreOracle
-from ..rundir import RunDir
 from ..sampling import Generation, SamplingConfig, generate
 from ..steering import Steering
 from .datasets import PreferencePair

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .stats import bootstrap_ci
+from ..stats import bootstrap_ci
 
 #: (gamma_0, lambda): prior mean and precision of the length slope (module docstring).
 LENGTH_PRIOR = (1.5, 100.0)

@@ -5,7 +5,7 @@ held-out prompts with the unsteered model and with the run's policy, then measur
 
 - every built-in attribute scorer on both answer sets (mean, bootstrap CI, paired delta);
 - fluency under the *unsteered* model (perplexity, repetition, distinct-2, loops, mean
-  length: :func:`~simsteer.evaluation.fluency.fluency_report`);
+  length: :func:`~simsteer.fluency.fluency_report`);
 - win rate and LC win rate of the policy's answers against the base model's own answers,
   judged in both orders by the run's oracle and by any ``judges`` (pick one the loop did
   not train on);
@@ -25,20 +25,20 @@ from typing import Any
 import numpy as np
 
 from ..errors import SimsError
+from ..fluency import fluency_report
 from ..io import read_json, read_jsonl
+from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
-from ..rundir import RunDir
 from ..sampling import SamplingConfig, generate
+from ..stats import bootstrap_ci
 from ..steering import Steering, load_policy
 from .baselines import best_of_n
 from .costs import CostMeter
 from .datasets import data_dir, load_alpaca_outputs, load_mc_task
-from .fluency import fluency_report
 from .lc import length_controlled_win_rate
 from .mc import evaluate_mc
-from .stats import bootstrap_ci
 from .winrate import judge_pairs, win_rate
 
 SCORERS = ("sentiment", "negativity", "readability", "length:50")

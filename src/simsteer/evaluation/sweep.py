@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import SimsError
 from ..io import read_json, write_json
-from ..rundir import RunDir
+from ..loop.rundir import RunDir
 
 #: grid key -> ``sims run`` flag (any other key is taken as a flag name itself).
 GRID_KEYS = {
@@ -79,13 +79,13 @@ def run_sweep(
         out: the sweep folder.
         grid: axis -> values (see :data:`GRID_KEYS`).
         run_args: further ``sims run`` options shared by every point.
-        runner: the ``sims`` entry point (``simsteer.cli.main`` by default).
+        runner: the ``sims`` entry point (``simsteer.cli.main.main`` by default).
 
     Example:
         >>> run_sweep("runs/sweep", {"K": ["2", "4"]}, ["-T", "1", "--quiet"])
     """
     if runner is None:
-        from ..cli import main as runner
+        from ..cli.main import main as runner
     out = Path(out)
     for bad in ("--out", "-o", "--resume"):
         if bad in run_args:

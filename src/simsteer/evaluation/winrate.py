@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..oracles.base import Judgment, Oracle, ScoreOracle
-from .stats import bootstrap_ci
+from ..stats import bootstrap_ci
 
 TIE_TOLERANCE = 1e-9
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SimsError
-from .evaluation.fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
-from .io import read_json, read_jsonl, write_json, write_jsonl
-from .models import LoadedModel
-from .oracles.base import Oracle, ScoreOracle
-from .prompts import Prompt
+from ..errors import SimsError
+from ..fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
+from ..io import read_json, read_jsonl, write_json, write_jsonl
+from ..models import LoadedModel
+from ..oracles.base import Oracle, ScoreOracle
+from ..prompts import Prompt
+from ..sampling import SamplingConfig, generate
+from ..steering import Steering
 from .rundir import RunDir
-from .sampling import SamplingConfig, generate
-from .steering import Steering
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def calibration_scores(base: dict[str, Any], calibrations: Sequence[dict[str, An
 
 
 class FluencyGuard:
-    """The guard's steps inside a run directory (used by :class:`simsteer.loop.SIMS`)."""
+    """The guard's steps inside a run directory (used by :class:`simsteer.loop.sims.SIMS`)."""
 
     def __init__(
         self, lm: LoadedModel, oracle: Oracle, config: GuardConfig, sampling: SamplingConfig

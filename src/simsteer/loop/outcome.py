@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation.stats import bootstrap_ci
-from .io import read_jsonl
+from ..io import read_jsonl
+from ..stats import bootstrap_ci
 from .rundir import RunDir
 
 

@@ -10,7 +10,7 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/complet
 
 ``steering`` names one of the server's ``--steering NAME=PATH`` policies (``"none"``
 for the unsteered model; absent: ``--default-steering``); ``strength`` multiplies its
-saved strength. Requests are decoded together by :class:`~simsteer.serve_engine.BatchEngine`.
+saved strength. Requests are decoded together by :class:`~simsteer.serve.engine.BatchEngine`.
 The server binds 127.0.0.1 unless told otherwise, can require a bearer key (read from an
 environment variable) and refuses oversize bodies (413), prompts and ``max_tokens`` (400).
 """
@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SimsError
-from .serve_engine import BatchEngine
+from ..errors import SimsError
+from .engine import BatchEngine
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class ServeConfig:
 
 def load_steerings(specs: list[str], lm) -> dict[str, list]:
     """``NAME=PATH`` (or ``PATH``: named after its folder) -> policies checked against ``lm``."""
-    from .rundir import RunDir
-    from .steering import load_policy
+    from ..loop.rundir import RunDir
+    from ..steering import load_policy
 
     out: dict[str, list] = {}
     for spec in specs:
@@ -112,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise SimsError('sims serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
 
-    from .models import load_model
+    from ..models import load_model
 
     api_key = None
     if args.api_key_env:
@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = BatchEngine(
         lm, steerings, max_batch=args.max_batch, wait_s=args.batch_wait_ms / 1000, seed=args.seed
     )
-    from .serve_app import create_app  # FastAPI is imported only when serving
+    from .app import create_app  # FastAPI is imported only when serving
 
     engine.start()
     try:

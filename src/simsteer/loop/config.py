@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .activations import SUMMARIES
+from ..activations import SUMMARIES
+from ..errors import SimsError
+from ..prompts import Prompt
+from ..sampling import SamplingConfig
 from .bank import BankConfig
-from .errors import SimsError
 from .guard import GuardConfig
-from .prompts import Prompt
-from .sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,10 @@ class SIMSConfig:
         compose: stack each iteration's functions on the previous policy instead of
             replacing them (the paper replaces).
         guard: the fluency guard (strength calibration and early stopping; see
-            :mod:`simsteer.guard`); ``GuardConfig(fluency_budget=None)`` turns it off.
+            :mod:`simsteer.loop.guard`); ``GuardConfig(fluency_budget=None)`` turns it off.
         seed: the run's seed (prompt order and sampling).
         variant: ``sims`` (Algorithm 1), ``pr`` (top/bottom-ranked answer per prompt) or
-            ``cs`` (contrast sampling from a response bank); see :mod:`simsteer.selection`.
+            ``cs`` (contrast sampling from a response bank); see :mod:`simsteer.loop.selection`.
         bank: SIMS-CS response-bank options (capacity, top-N, re-scoring).
     """
 

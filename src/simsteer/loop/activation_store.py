@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write_bytes
-from .learners.base import PreferenceActivations
+from ..io import atomic_write_bytes
+from ..learners.base import PreferenceActivations
 
 
 def save_preference_activations(path: Path, data: PreferenceActivations, num_tokens: int) -> None:

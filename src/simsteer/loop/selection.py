@@ -4,7 +4,7 @@
 - ``pr`` (prompt ranking): per prompt, the top-ranked answer to D+ and the bottom-ranked
   to D- (made for ranking oracles such as ``self-rank``; works with any oracle);
 - ``cs`` (contrast sampling): every judged prompt joins the response bank
-  (:mod:`simsteer.bank`); the update trains on the bank's top-N entries by contrast
+  (:mod:`simsteer.loop.bank`); the update trains on the bank's top-N entries by contrast
   reward, best answer to D+, worst to D-, older iterations included.
 
 A prompt the oracle could not judge (``Judgment.parsed`` false) is labelled ``skipped``
@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SimsError
+from ..io import read_jsonl, write_jsonl
+from ..oracles.base import Judgment, Oracle
+from ..prompts import Prompt
+from ..sampling import Generation
 from .bank import BankEntry, ResponseBank, contrast_reward
 from .config import SIMSConfig, label_by_win_rate
-from .errors import SimsError
-from .io import read_jsonl, write_jsonl
-from .oracles.base import Judgment, Oracle
-from .prompts import Prompt
 from .rundir import RunDir
-from .sampling import Generation
 
 VARIANTS = ("sims", "pr", "cs")
 

@@ -1,6 +1,6 @@
 """``sims run`` options for the SIMS variants and the model-based and external oracles.
 
-Kept apart from :mod:`simsteer.cli` so the variant/oracle flags live in one place:
+Kept apart from :mod:`simsteer.cli.main` so the variant/oracle flags live in one place:
 :func:`add_run_options` adds them to the ``run`` parser, :func:`resolve_oracle_name`
 fills the default oracle of a variant, :func:`bank_config` and :func:`build_oracle`
 turn the flags into objects.
@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .bank import BankConfig
+from ..loop.bank import BankConfig
 
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def judge_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_oracle(args: argparse.Namespace, lm: Any):
     """The oracle of ``sims run`` (after the model is loaded: self-* oracles use it)."""
-    from .oracles import get_oracle
+    from ..oracles import get_oracle
 
     return get_oracle(
         resolve_oracle_name(args),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import SimsError
+from ..errors import SimsError
 
 COMMANDS = ("eval", "compare", "baseline", "sweep", "judge-check", "lc", "arena")
 
@@ -124,8 +124,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation.report import write_report
-    from .evaluation.run_eval import SCORERS, EvalConfig, evaluate_run
+    from ..evaluation.report import write_report
+    from ..evaluation.run_eval import SCORERS, EvalConfig, evaluate_run
 
     config = EvalConfig(
         judges=tuple(args.judge),
@@ -151,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .evaluation.report import write_comparison
+    from ..evaluation.report import write_comparison
 
     print(write_comparison(args.runs, Path(args.out), args.judge))
     print(f"comparison written to {Path(args.out) / 'compare.md'}")
@@ -159,9 +159,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    from .evaluation.baselines import BASELINES, RandomOracle, fit_labelled_steering, write_baseline
-    from .io import read_json
-    from .rundir import RunDir
+    from ..evaluation.baselines import BASELINES, RandomOracle, fit_labelled_steering, write_baseline
+    from ..io import read_json
+    from ..loop.rundir import RunDir
 
     if args.kind not in BASELINES:
         raise SimsError(f"unknown baseline {args.kind!r}; baselines: {', '.join(BASELINES)}")
@@ -174,8 +174,8 @@ def _baseline(args: argparse.Namespace) -> int:
     elif args.kind == "best-of-n":
         write_baseline(out, "best-of-n", like, {"n": args.n, "seed": args.seed})
     else:
-        from .learners import get_learner
-        from .models import load_model
+        from ..learners import get_learner
+        from ..models import load_model
 
         hp = dict(cfg["learner"])
         learner = get_learner(hp.pop("name"), **hp)
@@ -191,7 +191,7 @@ def _baseline(args: argparse.Namespace) -> int:
 def _ms(args, lm, learner, cfg, like, out, fit, write) -> None:
     import time
 
-    from .evaluation.datasets import data_dir, load_pairs
+    from ..evaluation.datasets import data_dir, load_pairs
 
     if Path(out, "config.json").is_file():
         raise SimsError(f"{out} already holds a run or baseline: pick another --out")
@@ -220,9 +220,9 @@ def _ms(args, lm, learner, cfg, like, out, fit, write) -> None:
 
 
 def _random(args, lm, learner, cfg, like, out, random_oracle) -> None:
-    from .config import SIMSConfig
-    from .loop import SIMS
-    from .prompts import load_prompts
+    from ..loop.config import SIMSConfig
+    from ..loop.sims import SIMS
+    from ..prompts import load_prompts
 
     cli = cfg.get("cli")
     if not cli:
@@ -237,7 +237,7 @@ def _random(args, lm, learner, cfg, like, out, random_oracle) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .evaluation.sweep import format_sweep, parse_grid, run_sweep
+    from ..evaluation.sweep import format_sweep, parse_grid, run_sweep
 
     grid = parse_grid(args.grid)
     run_args = list(args.run_args)
@@ -249,20 +249,20 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _judge_check(args: argparse.Namespace) -> int:
-    from .evaluation.datasets import data_dir, load_pairs
-    from .evaluation.judge_check import check_judge
-    from .oracles import get_oracle
+    from ..evaluation.datasets import data_dir, load_pairs
+    from ..evaluation.judge_check import check_judge
+    from ..oracles import get_oracle
 
     path = (
         Path(args.pairs)
         if args.pairs
         else data_dir(args.data) / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
     )
-    from .oracles import MODEL_ORACLES
+    from ..oracles import MODEL_ORACLES
 
     lm = None
     if args.oracle in MODEL_ORACLES:  # the model judges: load it
-        from .models import load_model
+        from ..models import load_model
 
         lm = load_model(args.model, dtype=args.dtype)
     oracle = get_oracle(args.oracle, lm=lm)
@@ -276,8 +276,8 @@ def _lc(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .evaluation.datasets import load_alpaca_annotations
-    from .evaluation.lc import LENGTH_PRIOR, length_controlled_win_rate
+    from ..evaluation.datasets import load_alpaca_annotations
+    from ..evaluation.lc import LENGTH_PRIOR, length_controlled_win_rate
 
     published: dict[str, dict[str, str]] = {}
     if args.leaderboard:
@@ -306,21 +306,21 @@ def _lc(args: argparse.Namespace) -> int:
 
 
 def _arena(args: argparse.Namespace) -> int:
-    from .evaluation.arena import (
+    from ..evaluation.arena import (
         arena_scores,
         battles_from_judgments,
         judge_arena,
         load_answers,
         load_questions,
     )
-    from .io import read_jsonl, write_jsonl
+    from ..io import read_jsonl, write_jsonl
 
     judgments: list[dict] = []
     for path in args.judgments:
         judgments += read_jsonl(path)
     baseline = args.baseline_name
     if args.judge:
-        from .oracles import get_oracle
+        from ..oracles import get_oracle
 
         if not (args.questions and args.baseline and args.answers):
             raise SimsError("--judge needs --questions, --baseline and --answers")

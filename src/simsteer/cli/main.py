@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import SimsError
+from ..errors import SimsError
 
 DEFAULT_RUN_DIR = "runs/sims"
 
@@ -61,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .._version import __version__
 
     parser = _Parser(prog="sims", description="Self-Improving Model Steering (SIMS).")
     parser.add_argument("--version", action="version", version=f"simsteer {__version__}")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run with its saved settings",
     )
     sampling_args(run, 0.8)
-    from .cli_oracles import add_run_options  # --variant, bank and judge flags
+    from .oracle_options import add_run_options  # --variant, bank and judge flags
 
     add_run_options(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -207,10 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="summarise a run directory or a steering folder")
     info.add_argument("path")
-    from .cli_eval import add_commands  # eval, compare, baseline, sweep, judge-check, lc, arena
+    from .evaluation import add_commands  # eval, compare, baseline, sweep, judge-check, lc, arena
 
     add_commands(sub)
-    from .serve import add_serve_command  # sims serve: OpenAI-compatible HTTP server
+    from ..serve.server import add_serve_command  # sims serve: OpenAI-compatible HTTP server
 
     add_serve_command(sub)
     return parser
@@ -225,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "serve":
-            from .serve import cmd_serve
+            from ..serve.server import cmd_serve
 
             return cmd_serve(args)
-        from .cli_eval import COMMANDS, run_command
+        from .evaluation import COMMANDS, run_command
 
         if args.command in COMMANDS:
             return run_command(args)
@@ -256,24 +256,24 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .cli_oracles import bank_config, build_oracle, resolve_oracle_name
-    from .config import SIMSConfig
-    from .guard import GuardConfig
-    from .io import read_json
-    from .learners import get_learner
-    from .loop import SIMS
-    from .models import load_model
-    from .outcome import format_outcome
-    from .prompts import load_prompts
-    from .rundir import RunDir
-    from .sampling import SamplingConfig
-    from .table import format_table
+    from ..io import read_json
+    from ..learners import get_learner
+    from ..loop.config import SIMSConfig
+    from ..loop.guard import GuardConfig
+    from ..loop.outcome import format_outcome
+    from ..loop.rundir import RunDir
+    from ..loop.sims import SIMS
+    from ..loop.table import format_table
+    from ..models import load_model
+    from ..prompts import load_prompts
+    from ..sampling import SamplingConfig
+    from .oracle_options import bank_config, build_oracle, resolve_oracle_name
 
     if args.resume:
         run = RunDir(Path(args.resume))
         if not run.is_run():
             raise SimsError(f"{args.resume} is not a run directory (no config.json)")
-        from .io import read_json
+        from ..io import read_json
 
         saved = read_json(run.config)
         cli = saved.get("cli")
@@ -340,12 +340,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .io import write_jsonl
-    from .models import load_model
-    from .prompts import Prompt, load_prompts
-    from .rundir import RunDir
-    from .sampling import SamplingConfig, generate
-    from .steering import load_policy
+    from ..io import write_jsonl
+    from ..loop.rundir import RunDir
+    from ..models import load_model
+    from ..prompts import Prompt, load_prompts
+    from ..sampling import SamplingConfig, generate
+    from ..steering import load_policy
 
     if args.no_steer and args.steering:
         raise SimsError("--no-steer and --steering exclude each other")
@@ -377,7 +377,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.strength is not None:
             steering.strength *= args.strength
         if args.positions is not None:
-            from .hooks import check_positions
+            from ..hooks import check_positions
 
             steering.positions = check_positions(args.positions)
     gens = generate(
@@ -411,10 +411,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .io import read_json
-    from .rundir import RunDir
-    from .steering import CONFIG_NAME, load_policy
-    from .table import format_table
+    from ..io import read_json
+    from ..loop.rundir import RunDir
+    from ..loop.table import format_table
+    from ..steering import CONFIG_NAME, load_policy
 
     path = Path(args.path)
     run = RunDir(path)
@@ -442,7 +442,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         stopped = bool(rows) and bool(rows[-1].get("stop"))
         done = (len(rows) == sims["iterations"] + 1 or stopped) and run.final.exists()
         if done and run.outcome.is_file():
-            from .outcome import format_outcome
+            from ..loop.outcome import format_outcome
 
             print(format_outcome(read_json(run.outcome)))
         print(

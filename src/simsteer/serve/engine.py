@@ -23,8 +23,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .models import LoadedModel, eos_token_ids, left_pad
-from .steering import Steering
+from ..models import LoadedModel, eos_token_ids, left_pad
+from ..steering import Steering
 
 log = logging.getLogger(__name__)
 

@@ -29,22 +29,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..activations import collect_activations, collect_extra_activations
+from ..errors import SimsError
+from ..fluency import fluency_report
+from ..io import read_json, read_jsonl, write_json, write_jsonl
+from ..learners.base import Learner, PreferenceActivations
+from ..models import LoadedModel, parse_layers
+from ..oracles.base import Oracle, ScoreOracle
+from ..prompts import Prompt
+from ..sampling import SamplingConfig, generate
+from ..steering import Steering
 from .activation_store import load_preference_activations, save_preference_activations
-from .activations import collect_activations, collect_extra_activations
 from .config import PromptSplit, SIMSConfig, draw_prompts, split_pool
-from .errors import SimsError
-from .evaluation.fluency import fluency_report
 from .guard import FluencyGuard
-from .io import read_json, read_jsonl, write_json, write_jsonl
-from .learners.base import Learner, PreferenceActivations
-from .models import LoadedModel, parse_layers
-from .oracles.base import Oracle, ScoreOracle
 from .outcome import run_outcome
-from .prompts import Prompt
 from .rundir import RunDir
-from .sampling import SamplingConfig, generate
 from .selection import judging_stats, select_samples, training_rows
-from .steering import Steering
 from .table import TABLE_HEADER, format_row
 
 log = logging.getLogger(__name__)
@@ -424,7 +424,7 @@ class SIMS:
         return PromptSplit(read(run.prompts), read(run.eval_prompts), read(run.calibration_prompts))
 
     def _config_record(self, extra: dict[str, Any] | None) -> dict[str, Any]:
-        from . import __version__
+        from .._version import __version__
 
         return {
             "simsteer_version": __version__,

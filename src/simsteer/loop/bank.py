@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SimsError
-from .io import read_jsonl, write_jsonl
-from .oracles.base import win_rates
+from ..errors import SimsError
+from ..io import read_jsonl, write_jsonl
+from ..oracles.base import win_rates
 
 
 @dataclass(frozen=True)

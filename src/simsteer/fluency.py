@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..hooks import decoder_module
-from ..models import LoadedModel, encode_prompt, left_pad
+from .hooks import decoder_module
+from .models import LoadedModel, encode_prompt, left_pad
 
 _WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 

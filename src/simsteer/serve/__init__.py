@@ -1,0 +1,1 @@
+"""``sims serve``: an OpenAI-compatible HTTP server for steered models."""
