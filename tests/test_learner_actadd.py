@@ -81,7 +81,7 @@ def test_learner_needs_prepare_and_uses_center_layer(tiny_lm):
     empty = torch.zeros(0, 3, tiny_lm.hidden_size)
     data = PreferenceActivations([0, 1, 2], empty, empty, [], [], torch.zeros(3))
     learner = get_learner("actadd", layers="0-2", positive=POSITIVE, negative=NEGATIVE, coefficient=2.0)
-    assert learner.summary == "none"
+    assert learner.needs == "none"
     with pytest.raises(SimsError, match="needs the model"):
         learner.fit(data, tiny_lm.fingerprint())
     learner.prepare(tiny_lm)

@@ -51,6 +51,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     source: str
+    trust_remote_code: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +250,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     find_layers(model)  # fail now, with a clear message, for an unknown architecture
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, trust_remote_code=trust_remote_code)
 
 
 def find_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:

@@ -14,7 +14,7 @@ its pad token.
 
 Two variants (``mode``): ``"positions"`` (the paper's, kind ``actadd``) and ``"mean"``,
 the mean of Δ's rows added like a CAA vector wherever ``positions`` says (kind ``add``).
-In the SIMS loop the learner ignores D+ / D- (``summary = "none"``) and needs the model,
+In the SIMS loop the learner ignores D+ / D- (``needs = "none"``) and needs the model,
 which the loop hands over with :meth:`ActAdd.prepare`; :func:`fit_actadd` is the
 standalone API.
 """
@@ -190,7 +190,7 @@ class ActAdd(Learner):
 
     name = "actadd"
     config_class = ActAddConfig
-    summary = "none"
+    needs = "none"
 
     def __init__(self, config: LearnerConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)

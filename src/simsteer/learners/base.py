@@ -45,11 +45,11 @@ class PreferenceActivations:
         token_norms: ``[len(layers)]`` mean L2 norm of single-token activations, the
             scale against which relative strengths are expressed.
         positive_tokens / negative_tokens: per response, ``[T_i, len(layers), d]``
-            activations of its first response tokens (learners with ``summary =
+            activations of its first response tokens (learners with ``needs =
             "tokens"``, e.g. HPR); ``None`` when not collected.
         positive_heads / negative_heads: ``[n, len(layers), heads * head_dim]`` inputs of
             the attention output projection at each sequence's last token (learners
-            with ``summary = "heads"``, e.g. ITI); ``None`` when not collected.
+            with ``needs = "heads"``, e.g. ITI); ``None`` when not collected.
         num_heads: attention heads per layer (with the head activations).
     """
 
@@ -115,7 +115,7 @@ class Learner(ABC):
     #: only), ``"tokens"`` (also per-token activations), ``"heads"`` (also per-head
     #: attention outputs) or ``"none"`` (no activations: the learner works from its
     #: own inputs, e.g. ActAdd's prompt pair).
-    summary: ClassVar[str] = "mean"
+    needs: ClassVar[str] = "mean"
 
     def __init__(self, config: LearnerConfig | None = None, **options: Any) -> None:
         if config is not None and options:

@@ -333,11 +333,11 @@ def _checkpoint(bank: _AngleBank, j: int, v: torch.Tensor, scale: float) -> dict
 
 @register_learner
 class HPR(Learner):
-    """Householder pseudo-rotation; needs per-token activations (``summary = "tokens"``)."""
+    """Householder pseudo-rotation; needs per-token activations (``needs = "tokens"``)."""
 
     name = "hpr"
     config_class = HPRConfig
-    summary = "tokens"
+    needs = "tokens"
 
     def fit(self, data: PreferenceActivations, fingerprint: dict[str, Any]) -> Steering:
         cfg: HPRConfig = self.config  # type: ignore[assignment]

@@ -166,11 +166,11 @@ def probe_heads(
 
 @register_learner
 class ITI(Learner):
-    """Inference-time intervention; needs per-head activations (``summary = "heads"``)."""
+    """Inference-time intervention; needs per-head activations (``needs = "heads"``)."""
 
     name = "iti"
     config_class = ITIConfig
-    summary = "heads"
+    needs = "heads"
 
     def fit(self, data: PreferenceActivations, fingerprint: dict[str, Any]) -> Steering:
         cfg: ITIConfig = self.config  # type: ignore[assignment]

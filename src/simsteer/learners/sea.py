@@ -165,7 +165,7 @@ def neutral_rows(data: PreferenceActivations) -> tuple[torch.Tensor, torch.Tenso
 
 @register_learner
 class SEA(Learner):
-    """Spectral editing; closed form from the summaries (``summary = "mean"``)."""
+    """Spectral editing; closed form from the summaries (``needs = "mean"``)."""
 
     name = "sea"
     config_class = SEAConfig

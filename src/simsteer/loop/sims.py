@@ -314,7 +314,7 @@ class SIMS:
         self, run: RunDir, t: int, samples: list[dict]
     ) -> tuple[PreferenceActivations | None, int]:
         self.learner.prepare(self.lm)  # learners that need the model at fit time (ActAdd)
-        kind = self.learner.summary
+        kind = self.learner.needs
         if kind == "none":
             log.info("iteration %d: learner %s ignores D+ and D-", t, self.learner.name)
             empty = torch.zeros(0, len(self.layers), self.lm.hidden_size)
