@@ -94,7 +94,7 @@ def measure(
     Args:
         policy: Steering objects applied together (a loaded policy, or one Steering).
     """
-    from simsteer.models import encode_prompt, left_pad
+    from simsteer.tokens import encode_prompt, left_pad
 
     ids, mask = left_pad([encode_prompt(lm.tokenizer, p) for p in prompts[:batch]], lm.tokenizer.pad_token_id)
     gen = dict(

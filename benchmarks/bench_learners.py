@@ -35,7 +35,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from simsteer import load_model, load_prompts
-    from simsteer.steering import load_policy
+    from simsteer.loop.rundir import RunDir
+    from simsteer.policy import load_policy
 
     lm = load_model(device="cpu")
     prompts = [p.text for p in load_prompts()]
@@ -45,16 +46,17 @@ def main() -> int:
     )
     print(header)
     for run in args.runs:
-        history = json.loads((run / "summary.json").read_text())
+        history = RunDir(run).history()
         config = json.loads((run / "config.json").read_text())
         name = config.get("learner", {}).get("name", run.name)
 
         def series(key: str, rows=history) -> str:
-            return " ".join("   -  " if r.get(key) is None else f"{r[key]:+.3f}" for r in rows)
+            values = [getattr(r, key) for r in rows]
+            return " ".join("   -  " if v is None else f"{v:+.3f}" for v in values)
 
-        base_ppl = (history[0].get("eval_fluency") or {}).get("perplexity")
-        last_ppl = (history[-1].get("eval_fluency") or {}).get("perplexity")
-        fits = [r["seconds"]["fit"] for r in history[:-1] if "fit" in r.get("seconds", {})]
+        base_ppl = history[0].eval_fluency.perplexity if history[0].eval_fluency else None
+        last_ppl = history[-1].eval_fluency.perplexity if history[-1].eval_fluency else None
+        fits = [r.seconds["fit"] for r in history[:-1] if "fit" in r.seconds]
         fit = sum(fits) / len(fits) if fits else float("nan")
         policy = load_policy(run / "final") if (run / "final").exists() else []
         speed = measure(lm, policy, prompts, args.batch, args.new_tokens, args.repeats) if policy else None

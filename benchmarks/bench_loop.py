@@ -95,11 +95,11 @@ def main() -> None:
         # Row 0 is one full iteration of pi_0: sample, rank, collect, fit. (fit() also
         # samples from pi_1 for its table row; that is not part of the iteration.)
         row = sims.fit(prompts, Path(out) / "run").history[0]
-    total = row["seconds_total"]
-    parts = ", ".join(f"{k} {v:.1f} s" for k, v in row["seconds"].items() if k != "eval")
+    total = row.seconds_total
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in row.seconds.items() if k != "eval")
     print(
         f"iteration        {total:6.1f} s   (N={n}, K=4, 128 new tokens: {parts}; "
-        f"{row['tokens_generated']} tokens generated; target <= 90 s)"
+        f"{row.tokens_generated} tokens generated; target <= 90 s)"
     )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS         {rss:6.0f} MB (target <= 1536 MB)")

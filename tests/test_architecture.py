@@ -27,6 +27,7 @@ FLOORS: dict[str, int] = {
     "models": 2,
     "tokens": 3,
     "hooks": 4,
+    "functions": 5,
     "steering": 5,
     "policy": 6,
     "sampling": 7,

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simsteer.io import write_jsonl
 from simsteer.learners import get_learner
 from simsteer.loop.bank import BankConfig, BankEntry, ResponseBank, contrast_reward
 from simsteer.loop.config import SIMSConfig
 from simsteer.loop.guard import GuardConfig
+from simsteer.loop.rundir import RunDir
 from simsteer.loop.sims import SIMS
 from simsteer.oracles.base import Judgment, Oracle
 from simsteer.sampling import SamplingConfig
@@ -41,10 +43,11 @@ def test_contrast_reward_by_hand():
     assert contrast_reward(tie) == 0.0
 
 
-def test_top_n_best_and_worst(tmp_path):
-    bank = ResponseBank(tmp_path / "bank.jsonl")
+def test_top_n_best_and_worst():
     strong = [[0.5, 1.0, 1.0], [0.0, 0.5, 0.5], [0.0, 0.5, 0.5]]
-    bank.add([_entry(0, "a", P), _entry(0, "b", strong), _entry(1, "c", np.full((3, 3), 0.5).tolist())])
+    bank = ResponseBank().add(
+        [_entry(0, "a", P), _entry(0, "b", strong), _entry(1, "c", np.full((3, 3), 0.5).tolist())]
+    )
     top = bank.top(5)
     assert [e.prompt_id for e in top] == ["b", "a"]  # the all-tie entry has no contrast
     assert (top[1].best, top[1].worst) == (0, 1)
@@ -52,13 +55,17 @@ def test_top_n_best_and_worst(tmp_path):
 
 
 def test_persistence_replace_and_capacity(tmp_path):
-    path = tmp_path / "bank.jsonl"
-    bank = ResponseBank(path, BankConfig(capacity=2))
-    bank.add([_entry(0, "a", P)])
-    bank.add([_entry(0, "a", P, reward=0.3)])  # the same step redone replaces its entry
-    assert len(ResponseBank(path)) == 1 and ResponseBank(path).entries[0].reward == 0.3
-    bank.add([_entry(1, "b", P), _entry(2, "c", P)])
-    assert [e.prompt_id for e in ResponseBank(path).entries] == ["b", "c"]  # oldest evicted
+    run = RunDir(tmp_path)
+
+    def save(bank: ResponseBank) -> ResponseBank:
+        write_jsonl(run.bank, bank.to_json())  # what the loop does after every change
+        return bank
+
+    bank = save(ResponseBank(config=BankConfig(capacity=2)).add([_entry(0, "a", P)]))
+    bank = save(bank.add([_entry(0, "a", P, reward=0.3)]))  # the same step redone replaces its entry
+    assert len(run.read_bank()) == 1 and run.read_bank().entries[0].reward == 0.3
+    bank = save(bank.add([_entry(1, "b", P), _entry(2, "c", P)]))
+    assert [e.prompt_id for e in run.read_bank().entries] == ["b", "c"]  # oldest evicted
 
 
 class FirstWordOracle(Oracle):
@@ -114,8 +121,9 @@ def test_pr_variant_labels_top_and_bottom(tiny_lm, tmp_path):
         labels = sorted(r["label"] for r in rows if r["prompt_id"] == pid)
         assert labels in (["negative", "positive", "unused"], ["skipped"] * 3, ["unused"] * 3)
     judged = {r["prompt_id"]: r["judged"] for r in rows}
-    assert result.history[0]["ranking_parse_rate"] == pytest.approx(sum(judged.values()) / len(judged))
-    assert 0 < result.history[0]["ranking_parse_rate"] < 1  # the 'sad' prompts are skipped and counted
+    parse_rate = result.history[0].judging.ranking_parse_rate
+    assert parse_rate == pytest.approx(sum(judged.values()) / len(judged))
+    assert 0 < parse_rate < 1  # the 'sad' prompts are skipped and counted
 
 
 def test_cs_bank_survives_resume(tiny_lm, tmp_path):
@@ -144,4 +152,4 @@ def test_cs_bank_survives_resume(tiny_lm, tmp_path):
     rewards = sorted((e["reward"] for e in bank if e["iteration"] <= 1), reverse=True)
     assert [p["reward"] for p in pairs[::2]] == pytest.approx(rewards[:3])  # top-3 by r, old ones too
     assert [p["label"] for p in pairs] == ["positive", "negative"] * 3
-    assert result.history[1]["train_pairs"] == 3 and result.history[1]["bank_size"] >= 4
+    assert result.history[1].judging.train_pairs == 3 and result.history[1].judging.bank_size >= 4

@@ -191,3 +191,27 @@ def test_eval_mc_caches_the_unsteered_scores(tmp_path, tiny_run, tiny_lm, shared
         assert second[task]["policy"] == first[task]["policy"]
         assert "delta_acc" in second[task]["policy"]
     assert "mc2" in first["truthfulqa_mc2"]["policy"]
+
+
+def test_eval_of_a_judge_trained_run_uses_its_judge_and_template(tmp_path, tiny_model_dir, prompt_file):
+    """`sims eval` rebuilds the run's oracle from its saved spec: the judge's endpoint and
+    the run's --oracle-template (the old code rebuilt it from its name, "judge", and failed)."""
+    from .test_judge import FakeJudge
+
+    template = tmp_path / "judge.txt"
+    template.write_text("MARKER {prompt}\n[Answer A]\n{response_a}\n\n[Answer B]\n{response_b}\n\nVerdict?")
+    cache = tmp_path / "judgments.sqlite"
+    out = tmp_path / "judged"
+    with FakeJudge(answer=lambda m: "[[A]]" if len(m.split("[Answer B]")[0]) % 2 else "[[B]]") as fake:
+        argv = ["run", "--model", str(tiny_model_dir), "--dtype", "fp32", "--prompts", str(prompt_file)]
+        argv += ["--oracle", f"judge:fake@{fake.url}", "--oracle-template", str(template)]
+        assert main([*argv, "--judge-cache", str(cache), *TINY, "--out", str(out)]) == 0
+        trained = len(fake.requests)
+        assert trained and all(m.startswith("MARKER") for m in fake.requests)
+        cache.unlink()  # every judgment of the evaluation is asked anew
+        assert main(["eval", str(out), "--scorers", "length:50", "--bootstrap", "20"]) == 0
+        asked = fake.requests[trained:]
+    assert len(asked) == 3 * 2  # 3 held-out prompts in both orders
+    assert all(m.startswith("MARKER") for m in asked)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["oracle"] == "judge" and set(result["win_rates_vs_base"]) == {"judge"}

@@ -12,7 +12,7 @@ from simsteer.fluency import (
     perplexities,
     repetition_rate,
 )
-from simsteer.models import encode_prompt
+from simsteer.tokens import encode_prompt
 
 
 def test_repetition_rate_by_hand():

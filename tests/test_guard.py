@@ -3,6 +3,7 @@ replace, resume in the middle of a calibration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,13 +18,15 @@ from simsteer.hooks import count_hooks
 from simsteer.learners import get_learner
 from simsteer.learners.caa import AddVector
 from simsteer.loop.config import SIMSConfig
-from simsteer.loop.guard import GuardConfig, calibrate, early_stop, measure
+from simsteer.loop.guard import FluencyGuard, GuardConfig, calibrate, early_stop, measure
+from simsteer.loop.records import CalibrationRecord, IterationRecord, Measurement
 from simsteer.loop.sims import SIMS
 from simsteer.oracles import get_oracle
 from simsteer.oracles.attributes import AttributeOracle
+from simsteer.policy import load_policy
 from simsteer.prompts import Prompt
 from simsteer.sampling import SamplingConfig
-from simsteer.steering import Steering, load_policy
+from simsteer.steering import CONFIG_NAME, Steering
 
 from .test_loop import PROMPTS
 
@@ -49,12 +52,11 @@ def test_planted_trade_off_is_real(tiny_lm):
     steering, oracle = _push_toward(tiny_lm, "cat"), _share_of("cat")
     points = []
     for strength in (0.0, 0.05, 0.2):
-        steering.strength = strength
-        policy = [steering] if strength else []
+        policy = [steering.with_strength(strength)] if strength else []
         points.append(measure(tiny_lm, oracle, CAL_PROMPTS, policy, SAMPLING))
-    assert points[0]["score"] < points[1]["score"] < points[2]["score"]
-    assert points[0]["perplexity"] < points[2]["perplexity"]
-    assert points[0]["repetition"] < points[2]["repetition"]
+    assert points[0].score < points[1].score < points[2].score
+    assert points[0].perplexity < points[2].perplexity
+    assert points[0].repetition < points[2].repetition
 
 
 @pytest.mark.parametrize("budget, margin", [(1e9, 1.0), (0.1, 0.2), (0.0, 0.0)])
@@ -64,39 +66,38 @@ def test_calibration_picks_best_fluent_strength(tiny_lm, tmp_path, budget, margi
     config = GuardConfig(
         fluency_budget=budget, repetition_margin=margin, strength_grid=(4, 1, 2), stop_at_unfluent=False
     )
-    candidate = _push_toward(tiny_lm, "cat")
-    candidate.strength = 0.05
-    points, chosen = calibrate(
-        tiny_lm, oracle, CAL_PROMPTS, [], candidate, base, config, SAMPLING, tmp_path / "cal.jsonl"
+    candidate = _push_toward(tiny_lm, "cat").with_strength(0.05)
+    saved: list = []
+    record = FluencyGuard(tiny_lm, oracle, config, SAMPLING).calibrate(
+        CAL_PROMPTS, [], candidate, base, on_point=saved.append
     )
-    assert [p["multiplier"] for p in points] == [1, 2, 4]
-    assert [p["strength"] for p in points] == pytest.approx([0.05, 0.1, 0.2])
+    points, chosen = list(record.points), record.chosen_point
+    assert [p.multiplier for p in points] == [1, 2, 4]
+    assert [p.strength for p in points] == pytest.approx([0.05, 0.1, 0.2])
     assert candidate.strength == 0.05  # the candidate itself is left as it was
     fluent = [
         p
         for p in points
-        if p["perplexity"] <= (1 + budget) * base["perplexity"]
-        and p["repetition"] <= base["repetition"] + margin
+        if p.perplexity <= (1 + budget) * base.perplexity and p.repetition <= base.repetition + margin
     ]
-    assert [p["fluent"] for p in points] == [p in fluent for p in points]
+    assert [p.fluent for p in points] == [p in fluent for p in points]
     if budget == 1e9:
-        assert chosen["multiplier"] == 4  # no budget: the strongest push scores best
+        assert chosen.multiplier == 4  # no budget: the strongest push scores best
     elif budget == 0.0:
         assert chosen is None  # nothing steered is as fluent as the base model here
     else:
         # +10% perplexity allows the weakest push only, although stronger ones score more.
-        assert chosen is not None and chosen["multiplier"] == 1
-        assert chosen["score"] == max(p["score"] for p in fluent) < max(p["score"] for p in points)
-    # Points are saved as they finish, so a resumed calibration skips them.
-    saved = [json.loads(x) for x in (tmp_path / "cal.jsonl").read_text().splitlines()]
-    assert saved == points
+        assert chosen is not None and chosen.multiplier == 1
+        assert chosen.score == max(p.score for p in fluent) < max(p.score for p in points)
+    # Points are handed over as they finish (the loop saves them), so a resumed
+    # calibration skips them.
+    assert saved == [points[:1], points[:2], points]
     # The default scan (ascending, stops at the first strength that breaks the budget)
     # scores a prefix of the grid and, on this monotone trade-off, picks the same one.
     scan = GuardConfig(fluency_budget=budget, repetition_margin=margin, strength_grid=(4, 1, 2))
-    scanned, chosen_scan = calibrate(
-        tiny_lm, oracle, CAL_PROMPTS, [], candidate, base, scan, SAMPLING, tmp_path / "scan.jsonl"
-    )
-    first_unfluent = next((i for i, p in enumerate(points) if not p["fluent"]), len(points) - 1)
+    scan_record = FluencyGuard(tiny_lm, oracle, scan, SAMPLING).calibrate(CAL_PROMPTS, [], candidate, base)
+    scanned, chosen_scan = list(scan_record.points), scan_record.chosen_point
+    first_unfluent = next((i for i, p in enumerate(points) if not p.fluent), len(points) - 1)
     assert scanned == points[: first_unfluent + 1]
     assert chosen_scan == chosen
 
@@ -152,23 +153,24 @@ def test_guarded_run_artefacts_and_best_policy(tiny_lm, tmp_path):
     points = [json.loads(x) for x in (root / "iter_0" / "calibration.jsonl").read_text().splitlines()]
     assert [p["multiplier"] for p in points] == [0.5, 1.0]
     row = result.history[0]
-    chosen = row["calibration"]["chosen"]
+    chosen = row.calibration.chosen
     if chosen is not None:
         saved = Steering.load(root / "iter_1" / "steering")
         fitted = Steering.load(root / "iter_0" / "fitted")
         assert saved.strength == pytest.approx(fitted.strength * chosen)
     # The final policy is the best fluent one, and it says which iteration it is.
-    final = load_policy(root / "final")[-1]
-    scores = [row["calibration"]["base"]["score"]] + [
-        r["calibration"]["score"] if r["calibration"]["score"] is not None else -1e9
+    policy = load_policy(root / "final")
+    final_iteration = policy[-1].metadata["policy_iteration"] if policy else 0  # empty: unsteered
+    scores = [row.calibration.base.score] + [
+        r.calibration.score if r.calibration.score is not None else -1e9
         for r in result.history
-        if "calibration" in r
+        if r.calibration is not None
     ]
-    assert final.metadata["policy_iteration"] == scores.index(max(scores))
-    if result.history[-1].get("stop"):
+    assert final_iteration == scores.index(max(scores))
+    if result.history[-1].stop:
         assert len(result.history) <= 3
     outcome = json.loads((root / "outcome.json").read_text())
-    assert outcome["final_policy"] == final.metadata["policy_iteration"]
+    assert outcome["final_policy"] == final_iteration
     held = outcome["held_out"]
     lo, hi = held["ci95"]
     assert lo <= held["improvement"] <= hi and held["prompts"] == 2
@@ -185,10 +187,12 @@ def test_guard_stops_when_nothing_is_fluent(tiny_lm, tmp_path):
         progress=False,
     ).fit(PROMPTS, tmp_path / "r")
     assert len(result.history) == 1
-    assert "no strength" in result.history[0]["stop"]
+    assert "no strength" in result.history[0].stop
     assert not (result.run_dir / "iter_1" / "steering").exists()
     final = load_policy(result.run_dir / "final")
-    assert final[-1].metadata["policy_iteration"] == 0 and not final[-1].functions
+    assert not final and final.is_unsteered  # the unsteered marker loads as an empty policy
+    marker = json.loads((result.run_dir / "final" / CONFIG_NAME).read_text())
+    assert marker["metadata"]["policy_iteration"] == 0 and not marker["layers"]
 
 
 @pytest.mark.parametrize("compose", [False, True])
@@ -265,3 +269,55 @@ def test_resume_mid_calibration(tiny_lm, tiny_model_dir, tmp_path):
     _run_guarded(tiny_lm, killed)
     ref, got = _artefacts(reference), _artefacts(killed)
     assert got == ref
+
+
+# -- calibration as a pure step: a planted measure, no model, no run directory --------
+BASE = Measurement(score=0.0, perplexity=10.0, repetition=0.1, loop_share=0.0, distinct_2=1.0)
+
+
+def _planted(calls: list):
+    """Score and perplexity rise with the strength: +20% perplexity per unit."""
+
+    def measure_at(m: float, strength: float) -> Measurement:
+        calls.append(m)
+        return Measurement(strength, 10.0 * (1 + 0.2 * strength), 0.1, 0.0, 1.0)
+
+    return measure_at
+
+
+def test_calibrate_keeps_best_fluent_strength_without_a_model():
+    config = GuardConfig(fluency_budget=0.5, strength_grid=(4, 1, 2, 3), stop_at_unfluent=False)
+    calls, seen = [], []
+    record = calibrate(1.0, BASE, config, _planted(calls), on_point=seen.append)
+    assert calls == [1, 2, 3, 4]  # ascending
+    assert [p.fluent for p in record.points] == [True, True, False, False]  # ppl x1.2, x1.4, x1.6
+    assert record.chosen == 2 and record.score == 2.0 and record.chosen_point.strength == 2.0
+    assert record.base == BASE and [len(s) for s in seen] == [1, 2, 3, 4]
+    # The default scan stops at the first strength over budget.
+    calls = []
+    scan = calibrate(1.0, BASE, dataclasses.replace(config, stop_at_unfluent=True), _planted(calls))
+    assert calls == [1, 2, 3] and scan.chosen == 2 and scan.points == record.points[:3]
+    # A resumed calibration measures only what is missing.
+    calls = []
+    again = calibrate(1.0, BASE, config, _planted(calls), done=record.points[:2])
+    assert calls == [3, 4] and again == record
+    # Nothing fluent: no strength chosen, and the guard says why it stops.
+    none = calibrate(10.0, BASE, config, _planted([]))
+    assert none.chosen is None and none.score is None and none.chosen_point is None
+    guard = FluencyGuard(None, None, config, SAMPLING)  # type: ignore[arg-type]
+    assert "no strength" in guard.stop_reason(none, [])
+
+
+def test_stop_reason_and_final_policy_from_records():
+    config = GuardConfig(fluency_budget=0.5, patience=1, strength_grid=(1.0,))
+    guard = FluencyGuard(None, None, config, SAMPLING)  # type: ignore[arg-type]
+
+    def cal(score: float) -> CalibrationRecord:
+        return CalibrationRecord(BASE, (), 1.0, score)
+
+    assert guard.stop_reason(cal(0.5), []) is None
+    assert "did not beat" in guard.stop_reason(cal(0.4), [cal(0.5)])
+    rows = [IterationRecord(t, "p", 1.0, calibration=cal(s)) for t, s in enumerate((0.5, 0.4))]
+    assert guard.final_index(rows) == 1  # policy 1 (calibrated in row 0) scored best
+    plain = FluencyGuard(None, None, GuardConfig(fluency_budget=None), SAMPLING)  # type: ignore[arg-type]
+    assert plain.final_index([*rows, IterationRecord(2, "p", 1.0)]) == 2

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from simsteer.architecture import find_attn_output
 from simsteer.errors import SimsError
-from simsteer.hooks import count_hooks, record, steer
-from simsteer.learners.caa import AddVector
-from simsteer.models import encode_prompt, left_pad
+from simsteer.functions import AddVector
+from simsteer.hooks import Edit, count_hooks, record, steer
 from simsteer.steering import Steering
+from simsteer.tokens import encode_prompt, left_pad
 
 PROMPTS = ["the good day is very happy and warm", "a cat"]
 
@@ -156,3 +157,45 @@ def test_positions_teacher_forced_with_prompt_end(tiny_lm, positions):
 def test_unknown_positions_rejected(tiny_lm):
     with pytest.raises(SimsError, match="unknown positions"):
         _steering(tiny_lm, 1.0).applied(tiny_lm.model, positions="middle").__enter__()
+
+
+def _o_proj_inputs_and_layer_outputs(lm, edits):
+    """o_proj's input and the decoder layer's output at layer 1, under ``edits``."""
+    ids, mask = _inputs(lm)
+    seen: dict[str, torch.Tensor] = {}
+    o_proj = find_attn_output(lm.layers[1])
+    handles = [
+        o_proj.register_forward_hook(lambda m, args, out: seen.__setitem__("heads", args[0])),
+        lm.layers[1].register_forward_hook(
+            lambda m, args, out: seen.__setitem__("layer", out[0] if isinstance(out, tuple) else out)
+        ),
+    ]
+    try:
+        with torch.inference_mode(), steer(lm.model, edits):
+            lm.model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen["heads"], seen["layer"], mask.bool()
+
+
+def test_an_edit_states_its_site_as_data(tiny_lm):
+    width = find_attn_output(tiny_lm.layers[1]).in_features
+    delta = torch.full((width,), 0.25)
+    base_heads, base_layer, real = _o_proj_inputs_and_layer_outputs(tiny_lm, {})
+    heads, layer, _ = _o_proj_inputs_and_layer_outputs(
+        tiny_lm, {1: Edit(lambda h: h + delta, site="attn_heads")}
+    )
+    # The attn_heads edit lands on o_proj's input (padding untouched), not on the layer output.
+    assert torch.allclose((heads - base_heads)[real], delta.expand(int(real.sum()), -1))
+    assert torch.equal(heads[~real], base_heads[~real])
+    assert not torch.allclose(layer, base_layer)
+    # A plain function is a residual edit, whatever attributes it carries.
+    plain = lambda h: h + 0.5  # noqa: E731
+    plain.site = "attn_heads"  # type: ignore[attr-defined]
+    heads, layer, _ = _o_proj_inputs_and_layer_outputs(tiny_lm, {1: plain})
+    assert torch.equal(heads, base_heads)
+    assert torch.allclose((layer - base_layer)[real], torch.full_like(layer[real], 0.5))
+    assert Edit(plain).site == "residual"
+    with pytest.raises(SimsError, match="unknown steering site"):
+        Edit(plain, site="mlp")

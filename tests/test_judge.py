@@ -178,8 +178,8 @@ def test_rank_mode_and_spec(tmp_path):
 
 
 def test_judge_cache_path_is_saved_absolute(tmp_path, monkeypatch):
-    # sims run saves its flags for --resume; a relative cache path would point elsewhere
-    # (a new, empty cache: every judgment asked again) when resumed from another folder.
+    # The run's oracle spec saves the cache path; a relative one would point elsewhere (a
+    # new, empty cache: every judgment asked again) when resumed or evaluated elsewhere.
     from simsteer.cli.main import build_parser
 
     monkeypatch.chdir(tmp_path)

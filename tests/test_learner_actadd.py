@@ -10,8 +10,8 @@ from simsteer.errors import SimsError
 from simsteer.hooks import record
 from simsteer.learners import PreferenceActivations, fit_actadd, get_learner
 from simsteer.learners.actadd import PositionalAdd, prompt_pair_ids
-from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
+from simsteer.tokens import encode_prompt, left_pad
 
 # In the tiny tokenizer's vocabulary; the shorter prompt gets padded.
 POSITIVE, NEGATIVE = "love the sun", "hate"
@@ -117,6 +117,6 @@ def test_loop_ignores_preferences(tiny_lm, tmp_path, caplog):
         )
     assert "ignores D+ and D-" in caplog.text
     assert not (tmp_path / "run" / "iter_0" / "activations.safetensors").exists()
-    assert result.history[0]["tokens_forward"] == 0
+    assert result.history[0].tokens_forward == 0
     saved = Steering.load(tmp_path / "run" / "iter_1" / "steering")
     assert saved.learner == "actadd" and saved.layers == [tiny_lm.num_layers // 2]

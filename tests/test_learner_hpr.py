@@ -13,8 +13,8 @@ from simsteer.errors import SimsError
 from simsteer.learners import PreferenceActivations, get_learner
 from simsteer.learners.hpr import HouseholderRotation, householder_slerp, mlp_widths, token_pairs
 from simsteer.loop.activation_store import load_preference_activations, save_preference_activations
-from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
+from simsteer.tokens import encode_prompt, left_pad
 
 
 def _reflect(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -213,4 +213,4 @@ def test_loop_collects_tokens_and_refit_from_saved_activations_is_identical(tiny
     for layer in saved.layers:
         for name, value in saved.functions[layer].state_dict().items():
             assert torch.equal(value, refit.functions[layer].state_dict()[name])
-    assert result.history[0]["fit"]["learner"] == "hpr"
+    assert result.history[0].fit.learner == "hpr"

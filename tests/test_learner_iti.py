@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from simsteer.activations import collect_head_activations
+from simsteer.architecture import find_attn_output
 from simsteer.errors import SimsError
-from simsteer.hooks import count_hooks, find_attn_output, record
+from simsteer.hooks import count_hooks, record
 from simsteer.learners import PreferenceActivations, get_learner
 from simsteer.learners.iti import HeadShift
 from simsteer.loop.activation_store import load_preference_activations, save_preference_activations
-from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
+from simsteer.tokens import encode_prompt, left_pad
 
 HEADS, HEAD_DIM = 4, 8
 

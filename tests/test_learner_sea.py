@@ -9,8 +9,8 @@ import torch
 from simsteer.errors import SimsError
 from simsteer.learners import PreferenceActivations, get_learner
 from simsteer.learners.sea import SpectralProjection, energy_rank, neutral_rows, principal_basis
-from simsteer.models import encode_prompt, left_pad
 from simsteer.steering import Steering
+from simsteer.tokens import encode_prompt, left_pad
 
 
 def _numpy_projector(neutral: np.ndarray, other: np.ndarray, ratio: float, keep_head: bool) -> np.ndarray:

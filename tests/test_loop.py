@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from simsteer.errors import SimsError
 from simsteer.learners import get_learner
-from simsteer.loop.config import label_by_win_rate
+from simsteer.loop.config import draw_prompts, label_by_win_rate, split_pool
 from simsteer.loop.guard import GuardConfig
-from simsteer.loop.sims import SIMS, SIMSConfig, draw_prompts, split_pool
+from simsteer.loop.sims import SIMS, SIMSConfig
 from simsteer.oracles import get_oracle
 from simsteer.prompts import Prompt
 from simsteer.sampling import SamplingConfig
@@ -52,7 +52,7 @@ def _run(lm, out: Path, callback=None):
 def test_run_writes_every_artefact(tiny_lm, tmp_path):
     result = _run(tiny_lm, tmp_path / "run")
     root = result.run_dir
-    assert [r["iteration"] for r in result.history] == [0, 1, 2]
+    assert [r.iteration for r in result.history] == [0, 1, 2]
     for t in range(3):
         samples = [json.loads(x) for x in (root / f"iter_{t}" / "samples.jsonl").read_text().splitlines()]
         assert len(samples) == 3 * 3
@@ -64,7 +64,7 @@ def test_run_writes_every_artefact(tiny_lm, tmp_path):
     assert (root / "final" / "steering_config.json").is_file()
     assert not (root / "iter_0" / "steering").exists()
     summary = json.loads((root / "summary.json").read_text())
-    assert summary == result.history
+    assert summary == [r.to_json() for r in result.history]
     row = summary[0]
     assert row["num_positive"] + row["num_negative"] <= 9
     assert row["tokens_generated"] > 0 and row["tokens_forward"] > 0
@@ -181,4 +181,32 @@ def test_resume_refuses_other_settings(tiny_lm, tmp_path):
 def test_scores_are_recorded_per_sample(tiny_lm, tmp_path):
     result = _run(tiny_lm, tmp_path / "r")
     rows = [json.loads(x) for x in (result.run_dir / "iter_0" / "samples.jsonl").read_text().splitlines()]
-    assert result.history[0]["sample_score"] == pytest.approx(np.mean([r["score"] for r in rows]))
+    assert result.history[0].sample_score == pytest.approx(np.mean([r["score"] for r in rows]))
+
+
+def test_config_json_is_the_run_spec(tiny_lm, tmp_path):
+    from simsteer.loop.rundir import RunDir
+    from simsteer.loop.spec import RUN_FORMAT_VERSION
+
+    sims = SIMS(
+        tiny_lm, get_oracle("length:4"), get_learner("caa", layers="1-2", coefficient=0.5), CONFIG, False
+    )
+    result = sims.fit(PROMPTS, tmp_path / "r", prompt_sources={"prompts": "/data/p.txt"})
+    spec = RunDir(result.run_dir).spec()
+    assert spec.format_version == RUN_FORMAT_VERSION and spec.sims == CONFIG and spec.layers == [1, 2]
+    assert spec.model.device == "cpu" and spec.model.dtype == "float32"
+    assert spec.model.fingerprint == tiny_lm.fingerprint() and spec.model.source == tiny_lm.source
+    assert spec.oracle == get_oracle("length:4").describe() and spec.learner["coefficient"] == 0.5
+    assert spec.prompts == {"prompts": "/data/p.txt"}
+    assert RunDir(result.run_dir).is_complete()
+
+
+def test_resume_refuses_another_oracle_or_learner_naming_both_values(tiny_lm, tmp_path):
+    _run(tiny_lm, tmp_path / "r")
+    learner = get_learner("caa", layers="1-2", coefficient=0.25)
+    sims = SIMS(tiny_lm, get_oracle("length:5"), learner, CONFIG, progress=False)
+    with pytest.raises(SimsError) as err:
+        sims.fit(PROMPTS, tmp_path / "r")
+    message = str(err.value)
+    assert "oracle.name: saved 'length:4', now 'length:5'" in message
+    assert "learner.coefficient: saved 0.5, now 0.25" in message and "\n" not in message

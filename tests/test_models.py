@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from simsteer.errors import SimsError
-from simsteer.models import PLAIN_FORMAT, find_layers, load_model, parse_layers
+from simsteer.models import find_layers, load_model, parse_layers
+from simsteer.tokens import PLAIN_FORMAT, format_prompt
 
 
 def test_layers_found_for_llama_and_gpt2(tiny_lm, tiny_gpt2_dir):
@@ -13,7 +14,7 @@ def test_layers_found_for_llama_and_gpt2(tiny_lm, tiny_gpt2_dir):
     assert gpt2.num_layers == 3
     assert gpt2.fingerprint()["architecture"] == "GPT2LMHeadModel"
     # No chat template: the documented plain format is used.
-    assert gpt2.format_prompt("hi") == PLAIN_FORMAT.format(prompt="hi")
+    assert format_prompt(gpt2.tokenizer, "hi") == PLAIN_FORMAT.format(prompt="hi")
     assert tiny_lm.tokenizer.padding_side == "left"
     assert not any(p.requires_grad for p in tiny_lm.model.parameters())
 

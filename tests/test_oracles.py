@@ -102,3 +102,90 @@ def test_reward_model_oracle_matches_direct_computation(reward_model_dir):
 def test_reward_model_missing_path_is_clear(tmp_path):
     with pytest.raises(SimsError, match="cannot load reward model"):
         get_oracle(f"reward-model:{tmp_path / 'none'}")
+
+
+def test_every_oracle_spec_round_trips(tmp_path, monkeypatch, tiny_lm, reward_model_dir):
+    """``describe()`` is a spec that ``get_oracle`` accepts back and that rebuilds the same
+    oracle, from any folder (relative paths in names and templates are saved absolute)."""
+    import json
+
+    from simsteer.oracles import ORACLE_NAMES
+
+    from .test_judge import FakeJudge
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "scorers.py").write_text(
+        "def words(prompt, response):\n    return len(response.split())\n\n"
+        "def shortest(prompt, responses):\n"
+        "    return sorted(range(len(responses)), key=lambda i: len(responses[i]))\n"
+    )
+    (work / "pkg_scorers.py").write_text("def chars(prompt, response):\n    return len(response)\n")
+    for name, placeholders in (("rank", "{prompt} {responses}"), ("point", "{prompt} {response}")):
+        (work / f"{name}.txt").write_text(f"Custom {name} template: {placeholders}. Yes or No?")
+    (work / "pair.txt").write_text("Custom: {prompt} A {response_a} B {response_b}. A or B?")
+    (work / "judge.txt").write_text("Custom judge: {prompt} [A] {response_a} [B] {response_b}")
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(work))
+    prompts, answers = ["the good day"], [["a happy cat", "the sad night rain", "I love the sun"]]
+    with FakeJudge(answer=lambda m: "[[A]]" if "happy" in m.split("[B]")[0] else "[[B]]") as fake:
+        cases = {  # ORACLE_NAMES entry -> oracles built from it, with their settings
+            "sentiment": [get_oracle("sentiment", temperature=0.5)],
+            "negativity": [get_oracle("negativity")],
+            "readability": [get_oracle("readability", temperature=2.0)],
+            "length:N": [get_oracle("length:3", temperature=0.25)],
+            "reward-model:PATH": [get_oracle(f"reward-model:{reward_model_dir}", temperature=0.5)],
+            "self-rank": [get_oracle("self-rank", lm=tiny_lm, template="rank.txt")],
+            # The tiny tokenizer has no "Yes" / "No" / "A" / "B": verdicts from its vocabulary.
+            "self-judge": [
+                get_oracle({"name": "self-judge", "verdicts": ["good", "bad"]}, lm=tiny_lm),
+                get_oracle(
+                    {"name": "self-judge", "verdicts": ["good", "bad"]}, lm=tiny_lm, template="point.txt"
+                ),
+            ],
+            "self-judge-pairwise": [
+                get_oracle(
+                    {"name": "self-judge-pairwise", "labels": ["one", "two"]}, lm=tiny_lm, template="pair.txt"
+                )
+            ],
+            "judge:MODEL@BASE_URL": [
+                get_oracle(
+                    f"judge:fake@{fake.url}",
+                    template="judge.txt",
+                    judge_options={"cache": "cache.sqlite", "concurrency": 2, "timeout": 5.0, "retries": 1},
+                ),
+                get_oracle(f"judge:fake@{fake.url}", judge_options={"mode": "rank", "cache": "c2.sqlite"}),
+            ],
+            "python:MODULE:FUNCTION": [
+                get_oracle("python:./scorers.py:words", temperature=0.5),
+                get_oracle("python:scorers.py:shortest"),
+                get_oracle("python:pkg_scorers:chars"),
+            ],
+            "self-consistency": [get_oracle("self-consistency", temperature=0.2)],
+        }
+        assert set(cases) == set(ORACLE_NAMES)  # a new oracle name needs a case here
+        specs = {name: [o.describe() for o in built] for name, built in cases.items()}
+        monkeypatch.chdir(tmp_path)  # the specs must not depend on the folder they were made in
+        for name, built in cases.items():
+            for oracle, spec in zip(built, specs[name], strict=True):
+                assert json.loads(json.dumps(spec)) == spec, name  # what config.json keeps
+                again = get_oracle(json.loads(json.dumps(spec)), lm=tiny_lm)
+                assert type(again) is type(oracle) and again.describe() == spec, name
+                # (self-rank's scores need Yes / No tokens; a rank-mode judge needs rankings)
+                if name != "self-rank" and spec.get("mode") != "rank":
+                    (a,), (b,) = oracle.judge(prompts, answers), again.judge(prompts, answers)
+                    assert np.allclose(a.preference, b.preference), name
+    # Paths inside specs are absolute and custom templates keep their text.
+    assert specs["python:MODULE:FUNCTION"][0]["name"] == f"python:{work / 'scorers.py'}:words"
+    assert specs["self-rank"][0]["template"] == str(work / "rank.txt")
+    assert specs["judge:MODEL@BASE_URL"][0]["cache"] == str(work / "cache.sqlite")
+    rebuilt = get_oracle(specs["self-judge"][1], lm=tiny_lm)
+    assert rebuilt.template.text.startswith("Custom point template")
+
+
+def test_spec_settings_are_checked():
+    with pytest.raises(SimsError, match="has no setting 'template'"):
+        get_oracle("sentiment", template="rank")
+    with pytest.raises(SimsError, match="needs the loaded model"):
+        get_oracle({"name": "self-judge"})
+    assert get_oracle({"name": "length:4", "temperature": 0.5}).temperature == 0.5

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from simsteer.cli.main import main
-from simsteer.models import encode_prompt
 from simsteer.oracles import get_oracle
 from simsteer.oracles.self_judge import LikelihoodJudge, SelfJudgePairwiseOracle
+from simsteer.tokens import encode_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import torch
 
 from simsteer.learners.caa import AddVector
 from simsteer.serve.app import create_app
+from simsteer.serve.config import ServeConfig
 from simsteer.serve.engine import BatchEngine
-from simsteer.serve.server import ServeConfig
 from simsteer.steering import Steering
 
 KEY = "test-key-123"

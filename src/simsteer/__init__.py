@@ -12,12 +12,14 @@ from .learners import get_learner
 from .loop import SIMS, SIMSConfig, SIMSResult
 from .models import load_model
 from .oracles import get_oracle
+from .policy import Policy, load_policy
 from .prompts import load_prompts
 from .sampling import SamplingConfig, generate
-from .steering import Steering, load_policy
+from .steering import Steering
 
 __all__ = [
     "SIMS",
+    "Policy",
     "SIMSConfig",
     "SIMSResult",
     "SamplingConfig",

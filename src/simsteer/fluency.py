@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .hooks import decoder_module
-from .models import LoadedModel, encode_prompt, left_pad
+from .models import LoadedModel
+from .tokens import encode_pairs, response_logits, teacher_forced
 
 _WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 
@@ -75,36 +75,14 @@ def perplexities(
 
     Answers with no tokens get ``nan``.
     """
-    tok = lm.tokenizer
-    rows = []
-    for p, r in zip(prompts, responses, strict=True):
-        prompt_ids = encode_prompt(tok, p)
-        resp_ids = list(tok(r, add_special_tokens=False)["input_ids"]) if r else []
-        rows.append((prompt_ids + resp_ids, len(resp_ids)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    rows = encode_pairs(lm.tokenizer, prompts, responses)
     out = [math.nan] * len(rows)
-    head = lm.model.get_output_embeddings()
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ctx = steering.applied(lm.model) if steering is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        for start in range(0, len(order), batch_size):
-            idx = [i for i in order[start : start + batch_size] if rows[i][1] > 0]
-            if not idx:
-                continue
-            ids, mask = left_pad([rows[i][0] for i in idx], pad)
-            ids, mask = ids.to(lm.device), mask.to(lm.device)
-            hidden = decoder_module(lm.model)(input_ids=ids, attention_mask=mask).last_hidden_state
-            width = ids.shape[1]
-            for row, i in enumerate(idx):
-                n = rows[i][1]
-                # Position p predicts token p + 1: the answer's tokens are predicted from
-                # the n positions just before them.
-                h = hidden[row, width - n - 1 : width - 1]
-                logits = head(h).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                target = ids[row, width - n :]
+        for batch in teacher_forced(lm, rows, batch_size, skip_empty=True):
+            for row, i in enumerate(batch.index):
+                # The answer's tokens, predicted from the positions just before them.
+                logits, target = response_logits(lm, batch, row)
                 nll = torch.nn.functional.cross_entropy(logits, target)
                 out[i] = float(torch.exp(nll))
     return out

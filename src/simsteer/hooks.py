@@ -22,12 +22,13 @@ per-position rows) read it with :func:`current_token_index` (padding not counted
 Where an edit applies in a layer is its *site* (:data:`SITES`): ``"residual"`` edits the
 decoder layer's output; ``"attn_heads"`` edits the input of the attention output
 projection (``o_proj``: the concatenated per-head outputs, ITI's site), with the same
-position mask.
+position mask. An edit states its site as data (:class:`Edit`); a plain function is a
+residual edit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -36,21 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architecture import decoder_module, find_attn_output, find_layers
 from .errors import SimsError
-from .models import find_layers
 
 POSITIONS = ("all", "prompt", "generated", "last")
 SITES = ("residual", "attn_heads")
-
-# Attribute paths, inside a decoder layer, of the attention output projection.
-ATTN_OUT_PATHS = (
-    "self_attn.o_proj",  # Llama, Mistral, Qwen, Gemma, SmolLM
-    "attn.c_proj",  # GPT-2
-    "attention.dense",  # GPT-NeoX
-    "self_attention.dense",  # Falcon, Bloom
-    "self_attn.out_proj",  # OPT
-    "attn.out_proj",  # GPT-J, MPT
-)
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,44 +56,29 @@ def current_token_index() -> torch.Tensor | None:
     return _TOKEN_INDEX.get()
 
 
-def find_attn_output(layer: nn.Module) -> nn.Module:
-    """The attention output projection of a decoder layer (its input holds the heads)."""
-    for candidate in ATTN_OUT_PATHS:
-        obj: Any = layer
-        for part in candidate.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.Module):
-            return obj
-    raise SimsError(
-        f"no attention output projection in {type(layer).__name__} (looked for {', '.join(ATTN_OUT_PATHS)})"
-    )
+@dataclass(frozen=True)
+class Edit:
+    """One layer's edit and where it applies in the layer.
 
+    Attributes:
+        fn: ``[batch, seq, width] -> [batch, seq, width]``, returning a new tensor.
+        site: one of :data:`SITES`: ``"residual"`` (the layer output) or
+            ``"attn_heads"`` (the input of the attention output projection).
 
-def num_attention_heads(model: nn.Module) -> int:
-    """Query heads per layer, from the model config."""
-    cfg = model.config
-    for name in ("num_attention_heads", "n_head", "num_heads"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise SimsError(f"cannot tell the number of attention heads of {type(model).__name__}")
+    Example:
+        >>> Edit(lambda h: h + v)  # the residual stream
+        >>> Edit(lambda h: h + delta, site="attn_heads")
+    """
 
+    fn: EditFn
+    site: str = "residual"
 
-def edit_site(edit: Any) -> str:
-    """Where ``edit`` applies: its ``site`` attribute, else that of the steering function
-    bound as a default argument (how ``Steering.applied`` wraps functions), else residual."""
-    site = getattr(edit, "site", None)
-    if site is None:
-        for bound in getattr(edit, "__defaults__", None) or ():
-            site = getattr(bound, "site", None)
-            if site is not None:
-                break
-    site = site or "residual"
-    if site not in SITES:
-        raise SimsError(f"unknown steering site {site!r}: use one of {', '.join(SITES)}")
-    return site
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise SimsError(f"unknown steering site {self.site!r}: use one of {', '.join(SITES)}")
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fn(hidden)
 
 
 def check_positions(positions: str) -> str:
@@ -118,12 +94,6 @@ def unwrap_output(output: Any) -> torch.Tensor:
 
 def rewrap_output(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def decoder_module(model: nn.Module) -> nn.Module:
-    """The module that owns the layer stack and receives the attention mask."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
 
 
 @dataclass
@@ -211,20 +181,21 @@ def _heads_hook(edit: EditFn, tracker: PositionTracker) -> Callable[..., Any]:
 @contextmanager
 def steer(
     model: nn.Module,
-    edits: dict[int, EditFn],
+    edits: Mapping[int, Edit | EditFn],
     positions: str = "all",
     prompt_end: torch.Tensor | None = None,
     layers_path: str | None = None,
 ) -> Iterator[PositionTracker]:
-    """Apply ``edits[layer](hidden) -> hidden`` to decoder-layer outputs inside the block.
+    """Apply ``edits[layer](hidden) -> hidden`` to decoder layers inside the block.
 
     Hooks are prepended, so ``output_hidden_states`` and later hooks see the edited
-    tensors, and they are removed on exit, also when the block raises. An edit whose
-    site (:func:`edit_site`) is ``"attn_heads"`` edits the input of the layer's attention
-    output projection instead of the layer output.
+    tensors, and they are removed on exit, also when the block raises. Each edit states
+    its site (:class:`Edit`): ``"residual"`` edits the layer output, ``"attn_heads"``
+    the input of the layer's attention output projection.
 
     Args:
-        edits: layer index -> function from ``[batch, seq, d]`` to the same shape.
+        edits: layer index -> :class:`Edit`; a plain function from ``[batch, seq, d]``
+            to the same shape is a residual edit.
         positions: one of :data:`POSITIONS`.
         prompt_end: for teacher-forced forwards, per-row absolute index of the first
             response token (needed by ``"prompt"`` / ``"generated"``).
@@ -241,10 +212,11 @@ def steer(
     # Resolve every target first, so a missing module raises before any hook exists.
     targets = []
     for index, edit in edits.items():
-        if edit_site(edit) == "attn_heads":
-            targets.append((find_attn_output(layers[index]), edit, True))
+        edit = edit if isinstance(edit, Edit) else Edit(edit)
+        if edit.site == "attn_heads":
+            targets.append((find_attn_output(layers[index]), edit.fn, True))
         else:
-            targets.append((layers[index], edit, False))
+            targets.append((layers[index], edit.fn, False))
     tracker = PositionTracker(positions=positions, prompt_end=prompt_end)
     with ExitStack() as stack:
         reset = _TOKEN_INDEX.set(None)

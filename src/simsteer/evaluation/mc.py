@@ -24,15 +24,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..hooks import decoder_module
 from ..models import LoadedModel
 from ..steering import Steering
+from ..tokens import ForwardBatch, TokenRow, response_logits, teacher_forced
 from .datasets import MCItem
 
 
@@ -71,45 +71,29 @@ def loglikelihoods(
     Example:
         >>> loglikelihoods(lm, ["Question: 2+2?\\nAnswer:"], [" 4"]).logliks
     """
-    tok = lm.tokenizer
     rows = []
     for ctx, cont in zip(contexts, continuations, strict=True):
-        c, r = _encode(tok, ctx, cont)
+        c, r = _encode(lm.tokenizer, ctx, cont)
         ids = (c + r)[-max_length:]
-        rows.append((ids, min(len(r), len(ids) - 1)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        rows.append(TokenRow(ids, min(len(r), len(ids) - 1)))
     out = [math.nan] * len(rows)
-    head = lm.model.get_output_embeddings()
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    decoder = decoder_module(lm.model)
     forward_tokens = 0
     clock = time.perf_counter()
+
+    @contextlib.contextmanager
+    def steered(batch: ForwardBatch) -> Iterator[None]:
+        # prompt / generated positions mean context / continuation here.
+        with contextlib.ExitStack() as stack:
+            for steering in policy:
+                stack.enter_context(steering.applied(lm.model, prompt_end=batch.response_start))
+            yield
+
+    # Right padding keeps every real token at its true position (no position ids).
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(rows[i][0]) for i in idx)
-            # Right padding keeps every real token at its true position (no position ids).
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(rows[i][0])] = torch.tensor(rows[i][0])
-                mask[row, : len(rows[i][0])] = 1
-            ends = torch.tensor([len(rows[i][0]) - rows[i][1] for i in idx])
-            with contextlib.ExitStack() as stack:
-                for steering in policy:
-                    stack.enter_context(steering.applied(lm.model, prompt_end=ends))
-                hidden = decoder(
-                    input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False
-                ).last_hidden_state
-            forward_tokens += int(mask.sum())
-            for row, i in enumerate(idx):
-                length, n = len(rows[i][0]), rows[i][1]
-                # Position p predicts token p + 1.
-                logits = head(hidden[row, length - n - 1 : length - 1]).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                target = ids[row, length - n : length].to(logits.device)
+        for batch in teacher_forced(lm, rows, batch_size, padding="right", hooks=steered):
+            forward_tokens += batch.num_tokens
+            for row, i in enumerate(batch.index):
+                logits, target = response_logits(lm, batch, row)
                 logp = torch.log_softmax(logits, dim=-1).gather(1, target.view(-1, 1))
                 out[i] = float(logp.sum())
     return LoglikResult(out, forward_tokens, time.perf_counter() - clock)

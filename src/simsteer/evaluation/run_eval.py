@@ -27,13 +27,15 @@ import numpy as np
 from ..errors import SimsError
 from ..fluency import fluency_report
 from ..io import read_json, read_jsonl
+from ..loop.records import IterationRecord
 from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
+from ..policy import load_policy
 from ..sampling import SamplingConfig, generate
 from ..stats import bootstrap_ci
-from ..steering import Steering, load_policy
+from ..steering import Steering
 from .baselines import best_of_n
 from .costs import CostMeter
 from .datasets import data_dir, load_alpaca_outputs, load_mc_task
@@ -89,7 +91,7 @@ class RunInfo:
     kind: str  # "sims" or a baseline name
     config: dict[str, Any]
     policy: list[Steering]
-    history: list[dict[str, Any]]
+    history: list[IterationRecord]
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -107,12 +109,7 @@ def read_run(path: str | Path) -> RunInfo:
     policy = [s for s in policy if s.functions]  # an empty steering is the unsteered model
     if kind == "sims" and not run.final.exists():
         raise SimsError(f"{path} has no final policy yet: finish it with `sims run --resume {path}`")
-    history = []
-    iterations = cfg.get("sims", {}).get("iterations", 0)
-    for t in range(iterations + 1):
-        if run.iteration_summary(t).is_file():
-            history.append(read_json(run.iteration_summary(t)))
-    return RunInfo(Path(path), kind, cfg, policy, history)
+    return RunInfo(Path(path), kind, cfg, policy, run.history())
 
 
 def _mean_ci(values: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
@@ -199,11 +196,13 @@ def evaluate_run(
     meter = CostMeter()
     # A random-split baseline trained on random scores: judge it with the oracle of the
     # run it mirrors (``eval_oracle``), like every other method.
-    oracle_name = info.config.get("eval_oracle") or info.config["oracle"]["name"]
+    oracle_spec = info.config.get("eval_oracle") or info.config["oracle"]
+    oracle_name = oracle_spec if isinstance(oracle_spec, str) else oracle_spec["name"]
     model_cfg = info.config["model"]
     lm = lm or load_model(model_cfg["source"], dtype=model_cfg.get("dtype"))
-    # Self-judges (self-rank, self-judge*) judge with the unsteered backbone.
-    oracle = get_oracle(oracle_name, lm=lm)
+    # The run's oracle rebuilt from its saved spec (a judge's endpoint, a custom
+    # template); self-judges (self-rank, self-judge*) judge with the unsteered backbone.
+    oracle = get_oracle(oracle_spec, lm=lm)
     judges = {oracle_name: oracle}
     for name in config.judges:
         judges.setdefault(name, get_oracle(name, lm=lm))
@@ -281,7 +280,7 @@ def evaluate_run(
         "win_rates_vs_base": win_rates,
         "alpaca_eval": alpaca,
         "mc": mc,
-        "history": info.history,
+        "history": [row.to_json() for row in info.history],
         "samples": shown,
         "answers": {"prompts": prompts, "base": base, "policy": ours},
         "costs": meter.to_dict(),
@@ -340,7 +339,7 @@ def _training_costs(info: RunInfo) -> dict[str, float]:
         }
     history = info.history
     return {
-        "tokens_generated": sum(int(r.get("tokens_generated", 0) or 0) for r in history),
-        "tokens_forward": sum(int(r.get("tokens_forward", 0) or 0) for r in history),
-        "seconds": round(sum(float(r.get("seconds_total", 0) or 0) for r in history), 2),
+        "tokens_generated": sum(r.tokens_generated for r in history),
+        "tokens_forward": sum(r.tokens_forward or 0 for r in history),
+        "seconds": round(sum(r.seconds_total for r in history), 2),
     }

@@ -1,6 +1,6 @@
 """``sims sweep``: ablations over the loop's settings from one command.
 
-Every grid point is an ordinary run directory made by the ``sims run`` command line
+Every grid point is an ordinary run directory made by a ``sims run`` command line
 (``OUT/<key=value_...>/``), so ``sims info`` / ``sims eval`` work on each. The sweep is
 resumable: a finished point is skipped, a started one continues with ``sims run
 --resume``, and the grid and run options are stored in ``OUT/sweep.json`` so a second
@@ -62,16 +62,11 @@ def _flag(key: str) -> str:
     return GRID_KEYS.get(key, "--" + key.replace("_", "-"))
 
 
-def is_complete(path: Path) -> bool:
-    run = RunDir(path)
-    return run.summary.is_file() and run.final.exists()
-
-
 def run_sweep(
     out: str | Path,
     grid: dict[str, list[str]],
     run_args: Sequence[str],
-    runner: Runner | None = None,
+    runner: Runner,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every grid point and return one row per point.
 
@@ -79,13 +74,13 @@ def run_sweep(
         out: the sweep folder.
         grid: axis -> values (see :data:`GRID_KEYS`).
         run_args: further ``sims run`` options shared by every point.
-        runner: the ``sims`` entry point (``simsteer.cli.main.main`` by default).
+        runner: runs one ``sims`` command line and returns its exit status
+            (``simsteer.cli.main``; passed in, so studies never import the CLI).
 
     Example:
-        >>> run_sweep("runs/sweep", {"K": ["2", "4"]}, ["-T", "1", "--quiet"])
+        >>> from simsteer.cli import main
+        >>> run_sweep("runs/sweep", {"K": ["2", "4"]}, ["-T", "1", "--quiet"], main)
     """
-    if runner is None:
-        from ..cli.main import main as runner
     out = Path(out)
     for bad in ("--out", "-o", "--resume"):
         if bad in run_args:
@@ -99,30 +94,30 @@ def run_sweep(
         write_json(meta, spec)
     rows = []
     for point in grid_points(grid):
-        path = out / point_name(point)
+        run = RunDir(out / point_name(point))
         status = "done"
-        if not is_complete(path):
-            if RunDir(path).is_run():
-                argv, status = ["run", "--resume", str(path), "--quiet"], "resumed"
+        if not run.is_complete():
+            if run.is_run():
+                argv, status = ["run", "--resume", str(run.root), "--quiet"], "resumed"
             else:
                 flags = [x for k, v in point.items() for x in (_flag(k), v)]
-                argv, status = ["run", *run_args, *flags, "--out", str(path)], "ran"
+                argv, status = ["run", *run_args, *flags, "--out", str(run.root)], "ran"
             code = runner(argv)
-            if code != 0 or not is_complete(path):
+            if code != 0 or not run.is_complete():
                 raise SimsError(f"sweep point {point_name(point)} failed (exit status {code})")
-        history = read_json(RunDir(path).summary)
+        history = run.history()
         last = history[-1]
         rows.append(
             {
                 **point,
-                "run": str(path),
+                "run": str(run.root),
                 "status": status,
                 "iterations_done": len(history) - 1,
-                "eval_score_base": history[0].get("eval_score"),
-                "eval_score": last.get("eval_score"),
-                "eval_perplexity": (last.get("eval_fluency") or {}).get("perplexity"),
-                "tokens_generated": sum(int(r.get("tokens_generated", 0) or 0) for r in history),
-                "seconds": round(sum(float(r.get("seconds_total", 0) or 0) for r in history), 1),
+                "eval_score_base": history[0].eval_score,
+                "eval_score": last.eval_score,
+                "eval_perplexity": last.eval_fluency.perplexity if last.eval_fluency else None,
+                "tokens_generated": sum(r.tokens_generated for r in history),
+                "seconds": round(sum(r.seconds_total for r in history), 1),
             }
         )
     write_json(out / "results.json", rows)

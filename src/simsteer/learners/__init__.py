@@ -1,6 +1,12 @@
-"""Steering-function learners, one module each, behind one registry."""
+"""Steering-function learners, one module each, behind one registry.
 
-from .actadd import ActAdd, ActAddConfig, PositionalAdd, fit_actadd
+The functions they fit (``AddVector``, ``HouseholderRotation``, ...) live below them in
+:mod:`simsteer.functions`, so a saved steering loads without this package; they are
+re-exported here for convenience.
+"""
+
+from ..functions import AddVector, HeadShift, HouseholderRotation, PositionalAdd, SpectralProjection
+from .actadd import ActAdd, ActAddConfig, fit_actadd
 from .base import (
     Learner,
     LearnerConfig,
@@ -9,10 +15,10 @@ from .base import (
     learner_names,
     register_learner,
 )
-from .caa import CAA, AddVector, CAAConfig
-from .hpr import HPR, HouseholderRotation, HPRConfig
-from .iti import ITI, HeadShift, ITIConfig
-from .sea import SEA, SEAConfig, SpectralProjection
+from .caa import CAA, CAAConfig
+from .hpr import HPR, HPRConfig
+from .iti import ITI, ITIConfig
+from .sea import SEA, SEAConfig
 
 __all__ = [
     "CAA",

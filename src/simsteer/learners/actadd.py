@@ -12,8 +12,9 @@ counted). The prefix's own rows would be zero anyway (same tokens, causal model)
 shorter prompt is padded with the tokenizer's single-token space when it has one, else
 its pad token.
 
-Two variants (``mode``): ``"positions"`` (the paper's, kind ``actadd``) and ``"mean"``,
-the mean of Δ's rows added like a CAA vector wherever ``positions`` says (kind ``add``).
+Two variants (``mode``): ``"positions"`` (the paper's, kind ``actadd``,
+:class:`~simsteer.functions.PositionalAdd`) and ``"mean"``, the mean of Δ's rows added
+like a CAA vector wherever ``positions`` says (kind ``add``).
 In the SIMS loop the learner ignores D+ / D- (``needs = "none"``) and needs the model,
 which the loop hands over with :meth:`ActAdd.prepare`; :func:`fit_actadd` is the
 standalone API.
@@ -22,59 +23,34 @@ standalone API.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from ..architecture import decoder_module
 from ..errors import SimsError
-from ..hooks import current_token_index, decoder_module, record
-from ..models import LoadedModel, format_prompt, parse_layers
-from ..steering import Steering, SteeringFunction
+from ..functions import AddVector, PositionalAdd, SteeringFunction
+from ..hooks import record
+from ..models import LoadedModel, parse_layers
+from ..steering import Steering
+from ..tokens import format_prompt
 from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
-from .caa import AddVector
+
+__all__ = [
+    "ACTADD_MODES",
+    "ActAdd",
+    "ActAddConfig",
+    "PositionalAdd",
+    "actadd_delta",
+    "fit_actadd",
+    "prompt_pair_ids",
+]
 
 log = logging.getLogger(__name__)
 
 ACTADD_MODES = ("positions", "mean")
 _SENTINEL = "\ue000"  # a private-use character: marks where the user's text goes
-
-
-class PositionalAdd(SteeringFunction):
-    """Adds row ``i`` of ``delta`` to the token at index ``offset + i`` of each sequence."""
-
-    kind = "actadd"
-
-    def __init__(self, delta: torch.Tensor, offset: int = 0) -> None:
-        super().__init__()
-        if delta.dim() != 2:
-            raise ValueError("ActAdd's delta is [T, d]")
-        self.offset = int(offset)
-        self.register_buffer("delta", delta.detach().float().clone())
-
-    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
-        if strength == 0:
-            return hidden
-        index = current_token_index()
-        if index is None or index.shape != hidden.shape[:2]:
-            # Called outside steer(): every row is one unpadded sequence from index 0.
-            index = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
-        rel = index.to(hidden.device) - self.offset
-        inside = (rel >= 0) & (rel < len(self.delta))
-        if not bool(inside.any()):
-            return hidden  # decoding steps past the prompt's first tokens
-        rows = self.delta.to(device=hidden.device)[rel.clamp(0, len(self.delta) - 1)]
-        add = torch.where(inside.unsqueeze(-1), rows * strength, torch.zeros_like(rows))
-        return hidden + add.to(hidden.dtype)
-
-    def params(self) -> dict[str, Any]:
-        return {"offset": self.offset}
-
-    @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> PositionalAdd:
-        if set(tensors) != {"delta"} or tensors["delta"].dim() != 2:
-            raise ValueError("an 'actadd' function needs one 2-D tensor named 'delta'")
-        return cls(tensors["delta"], int(params.get("offset", 0)))
 
 
 def prompt_pair_ids(tokenizer: Any, positive: str, negative: str) -> tuple[list[int], list[int], int]:
@@ -196,8 +172,8 @@ class ActAdd(Learner):
         super().__init__(config, **options)
         self._lm: LoadedModel | None = None
 
-    def prepare(self, model: Any) -> None:
-        self._lm = model
+    def prepare(self, lm: LoadedModel) -> None:
+        self._lm = lm
 
     def fit(self, data: PreferenceActivations, fingerprint: dict[str, Any]) -> Steering:
         cfg: ActAddConfig = self.config  # type: ignore[assignment]
@@ -221,5 +197,4 @@ class ActAdd(Learner):
             cfg.positions,
             cfg.strength,
         )
-        steering.hyperparameters = self.hyperparameters()
-        return steering
+        return replace(steering, hyperparameters=self.hyperparameters())

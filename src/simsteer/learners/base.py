@@ -1,8 +1,11 @@
-"""The learner interface, its registry, and the activation data learners fit on.
+"""The learner interface, its registry, and the activation data learners fit on
+(:class:`~simsteer.activations.PreferenceActivations`, re-exported here).
 
 A learner turns activations of preferred (D+) and dispreferred (D-) responses into a
-:class:`~simsteer.steering.Steering`. Adding one takes a config dataclass, a class with
-``fit`` and the :func:`register_learner` decorator::
+:class:`~simsteer.steering.Steering` made of steering functions
+(:mod:`simsteer.functions`; a new kind of edit is a new ``SteeringFunction`` subclass).
+Adding a learner takes a config dataclass, a class with ``fit`` and the
+:func:`register_learner` decorator::
 
     @dataclass(frozen=True)
     class MeanShiftConfig(LearnerConfig):
@@ -24,66 +27,13 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-import torch
-
+from ..activations import NEEDS, PreferenceActivations
 from ..errors import SimsError
 from ..hooks import check_positions
+from ..models import LoadedModel
 from ..steering import Steering
 
 _LEARNERS: dict[str, type[Learner]] = {}
-
-
-@dataclass(frozen=True)
-class PreferenceActivations:
-    """Per-layer activation summaries of D+ and D- responses.
-
-    Attributes:
-        layers: the model layers the summaries come from (``hidden_states[l + 1]``).
-        positive: ``[n_pos, len(layers), d]`` float32 summaries of preferred responses.
-        negative: ``[n_neg, len(layers), d]`` for dispreferred responses.
-        positive_groups / negative_groups: prompt index of each row, for pairing.
-        token_norms: ``[len(layers)]`` mean L2 norm of single-token activations, the
-            scale against which relative strengths are expressed.
-        positive_tokens / negative_tokens: per response, ``[T_i, len(layers), d]``
-            activations of its first response tokens (learners with ``needs =
-            "tokens"``, e.g. HPR); ``None`` when not collected.
-        positive_heads / negative_heads: ``[n, len(layers), heads * head_dim]`` inputs of
-            the attention output projection at each sequence's last token (learners
-            with ``needs = "heads"``, e.g. ITI); ``None`` when not collected.
-        num_heads: attention heads per layer (with the head activations).
-    """
-
-    layers: list[int]
-    positive: torch.Tensor
-    negative: torch.Tensor
-    positive_groups: list[int]
-    negative_groups: list[int]
-    token_norms: torch.Tensor
-    positive_tokens: list[torch.Tensor] | None = None
-    negative_tokens: list[torch.Tensor] | None = None
-    positive_heads: torch.Tensor | None = None
-    negative_heads: torch.Tensor | None = None
-    num_heads: int = 0
-
-    def __post_init__(self) -> None:
-        if self.positive.shape[1:] != self.negative.shape[1:]:
-            raise ValueError("positive and negative activations have different shapes")
-        if len(self.positive_groups) != len(self.positive) or len(self.negative_groups) != len(self.negative):
-            raise ValueError("one group id is needed per activation row")
-        for name, rows in (
-            ("positive_tokens", len(self.positive)),
-            ("negative_tokens", len(self.negative)),
-            ("positive_heads", len(self.positive)),
-            ("negative_heads", len(self.negative)),
-        ):
-            extra = getattr(self, name)
-            if extra is not None and len(extra) != rows:
-                raise ValueError(f"{name} needs one entry per activation row ({len(extra)} != {rows})")
-
-    def at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positive, negative) summaries at model layer ``layer``."""
-        i = self.layers.index(layer)
-        return self.positive[:, i], self.negative[:, i]
 
 
 @dataclass(frozen=True)
@@ -107,15 +57,22 @@ class LearnerConfig:
 
 
 class Learner(ABC):
-    """Fits steering functions from preference activations."""
+    """Fits steering functions from preference activations.
+
+    Attributes:
+        name: the registry name (``--learner NAME``).
+        config_class: the options dataclass (``-L key=value``).
+        needs: the activations this learner needs: ``"summaries"`` (one summary per
+            response only), ``"tokens"`` (also per-token activations, HPR), ``"heads"``
+            (also per-head attention outputs, ITI) or ``"none"`` (no activations: the
+            learner works from its own inputs, e.g. ActAdd's prompt pair). This is not
+            the response summary (mean over tokens or last token): the loop's config
+            (``SIMSConfig.summary``) chooses that, the same for every learner.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[LearnerConfig]] = LearnerConfig
-    #: The activations this learner needs: ``"mean"``/``"last"`` (the loop's summaries
-    #: only), ``"tokens"`` (also per-token activations), ``"heads"`` (also per-head
-    #: attention outputs) or ``"none"`` (no activations: the learner works from its
-    #: own inputs, e.g. ActAdd's prompt pair).
-    needs: ClassVar[str] = "mean"
+    needs: ClassVar[str] = "summaries"
 
     def __init__(self, config: LearnerConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -134,9 +91,13 @@ class Learner(ABC):
     def hyperparameters(self) -> dict[str, Any]:
         return asdict(self.config)
 
-    def prepare(self, model: Any) -> None:
-        """Called by the loop with its :class:`~simsteer.models.LoadedModel` before
-        fitting; learners that need the model at fit time (ActAdd) keep it."""
+    def prepare(self, lm: LoadedModel) -> None:
+        """Called by the loop with its loaded model before fitting; learners that need
+        the model at fit time (ActAdd) keep it.
+
+        Args:
+            lm: the :class:`~simsteer.models.LoadedModel` the loop steers.
+        """
         return None  # most learners need activations only
 
     @abstractmethod
@@ -148,6 +109,8 @@ def register_learner(cls: type[Learner]) -> type[Learner]:
     """Class decorator adding a learner to the registry under ``cls.name``."""
     if not getattr(cls, "name", None):
         raise TypeError("a learner needs a name")
+    if cls.needs not in NEEDS:
+        raise TypeError(f"{cls.__name__}.needs must be one of {', '.join(NEEDS)}, not {cls.needs!r}")
     _LEARNERS[cls.name] = cls
     return cls
 

@@ -1,9 +1,10 @@
 """CAA, contrastive activation addition (Rimsky/Panickssery et al., ACL 2024).
 
 Per layer, ``v = mean over prompts of (mean h+ - mean h-)`` (paired by prompt, so what
-the prompt itself contributes cancels), added to the hidden states with a coefficient.
-With ``normalize`` (default) ``v`` is a unit vector scaled to ``coefficient`` times the
-layer's mean token norm, so one coefficient means the same across layers and models.
+the prompt itself contributes cancels), added to the hidden states with a coefficient
+(:class:`~simsteer.functions.AddVector`). With ``normalize`` (default) ``v`` is a unit
+vector scaled to ``coefficient`` times the layer's mean token norm, so one coefficient
+means the same across layers and models.
 """
 
 from __future__ import annotations
@@ -14,34 +15,11 @@ from typing import Any
 import torch
 
 from ..errors import SimsError
-from ..steering import Steering, SteeringFunction
+from ..functions import AddVector, SteeringFunction
+from ..steering import Steering
 from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
 
-
-class AddVector(SteeringFunction):
-    """``h <- h + strength * vector``: CAA's and ActAdd's edit."""
-
-    kind = "add"
-
-    def __init__(self, vector: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("vector", vector.detach().float().clone())
-        self._cast: dict[tuple[torch.dtype, float], torch.Tensor] = {}
-
-    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
-        key = (hidden.dtype, float(strength))
-        delta = self._cast.get(key)
-        if delta is None or delta.device != hidden.device:
-            # Cast once per dtype and strength, not on every decoding step.
-            delta = (self.vector * strength).to(device=hidden.device, dtype=hidden.dtype)
-            self._cast[key] = delta
-        return hidden + delta
-
-    @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> AddVector:
-        if set(tensors) != {"vector"} or tensors["vector"].dim() != 1:
-            raise ValueError("an 'add' function needs exactly one 1-D tensor named 'vector'")
-        return cls(tensors["vector"])
+__all__ = ["CAA", "AddVector", "CAAConfig", "mean_difference"]
 
 
 @dataclass(frozen=True)

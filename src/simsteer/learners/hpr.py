@@ -5,7 +5,8 @@ preferred side from the dispreferred one, and an angle regressor ``g`` (MLP d ->
 d/4 -> d/8 -> 1 with GELU) predicts ``θ(h) = π sigmoid(g(h))``. An activation on the
 negative side (``sigmoid(v·h) < 1/2``) is rotated toward its Householder reflection
 ``Hh = h - 2 v (v·h)/(v·v)`` by ``γ1 = α θ(h)`` along the great circle through ``h``
-and ``Hh``; its norm is kept exactly. Positive-side activations are left alone.
+and ``Hh``; its norm is kept exactly. Positive-side activations are left alone. The
+edit is :class:`~simsteer.functions.HouseholderRotation`.
 
 Training (LEARNERS.md): token-aligned pairs ``(h+_j, h-_j)`` from the Cartesian product
 of each prompt's D+ and D- responses, BCE on the probe + MSE on the angle, Adam (lr
@@ -31,93 +32,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SimsError
-from ..steering import Steering, SteeringFunction
+from ..functions import HPR_MLP_NAMES, HouseholderRotation, SteeringFunction, householder_slerp
+from ..steering import Steering
 from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
 
-_MLP_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4")
+__all__ = [
+    "HPR",
+    "HPRConfig",
+    "HouseholderRotation",
+    "householder_slerp",
+    "mlp_widths",
+    "token_pairs",
+    "train_hpr",
+]
 
 
 def mlp_widths(d: int) -> list[int]:
     """Widths of the angle MLP: d -> d/2 -> d/4 -> d/8 -> 1."""
     return [d, max(1, d // 2), max(1, d // 4), max(1, d // 8), 1]
-
-
-def householder_slerp(h: torch.Tensor, v: torch.Tensor, gamma1: torch.Tensor) -> torch.Tensor:
-    """Rotate each row of ``h`` by ``gamma1`` toward its reflection ``Hh`` across ``v``'s
-    hyperplane: ``(sin γ1 / sin γ2) Hh + (sin(γ2 - γ1) / sin γ2) h``, ``γ2 = ∠(h, Hh)``.
-
-    Computed in the identical form ``|h| (cos γ1 û + sin γ1 ŵ)``, with ``û = h/|h|`` and ``ŵ``
-    the unit direction of ``Hh``'s component orthogonal to ``h``, which is
-    ``-sign(v·h) v⊥/|v⊥|`` (``v⊥``: ``v`` minus its projection on ``h``). The literal ratio
-    loses all precision in float32 when ``h`` lies near the hyperplane (``γ2 -> 0`` while
-    ``γ1`` stays large); this form keeps the norm to rounding error. Rows with no unique
-    great circle (``h`` on the hyperplane, along ``v``, or zero) are returned unchanged.
-
-    Args:
-        h: ``[n, d]`` activations.
-        v: ``[d]`` probe vector (the hyperplane's normal).
-        gamma1: ``[n]`` rotation angles.
-    """
-    tiny = torch.finfo(h.dtype).tiny
-    norm = h.norm(dim=-1, keepdim=True)
-    u = h / norm.clamp_min(tiny)
-    vu = u @ v
-    v_perp = v - vu.unsqueeze(-1) * u
-    perp = v_perp.norm(dim=-1, keepdim=True)
-    w = -torch.sign(vu).unsqueeze(-1) * v_perp / perp.clamp_min(tiny)
-    new = norm * (torch.cos(gamma1).unsqueeze(-1) * u + torch.sin(gamma1).unsqueeze(-1) * w)
-    ok = (vu != 0) & (perp.squeeze(-1) > 1e-6 * v.norm()) & (norm.squeeze(-1) > 0)
-    return torch.where(ok.unsqueeze(-1), new, h)
-
-
-class HouseholderRotation(SteeringFunction):
-    """One layer's HPR edit; ``v`` and the angle MLP are buffers (``w*`` in
-    ``nn.Linear`` layout ``[out, in]``)."""
-
-    kind = "hpr"
-
-    def __init__(self, v: torch.Tensor, mlp: dict[str, torch.Tensor], alpha: float = 1.0) -> None:
-        super().__init__()
-        self.alpha = float(alpha)
-        self.register_buffer("v", v.detach().float().clone())
-        for name in _MLP_NAMES:
-            self.register_buffer(name, mlp[name].detach().float().clone())
-
-    def probe_logit(self, h: torch.Tensor) -> torch.Tensor:
-        """``v·h``; ``sigmoid`` of it is the probability of the preferred side."""
-        return h.float() @ self.v
-
-    def angle(self, h: torch.Tensor) -> torch.Tensor:
-        """``θ(h) = π sigmoid(g(h)) ∈ (0, π)``."""
-        x = h.float()
-        x = F.gelu(F.linear(x, self.w1, self.b1))
-        x = F.gelu(F.linear(x, self.w2, self.b2))
-        x = F.gelu(F.linear(x, self.w3, self.b3))
-        return math.pi * torch.sigmoid(F.linear(x, self.w4, self.b4).squeeze(-1))
-
-    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
-        if strength == 0:
-            return hidden
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        negative = self.probe_logit(flat) < 0  # sigmoid(v·h) < 1/2
-        if not bool(negative.any()):
-            return hidden
-        # Only negative-side rows pay for the MLP (in generation: one row per step).
-        x = flat[negative].float()
-        gamma1 = self.alpha * strength * self.angle(x)
-        out = flat.clone()
-        out[negative] = householder_slerp(x, self.v, gamma1).to(hidden.dtype)
-        return out.reshape(hidden.shape)
-
-    def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha}
-
-    @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> HouseholderRotation:
-        missing = {"v", *_MLP_NAMES} - set(tensors)
-        if missing:
-            raise ValueError(f"an 'hpr' function is missing tensors {sorted(missing)}")
-        return cls(tensors["v"], {n: tensors[n] for n in _MLP_NAMES}, float(params.get("alpha", 1.0)))
 
 
 @dataclass(frozen=True)
@@ -344,7 +276,7 @@ class HPR(Learner):
         pos, neg, groups = token_pairs(data, cfg.max_pairs, cfg.seed)
         checkpoints, accuracy = train_hpr(pos, neg, groups, cfg)
         functions: dict[int, SteeringFunction] = {
-            data.layers[i]: HouseholderRotation(ckpt["v"], {n: ckpt[n] for n in _MLP_NAMES}, cfg.alpha)
+            data.layers[i]: HouseholderRotation(ckpt["v"], {n: ckpt[n] for n in HPR_MLP_NAMES}, cfg.alpha)
             for i, ckpt in checkpoints.items()
         }
         return Steering(

@@ -12,7 +12,8 @@ input, reshaped to ``heads x head_dim``) at the last token of each (prompt, resp
    the standard deviation of all activations' projections on it;
 4. edit: ``x_head <- x_head + α σ θ̂`` (α = 15; the apply-time strength multiplies α) on
    o_proj's input, which equals adding ``W_o δ`` to its output (the reference's
-   bias-baking script stores δ without ``W_o``, a bug not reproduced here).
+   bias-baking script stores δ without ``W_o``, a bug not reproduced here). The edit is
+   :class:`~simsteer.functions.HeadShift`, whose site is ``"attn_heads"``.
 
 Positions: the reference edits the last position of each forward, so the learner's
 default is ``positions="last"``; layers default to ``all`` (every head is a candidate).
@@ -27,55 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SimsError
-from ..steering import Steering, SteeringFunction
+from ..functions import HeadShift, SteeringFunction
+from ..steering import Steering
 from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
+
+__all__ = ["ITI", "HeadShift", "ITIConfig", "probe_heads", "stratified_split"]
 
 #: The reference's share of heads kept: 48 of LLaMA-7B's 1,024.
 REFERENCE_HEAD_SHARE = 48 / 1024
-
-
-class HeadShift(SteeringFunction):
-    """Adds ``α σ_h θ̂_h`` to the kept heads' slices of o_proj's input."""
-
-    kind = "iti"
-    site = "attn_heads"  # read by hooks.steer: a pre-hook on the attention output projection
-
-    def __init__(self, directions: torch.Tensor, sigmas: torch.Tensor, alpha: float = 15.0) -> None:
-        super().__init__()
-        if directions.dim() != 2 or sigmas.shape != directions.shape[:1]:
-            raise ValueError("ITI needs directions [heads, head_dim] and sigmas [heads]")
-        self.alpha = float(alpha)
-        self.register_buffer("directions", directions.detach().float().clone())
-        self.register_buffer("sigmas", sigmas.detach().float().clone())
-        self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
-
-    @property
-    def heads(self) -> list[int]:
-        """Indices of the shifted heads (those with a nonzero shift)."""
-        return torch.nonzero(self.sigmas * self.directions.norm(dim=-1)).flatten().tolist()
-
-    def shift(self, strength: float = 1.0) -> torch.Tensor:
-        """δ, the ``[heads * head_dim]`` vector added to o_proj's input."""
-        return (self.alpha * strength * self.sigmas.unsqueeze(-1) * self.directions).flatten()
-
-    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
-        if strength == 0:
-            return hidden
-        key = (hidden.device, hidden.dtype, float(strength))
-        delta = self._cast.get(key)
-        if delta is None:  # cast once per device, dtype and strength, not per decoding step
-            delta = self.shift(strength).to(device=hidden.device, dtype=hidden.dtype)
-            self._cast[key] = delta
-        return hidden + delta
-
-    def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "heads": self.heads}
-
-    @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> HeadShift:
-        if set(tensors) != {"directions", "sigmas"}:
-            raise ValueError("an 'iti' function needs tensors 'directions' and 'sigmas'")
-        return cls(tensors["directions"], tensors["sigmas"], float(params.get("alpha", 15.0)))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ preferred responses, ``P- = U-[:, k-:] U-[:, k-:]ᵀ`` drops what co-varies with
 dispreferred ones. The edit is ``x' = P+ x + P- x`` rescaled to the token's own norm
 (per token: the reference rescales per hidden dimension across the batch, which makes
 an output depend on the other sequences in the batch) or the average ``(P+ x + P- x)/2``,
-blended with the strength: ``h + s (x' - h)``.
+blended with the strength: ``h + s (x' - h)`` (:class:`~simsteer.functions.SpectralProjection`).
 
 Storage: ``U+[:, :k+]`` and the *head* ``U-[:, :k-]`` (``d x k`` each): since ``U-`` is
 orthogonal, ``P- = I - U-[:, :k-] U-[:, :k-]ᵀ``, the same projector as the tail's,
@@ -35,10 +35,11 @@ from typing import Any
 import torch
 
 from ..errors import SimsError
-from ..steering import Steering, SteeringFunction
+from ..functions import SEA_MODES, SpectralProjection, SteeringFunction
+from ..steering import Steering
 from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
 
-SEA_MODES = ("rescale", "average")
+__all__ = ["SEA", "SEAConfig", "SpectralProjection", "energy_rank", "neutral_rows", "principal_basis"]
 
 
 def energy_rank(sigma: torch.Tensor, ratio: float) -> int:
@@ -73,55 +74,6 @@ def principal_basis(neutral: torch.Tensor, other: torch.Tensor, energy: float) -
     omega = neutral.double().T @ other.double() / neutral.shape[0]
     u, sigma, _ = torch.linalg.svd(omega)
     return u[:, : energy_rank(sigma, energy)].contiguous()
-
-
-class SpectralProjection(SteeringFunction):
-    """``x' = P+ x + P- x`` (rescaled per token, or averaged), blended by strength."""
-
-    kind = "sea"
-
-    def __init__(self, u_pos: torch.Tensor, u_neg: torch.Tensor, mode: str = "rescale") -> None:
-        super().__init__()
-        if mode not in SEA_MODES:
-            raise SimsError(f"unknown SEA mode {mode!r}: use one of {', '.join(SEA_MODES)}")
-        self.mode = mode
-        self.register_buffer("u_pos", u_pos.detach().float().clone())
-        self.register_buffer("u_neg", u_neg.detach().float().clone())
-        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def projection(self) -> torch.Tensor:
-        """Dense ``P = P+ + P-`` in float64 (``P- = I - U-_head U-_headᵀ``)."""
-        up, un = self.u_pos.double(), self.u_neg.double()
-        eye = torch.eye(up.shape[0], dtype=torch.float64, device=up.device)
-        return up @ up.T + eye - un @ un.T
-
-    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
-        if strength == 0:
-            return hidden
-        key = (hidden.device, hidden.dtype)
-        p = self._cache.get(key)
-        if p is None:
-            # Built once per device/dtype; float32 unless the model runs in float64.
-            dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            p = self.projection().to(device=hidden.device, dtype=dtype)
-            self._cache[key] = p
-        x = hidden.to(p.dtype)
-        edited = x @ p  # P is symmetric
-        if self.mode == "rescale":
-            norm = edited.norm(dim=-1, keepdim=True)
-            edited = edited * (x.norm(dim=-1, keepdim=True) / norm.clamp_min(torch.finfo(p.dtype).tiny))
-        else:
-            edited = edited / 2
-        return (x + strength * (edited - x)).to(hidden.dtype)
-
-    def params(self) -> dict[str, Any]:
-        return {"mode": self.mode}
-
-    @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> SpectralProjection:
-        if set(tensors) != {"u_pos", "u_neg"}:
-            raise ValueError("a 'sea' function needs tensors 'u_pos' and 'u_neg'")
-        return cls(tensors["u_pos"], tensors["u_neg"], params.get("mode", "rescale"))
 
 
 @dataclass(frozen=True)

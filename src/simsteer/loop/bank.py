@@ -2,22 +2,22 @@
 
 Each entry holds the prompt, the K responses, the oracle's preference matrix and the
 contrast reward ``r = max_k P(y_k > pi) - max_k P(y_k < pi)`` (best win rate minus worst
-loss rate). The bank lives in ``RUN/bank.jsonl``, rewritten atomically on every change,
-so ``--resume`` picks it up; an entry is keyed by (iteration, prompt id), so a step that
-is redone after a crash replaces its entries instead of adding them twice.
+loss rate). The bank is a value: :meth:`ResponseBank.add` returns a new bank. The loop
+keeps it in ``RUN/bank.jsonl`` (:meth:`simsteer.loop.rundir.RunDir.read_bank`), so
+``--resume`` picks it up; an entry is keyed by (iteration, prompt id), so a step that is
+redone after a crash replaces its entries instead of adding them twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import SimsError
-from ..io import read_jsonl, write_jsonl
-from ..oracles.base import win_rates
+from ..oracles.base import Judgment, Oracle, win_rates
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,21 @@ class BankEntry:
     def worst(self) -> int:
         return int(np.argmin(win_rates(np.asarray(self.preference))))
 
+    @classmethod
+    def judged(
+        cls, t: int, prompt_id: str, prompt: str, responses: list[str], judgment: Judgment
+    ) -> BankEntry:
+        """The entry of a prompt judged in iteration ``t`` (preference and reward rounded
+        to 6 digits, as saved)."""
+        return cls(
+            iteration=t,
+            prompt_id=prompt_id,
+            prompt=prompt,
+            responses=responses,
+            preference=np.asarray(judgment.preference, dtype=float).round(6).tolist(),
+            reward=round(contrast_reward(judgment.preference), 6),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -76,34 +91,33 @@ def contrast_reward(preference: np.ndarray) -> float:
     return float(wins.max() - (1.0 - wins).max())
 
 
+@dataclass(frozen=True)
 class ResponseBank:
-    """The bank file of a run (loaded on creation; every change is saved atomically)."""
+    """The bank's entries, oldest first, and its options; every change returns a new bank.
 
-    def __init__(self, path: str | Path, config: BankConfig | None = None) -> None:
-        self.path = Path(path)
-        self.config = config or BankConfig()
-        rows = read_jsonl(self.path) if self.path.is_file() else []
-        self.entries = [BankEntry(**r) for r in rows]
+    Example:
+        >>> bank = ResponseBank(config=BankConfig(capacity=100)).add(entries)
+        >>> pairs = bank.top(8)
+    """
+
+    entries: tuple[BankEntry, ...] = ()
+    config: BankConfig = field(default_factory=BankConfig)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, entries: list[BankEntry]) -> None:
-        """Add (or replace, by iteration and prompt id) entries, evict past capacity, save."""
+    def add(self, entries: Sequence[BankEntry]) -> ResponseBank:
+        """Add (or replace, by iteration and prompt id) entries and evict past capacity.
+
+        Args:
+            entries: the new entries.
+        """
         keys = {(e.iteration, e.prompt_id) for e in entries}
         kept = [e for e in self.entries if (e.iteration, e.prompt_id) not in keys]
         merged = sorted([*kept, *entries], key=lambda e: e.iteration)  # stable: insertion order
         if self.config.capacity:
             merged = merged[-self.config.capacity :]
-        self.entries = merged
-        self.save()
-
-    def replace_all(self, entries: list[BankEntry]) -> None:
-        self.entries = list(entries)
-        self.save()
-
-    def save(self) -> None:
-        write_jsonl(self.path, [e.to_dict() for e in self.entries])
+        return ResponseBank(tuple(merged), self.config)
 
     def top(self, n: int) -> list[BankEntry]:
         """The ``n`` entries with the highest reward that have a distinct best and worst.
@@ -113,3 +127,30 @@ class ResponseBank:
         usable = [e for e in self.entries if e.best != e.worst]
         usable.sort(key=lambda e: (-e.reward, -e.iteration, e.prompt_id))
         return usable[:n]
+
+    def rescored(self, t: int, oracle: Oracle) -> ResponseBank:
+        """The bank with every entry of an iteration before ``t`` judged again by
+        ``oracle`` (``BankConfig.rescore``); an entry the oracle cannot judge now keeps
+        its old judgment, and ``t``'s own entries (left by a crashed attempt) are kept.
+
+        Args:
+            t: the current iteration.
+            oracle: the run's oracle.
+        """
+        old = [e for e in self.entries if e.iteration != t]
+        fresh = oracle.judge([e.prompt for e in old], [e.responses for e in old]) if old else []
+        rescored = {
+            (e.iteration, e.prompt_id): BankEntry.judged(e.iteration, e.prompt_id, e.prompt, e.responses, j)
+            for e, j in zip(old, fresh, strict=True)
+            if j.parsed
+        }
+        entries = tuple(rescored.get((e.iteration, e.prompt_id), e) for e in self.entries)
+        return ResponseBank(entries, self.config)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The rows of ``bank.jsonl``."""
+        return [e.to_dict() for e in self.entries]
+
+    @classmethod
+    def from_json(cls, rows: Sequence[dict[str, Any]], config: BankConfig | None = None) -> ResponseBank:
+        return cls(tuple(BankEntry(**r) for r in rows), config or BankConfig())

@@ -107,6 +107,42 @@ def split_pool(prompts: Sequence[Prompt], n_eval: int, seed: int) -> tuple[list[
     return order[n_eval:], order[:n_eval]
 
 
+def split_prompts(
+    config: SIMSConfig, prompts: Sequence[Prompt | str], eval_prompts: Sequence[Prompt | str] | None = None
+) -> PromptSplit:
+    """A new run's disjoint prompt sets: training pool, held-out and calibration prompts.
+
+    Args:
+        config: the loop's settings (``eval_prompts``, ``seed``, the guard's
+            ``calibration_prompts``).
+        prompts: the pool (plain strings get their index as id).
+        eval_prompts: held-out prompts; by default ``config.eval_prompts`` are split off
+            the pool.
+    """
+    pool = [p if isinstance(p, Prompt) else Prompt(str(i), p) for i, p in enumerate(prompts)]
+    if not pool:
+        raise SimsError("no prompts to learn from")
+    if eval_prompts is not None:
+        held_out = [
+            p if isinstance(p, Prompt) else Prompt(f"eval-{i}", p) for i, p in enumerate(eval_prompts)
+        ]
+        train = list(pool)
+        random.Random(config.seed).shuffle(train)
+    else:
+        train, held_out = split_pool(pool, config.eval_prompts, config.seed)
+    calibration: list[Prompt] = []
+    if config.guard.enabled:
+        n = config.guard.calibration_prompts
+        if len(train) <= n:
+            raise SimsError(
+                f"{len(train)} training prompts leave none after {n} calibration "
+                "prompts: add prompts, lower --calibration-prompts or turn the "
+                "guard off with --fluency-budget off"
+            )
+        calibration, train = train[:n], train[n:]
+    return PromptSplit(train, held_out, calibration)
+
+
 def draw_prompts(pool: list[Prompt], t: int, n: int, seed: int) -> list[Prompt]:
     """Iteration t's N prompts: consecutive slices of the pool, reshuffled per pass."""
     out: list[Prompt] = []

@@ -9,28 +9,32 @@ the best oracle score among those that stay fluent:
     perplexity under the unsteered model <= (1 + budget) x the unsteered model's
     repetition rate                      <= the unsteered model's + margin
 
-The whole frontier (strength -> score, perplexity, repetition, loops) is saved and
-plotted. If no strength is fluent enough, or the best fluent score has not improved for
-``patience`` iterations, the loop stops and keeps the best policy so far.
+The whole frontier (strength -> score, perplexity, repetition, loops) is returned and
+plotted (the loop saves both). If no strength is fluent enough, or the best fluent score
+has not improved for ``patience`` iterations, the loop stops and keeps the best policy so
+far. Nothing here reads or writes a run directory.
 """
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from ..errors import SimsError
 from ..fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
-from ..io import read_json, read_jsonl, write_json, write_jsonl
 from ..models import LoadedModel
 from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import Prompt
 from ..sampling import SamplingConfig, generate
 from ..steering import Steering
-from .rundir import RunDir
+from .records import CalibrationPoint, CalibrationRecord, IterationRecord, Measurement
+
+#: ``measure(multiplier, strength)``: the candidate measured at one strength of the grid.
+MeasureFn = Callable[[float, float], Measurement]
+#: Called with every point measured so far (grid order) after each new one.
+PointsCallback = Callable[[list[CalibrationPoint]], None]
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,14 @@ def measure(
     policy: Sequence[Steering],
     sampling: SamplingConfig,
     progress: bool | str = False,
-) -> dict[str, Any]:
-    """Greedy answers of ``policy`` to ``prompts``: oracle score and fluency metrics."""
+) -> Measurement:
+    """Greedy answers of ``policy`` to ``prompts``: oracle score and fluency metrics.
+
+    Args:
+        lm: the model; policy: the steerings applied (empty: unsteered).
+        sampling: ``max_new_tokens`` and ``batch_size`` are used (answers are greedy).
+        progress: a progress-bar label, or false.
+    """
     greedy = SamplingConfig(
         temperature=0.0, max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size
     )
@@ -100,104 +110,111 @@ def measure(
     scores = oracle.score([p.text for p in prompts], texts)
     ppl = [p for p in perplexities(lm, [p.text for p in prompts], texts) if not math.isnan(p)]
     n = len(texts)
-    return {
-        "score": float(sum(scores) / n),
-        "perplexity": math.exp(sum(math.log(p) for p in ppl) / len(ppl)) if ppl else math.nan,
-        "repetition": sum(repetition_rate(t) for t in texts) / n,
-        "loop_share": sum(ends_in_loop(t) for t in texts) / n,
-        "distinct_2": distinct_n(texts, 2),
-    }
+    return Measurement(
+        score=float(sum(scores) / n),
+        perplexity=math.exp(sum(math.log(p) for p in ppl) / len(ppl)) if ppl else math.nan,
+        repetition=sum(repetition_rate(t) for t in texts) / n,
+        loop_share=sum(ends_in_loop(t) for t in texts) / n,
+        distinct_2=distinct_n(texts, 2),
+    )
 
 
-def is_fluent(point: dict[str, Any], base: dict[str, Any], config: GuardConfig) -> bool:
+def is_fluent(point: Measurement | CalibrationPoint, base: Measurement, config: GuardConfig) -> bool:
     assert config.fluency_budget is not None
     return (
-        point["perplexity"] <= (1 + config.fluency_budget) * base["perplexity"]
-        and point["repetition"] <= base["repetition"] + config.repetition_margin
+        point.perplexity <= (1 + config.fluency_budget) * base.perplexity
+        and point.repetition <= base.repetition + config.repetition_margin
     )
 
 
 def calibrate(
-    lm: LoadedModel,
-    oracle: Oracle,
-    prompts: Sequence[Prompt],
-    previous: Sequence[Steering],
-    candidate: Steering,
-    base: dict[str, Any],
+    base_strength: float,
+    base: Measurement,
     config: GuardConfig,
-    sampling: SamplingConfig,
-    path: Path,
-    progress: bool | str = False,
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Score ``candidate`` (stacked on ``previous``) at the strengths of the grid.
+    measure_at: MeasureFn,
+    done: Sequence[CalibrationPoint] = (),
+    on_point: PointsCallback | None = None,
+) -> CalibrationRecord:
+    """Measure a fit at the strengths of the grid and choose one (a pure step).
 
     The grid is scanned in ascending order; with ``config.stop_at_unfluent`` the scan
-    ends at the first strength that is not fluent. Each finished point is written to
-    ``path`` at once, so a resumed run skips it.
+    ends at the first strength that is not fluent. Points in ``done`` (a resumed
+    calibration) are not measured again; ``on_point`` gets every point so far after each
+    new one, so the caller can save them as they finish.
+
+    Args:
+        base_strength: the fit's own strength; multiplier m is measured at m x it.
+        base: the unsteered model's measurement (the fluency reference).
+        config: the guard's settings.
+        measure_at: measures the candidate at ``(multiplier, strength)``.
+        done: points measured before.
+        on_point: progress callback (see above).
 
     Returns:
-        all points, and the chosen one (best fluent score; ``None`` if none is fluent).
+        the points scanned and the chosen multiplier (best fluent score; ``None`` if no
+        strength is fluent).
+
+    Example:
+        >>> def measure_at(m, s):
+        ...     return measure(lm, oracle, prompts, [fit.with_strength(s)], sampling)
+        >>> record = calibrate(fit.strength, base, GuardConfig(), measure_at)
+        >>> record.chosen, record.chosen_point.strength
     """
-    done = {row["multiplier"]: row for row in read_jsonl(path)} if path.is_file() else {}
-    points = []
-    base_strength = candidate.strength
+    measured = {p.multiplier: p for p in done}
     grid = sorted(config.strength_grid)
-    try:
-        for m in grid:
-            if m not in done:
-                candidate.strength = base_strength * m
-                label = f"{progress} x{m:g}" if isinstance(progress, str) else progress
-                point = {
-                    "multiplier": m,
-                    "strength": candidate.strength,
-                    **measure(lm, oracle, prompts, [*previous, candidate], sampling, label),
-                }
-                point["fluent"] = is_fluent(point, base, config)
-                done[m] = point
-                write_jsonl(path, [done[k] for k in grid if k in done])
-            points.append(done[m])
-            if config.stop_at_unfluent and not done[m]["fluent"]:
-                break
-    finally:
-        candidate.strength = base_strength
-    fluent = [p for p in points if p["fluent"]]
-    chosen = max(fluent, key=lambda p: (p["score"], -p["multiplier"])) if fluent else None
-    return points, chosen
+    points = []
+    for m in grid:
+        if m not in measured:
+            strength = base_strength * m
+            result = measure_at(m, strength)
+            measured[m] = CalibrationPoint.measured(m, strength, result, is_fluent(result, base, config))
+            if on_point is not None:
+                on_point([measured[k] for k in grid if k in measured])
+        points.append(measured[m])
+        if config.stop_at_unfluent and not measured[m].fluent:
+            break
+    fluent = [p for p in points if p.fluent]
+    chosen = max(fluent, key=lambda p: (p.score, -p.multiplier)) if fluent else None
+    return CalibrationRecord(
+        base=base,
+        points=tuple(points),
+        chosen=None if chosen is None else chosen.multiplier,
+        score=None if chosen is None else chosen.score,
+    )
 
 
-def plot_frontier(
-    points: list[dict[str, Any]], base: dict[str, Any], config: GuardConfig, path: Path, title: str
-) -> None:
-    """Strength -> score, perplexity ratio and repetition, with the budget marked."""
+def render_frontier(
+    points: Sequence[CalibrationPoint], base: Measurement, config: GuardConfig, title: str
+) -> bytes:
+    """Strength -> score, perplexity ratio and repetition, with the budget marked: a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [p["multiplier"] for p in points]
+    xs = [p.multiplier for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    axes[0].plot(xs, [p["score"] for p in points], "o-")
-    axes[0].axhline(base["score"], color="grey", ls=":", label="unsteered")
+    axes[0].plot(xs, [p.score for p in points], "o-")
+    axes[0].axhline(base.score, color="grey", ls=":", label="unsteered")
     axes[0].set_ylabel("oracle score")
-    axes[1].plot(xs, [p["perplexity"] / base["perplexity"] for p in points], "o-")
+    axes[1].plot(xs, [p.perplexity / base.perplexity for p in points], "o-")
     axes[1].axhline(1 + (config.fluency_budget or 0), color="red", ls="--", label="budget")
     axes[1].set_ylabel("perplexity / unsteered")
-    axes[2].plot(xs, [p["repetition"] for p in points], "o-")
-    axes[2].axhline(base["repetition"] + config.repetition_margin, color="red", ls="--", label="budget")
+    axes[2].plot(xs, [p.repetition for p in points], "o-")
+    axes[2].axhline(base.repetition + config.repetition_margin, color="red", ls="--", label="budget")
     axes[2].set_ylabel("repetition rate")
     for ax in axes:
         ax.set_xlabel("strength multiplier")
         ax.legend(fontsize=7)
     for p in points:
-        if not p["fluent"]:
-            axes[0].plot(p["multiplier"], p["score"], "x", color="red", ms=9)
+        if not p.fluent:
+            axes[0].plot(p.multiplier, p.score, "x", color="red", ms=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
-    tmp.replace(path)
+    return buffer.getvalue()
 
 
 def early_stop(history: Sequence[float], patience: int) -> bool:
@@ -212,14 +229,15 @@ def early_stop(history: Sequence[float], patience: int) -> bool:
     return all(v <= best_before for v in history[-patience:])
 
 
-def calibration_scores(base: dict[str, Any], calibrations: Sequence[dict[str, Any]]) -> list[float]:
+def calibration_scores(base: Measurement, calibrations: Sequence[CalibrationRecord]) -> list[float]:
     """Best fluent calibration score of policies 0, 1, ... (policy 0: unsteered); a policy
     with no fluent strength scores minus infinity."""
-    return [base["score"], *(c["score"] if c["score"] is not None else -math.inf for c in calibrations)]
+    return [base.score, *(c.score if c.score is not None else -math.inf for c in calibrations)]
 
 
 class FluencyGuard:
-    """The guard's steps inside a run directory (used by :class:`simsteer.loop.sims.SIMS`)."""
+    """The guard's steps for :class:`simsteer.loop.sims.SIMS`: measure, calibrate, decide
+    to stop, pick the final policy. It saves nothing; the loop does."""
 
     def __init__(
         self, lm: LoadedModel, oracle: Oracle, config: GuardConfig, sampling: SamplingConfig
@@ -229,68 +247,51 @@ class FluencyGuard:
         self.config = config
         self.sampling = sampling
 
-    def base(self, run: RunDir, prompts: Sequence[Prompt], progress: bool | str = False) -> dict:
-        """The unsteered model's score and fluency on the calibration prompts (cached)."""
-        if run.calibration_base.is_file():
-            return read_json(run.calibration_base)
-        base = measure(self.lm, self.oracle, prompts, [], self.sampling, progress=progress)
-        write_json(run.calibration_base, base)
-        return base
+    def measure_base(self, prompts: Sequence[Prompt], progress: bool | str = False) -> Measurement:
+        """The unsteered model's score and fluency on the calibration prompts."""
+        return measure(self.lm, self.oracle, prompts, [], self.sampling, progress=progress)
 
-    def calibrate_step(
+    def calibrate(
         self,
-        run: RunDir,
-        t: int,
         prompts: Sequence[Prompt],
         previous: Sequence[Steering],
+        candidate: Steering,
+        base: Measurement,
+        done: Sequence[CalibrationPoint] = (),
+        on_point: PointsCallback | None = None,
         progress: bool | str = False,
-    ) -> dict[str, Any]:
-        """Choose the strength of iteration t's fit and save policy t + 1 at it."""
-        base = self.base(run, prompts, progress and "calibration base")
-        candidate = Steering.load(run.fitted(t))
-        points, chosen = calibrate(
-            self.lm,
-            self.oracle,
-            prompts,
-            previous,
-            candidate,
-            base,
-            self.config,
-            self.sampling,
-            run.calibration(t),
-            progress,
-        )
-        plot_frontier(
-            points,
-            base,
-            self.config,
-            run.frontier(t),
+    ) -> CalibrationRecord:
+        """Calibrate ``candidate`` (stacked on ``previous``) on ``prompts``; see :func:`calibrate`."""
+
+        def measure_at(m: float, strength: float) -> Measurement:
+            label = f"{progress} x{m:g}" if isinstance(progress, str) else progress
+            scaled = candidate.with_strength(strength)
+            return measure(self.lm, self.oracle, prompts, [*previous, scaled], self.sampling, label)
+
+        return calibrate(candidate.strength, base, self.config, measure_at, done, on_point)
+
+    def frontier_title(self, t: int) -> str:
+        return (
             f"iteration {t}: strength frontier of policy {t + 1} (budget "
             f"+{self.config.fluency_budget:.0%} perplexity, "
-            f"+{self.config.repetition_margin} repetition)",
+            f"+{self.config.repetition_margin} repetition)"
         )
-        if chosen is not None and not run.steering(t + 1).is_dir():
-            candidate.strength = chosen["strength"]
-            candidate.metadata = {**candidate.metadata, "calibrated_multiplier": chosen["multiplier"]}
-            candidate.save(run.steering(t + 1))
-        return {
-            "base": base,
-            "points": points,
-            "chosen": None if chosen is None else chosen["multiplier"],
-            "score": None if chosen is None else chosen["score"],
-        }
 
-    def stop_reason(self, run: RunDir, t: int, calibration: dict[str, Any]) -> str | None:
-        """Why the loop stops after iteration t, or ``None`` to go on."""
+    def stop_reason(self, calibration: CalibrationRecord, earlier: Sequence[CalibrationRecord]) -> str | None:
+        """Why the loop stops after this calibration, or ``None`` to go on.
+
+        Args:
+            calibration: the calibration of iteration t.
+            earlier: those of iterations 0 .. t - 1.
+        """
         cfg = self.config
-        if calibration["chosen"] is None:
+        if calibration.chosen is None:
             return (
                 f"no strength in {list(cfg.strength_grid)} keeps perplexity within "
                 f"+{cfg.fluency_budget:.0%} and repetition within +{cfg.repetition_margin} of "
                 "the unsteered model; keeping the best policy so far"
             )
-        earlier = [read_json(run.iteration_summary(s))["calibration"] for s in range(t)]
-        scores = calibration_scores(calibration["base"], [*earlier, calibration])
+        scores = calibration_scores(calibration.base, [*earlier, calibration])
         if early_stop(scores, cfg.patience):
             best = max(range(len(scores)), key=scores.__getitem__)
             return (
@@ -300,11 +301,11 @@ class FluencyGuard:
             )
         return None
 
-    def final_index(self, history: Sequence[dict[str, Any]]) -> int:
+    def final_index(self, history: Sequence[IterationRecord]) -> int:
         """Which policy a run returns: the last, or under the guard the best fluent one
         (policy i + 1 is calibrated in row i; ties go to the earlier, weaker policy)."""
-        calibrations = [row["calibration"] for row in history if "calibration" in row]
+        calibrations = [row.calibration for row in history if row.calibration is not None]
         if not self.config.enabled or not calibrations:
-            return history[-1]["iteration"]
-        scores = calibration_scores(calibrations[0]["base"], calibrations)
+            return history[-1].iteration
+        scores = calibration_scores(calibrations[0].base, calibrations)
         return max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -3,22 +3,34 @@ unsteered model, paired per prompt, with a bootstrap interval, next to the fluen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..io import read_jsonl
 from ..stats import bootstrap_ci
-from .rundir import RunDir
+from .records import EvalRecord, IterationRecord
 
 
-def run_outcome(run: RunDir, history: list[dict[str, Any]], final: int) -> dict[str, Any]:
-    """Held-out comparison of policy ``final`` with policy 0 (see module docstring)."""
-    out: dict[str, Any] = {"final_policy": final, "stopped": history[-1].get("stop")}
-    if not run.eval(0).is_file() or not run.eval(final).is_file():
+def run_outcome(
+    history: Sequence[IterationRecord],
+    base_answers: Sequence[EvalRecord],
+    final_answers: Sequence[EvalRecord],
+    final: int,
+) -> dict[str, Any]:
+    """Held-out comparison of policy ``final`` with policy 0 (see module docstring).
+
+    Args:
+        history: the run's rows.
+        base_answers, final_answers: policy 0's and policy ``final``'s held-out answers
+            (empty when the run has no held-out prompts).
+        final: the final policy's iteration.
+    """
+    out: dict[str, Any] = {"final_policy": final, "stopped": history[-1].stop}
+    if not base_answers or not final_answers:
         return out
-    base = {r["prompt_id"]: r["score"] for r in read_jsonl(run.eval(0))}
-    last = {r["prompt_id"]: r["score"] for r in read_jsonl(run.eval(final))}
+    base = {r.prompt_id: r.score for r in base_answers}
+    last = {r.prompt_id: r.score for r in final_answers}
     ids = [i for i in base if i in last and base[i] is not None and last[i] is not None]
     if ids:
         diffs = np.array([last[i] - base[i] for i in ids])
@@ -30,12 +42,12 @@ def run_outcome(run: RunDir, history: list[dict[str, Any]], final: int) -> dict[
             "improvement": float(diffs.mean()),
             "ci95": [low, high],
         }
-    f0, f1 = history[0].get("eval_fluency"), history[final].get("eval_fluency")
-    if f0 and f1:
+    f0, f1 = history[0].eval_fluency, history[final].eval_fluency
+    if f0 is not None and f1 is not None:
         out["fluency"] = {
-            "perplexity_ratio": f1["perplexity"] / f0["perplexity"],
-            "repetition_delta": f1["repetition"] - f0["repetition"],
-            "loop_share_delta": f1["loop_share"] - f0["loop_share"],
+            "perplexity_ratio": f1.perplexity / f0.perplexity,
+            "repetition_delta": f1.repetition - f0.repetition,
+            "loop_share_delta": f1.loop_share - f0.loop_share,
         }
     return out
 

@@ -11,6 +11,7 @@ as done when its artefact exists, which is what ``--resume`` relies on.
       calibration_base.json       the unsteered model's score and fluency on them
       iter_<t>/eval.jsonl         greedy answers of policy t to the held-out prompts
       iter_<t>/samples.jsonl      K samples per prompt with scores, win rates, labels
+      iter_<t>/train_pairs.jsonl  SIMS-CS: the bank's D+ / D- pairs trained on
       iter_<t>/activations.safetensors   D+ / D- summaries learned from
       iter_<t>/fitted/            the learner's raw output at iteration t
       iter_<t>/calibration.jsonl  the guard's frontier: strength -> score, fluency
@@ -19,17 +20,38 @@ as done when its artefact exists, which is what ``--resume`` relies on.
       iter_<t>/summary.json       the iteration's row of the summary table
       summary.json                all rows, written at the end
       outcome.json                final policy vs unsteered on the held-out prompts
+      bank.jsonl                  SIMS-CS: the response bank
       final/                      the last policy's steering
+
+The rows are typed (:mod:`simsteer.loop.records`); the ``read_*`` methods, :meth:`RunDir.spec`,
+:meth:`RunDir.history` and :meth:`RunDir.is_complete` are how anybody reads a run. Only
+the loop (:class:`simsteer.loop.sims.SIMS`) writes one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ..errors import SimsError
+from ..io import read_json, read_jsonl
+from ..prompts import Prompt
+from .bank import BankConfig, ResponseBank
+from .records import CalibrationPoint, EvalRecord, IterationRecord, Measurement, SampleRecord, TrainingPair
+from .spec import RunSpec
 
 
 @dataclass(frozen=True)
 class RunDir:
+    """The paths of a run directory (see the module docstring) and typed readers.
+
+    Example:
+        >>> run = RunDir(Path("runs/sims"))
+        >>> [row.eval_score for row in run.history()], run.is_complete()
+    """
+
     root: Path
 
     @property
@@ -64,6 +86,10 @@ class RunDir:
     def final(self) -> Path:
         return self.root / "final"
 
+    @property
+    def bank(self) -> Path:
+        return self.root / "bank.jsonl"
+
     def iteration(self, t: int) -> Path:
         return self.root / f"iter_{t}"
 
@@ -88,8 +114,86 @@ class RunDir:
     def steering(self, t: int) -> Path:
         return self.iteration(t) / "steering"
 
+    def pairs(self, t: int) -> Path:
+        return self.iteration(t) / "train_pairs.jsonl"
+
     def iteration_summary(self, t: int) -> Path:
         return self.iteration(t) / "summary.json"
 
     def is_run(self) -> bool:
         return self.config.is_file()
+
+    # -- typed readers -------------------------------------------------------------
+    def spec(self) -> RunSpec:
+        """The run's :class:`~simsteer.loop.spec.RunSpec` (``config.json``)."""
+        if not self.is_run():
+            raise SimsError(f"{self.root} is not a run directory (no config.json)")
+        return RunSpec.from_json(read_json(self.config))
+
+    def history(self) -> list[IterationRecord]:
+        """The iteration rows written so far, in order (one per finished iteration)."""
+        rows = []
+        while self.iteration_summary(len(rows)).is_file():
+            rows.append(self.read_iteration(len(rows)))
+        return rows
+
+    def read_iteration(self, t: int) -> IterationRecord:
+        """Iteration t's row (``iter_<t>/summary.json``)."""
+        path = self.iteration_summary(t)
+        return _parse(path, IterationRecord.from_json, read_json(path))
+
+    def is_complete(self) -> bool:
+        """Every iteration has its row (or the last row stops the loop) and ``final/`` exists."""
+        if not self.is_run() or not self.final.exists():
+            return False
+        rows = self.history()
+        if rows and rows[-1].stop:
+            return True
+        return len(rows) == self.spec().sims.iterations + 1
+
+    def read_prompts(self, path: Path) -> list[Prompt]:
+        """One of the run's prompt files (``prompts``, ``eval_prompts``, ...); empty if absent."""
+        return [Prompt(r["id"], r["prompt"]) for r in read_jsonl(path)] if path.is_file() else []
+
+    def read_eval(self, t: int) -> list[EvalRecord]:
+        """Policy t's answers to the held-out prompts (empty if none were written)."""
+        return _rows(self.eval(t), EvalRecord.from_json)
+
+    def read_samples(self, t: int) -> list[SampleRecord]:
+        return _rows(self.samples(t), SampleRecord.from_json)
+
+    def read_pairs(self, t: int) -> list[TrainingPair] | None:
+        """Iteration t's SIMS-CS pairs, ``None`` if it wrote none (the other variants)."""
+        return _rows(self.pairs(t), TrainingPair.from_json) if self.pairs(t).is_file() else None
+
+    def read_bank(self, config: BankConfig | None = None) -> ResponseBank:
+        """The SIMS-CS response bank (empty if there is none yet)."""
+        rows = read_jsonl(self.bank) if self.bank.is_file() else []
+        return _parse(self.bank, lambda r: ResponseBank.from_json(r, config), rows)
+
+    def read_calibration(self, t: int) -> list[CalibrationPoint]:
+        """The guard's points measured so far for iteration t's fit."""
+        return _rows(self.calibration(t), CalibrationPoint.from_json)
+
+    def read_calibration_base(self) -> Measurement | None:
+        if not self.calibration_base.is_file():
+            return None
+        return _parse(self.calibration_base, Measurement.from_json, read_json(self.calibration_base))
+
+    def read_outcome(self) -> dict[str, Any] | None:
+        """``outcome.json`` (see :func:`simsteer.loop.outcome.format_outcome`), if written."""
+        return read_json(self.outcome) if self.outcome.is_file() else None
+
+
+def _rows(path: Path, parse: Callable[[Any], Any]) -> list[Any]:
+    return [_parse(path, parse, row) for row in read_jsonl(path)] if path.is_file() else []
+
+
+def _parse(path: Path, parse: Callable[[Any], Any], data: Any) -> Any:
+    """``parse(data)``; a row this version cannot read is one clear error naming the file."""
+    try:
+        return parse(data)
+    except (KeyError, TypeError) as exc:
+        raise SimsError(
+            f"{path} was not written by this simsteer version ({type(exc).__name__}: {exc})"
+        ) from None

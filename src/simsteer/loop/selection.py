@@ -9,23 +9,25 @@
 
 A prompt the oracle could not judge (``Judgment.parsed`` false) is labelled ``skipped``
 under every variant and counted in the iteration's ``ranking_parse_rate``.
+
+Selection is pure: it takes the batch, its generations and judgments (and the bank, for
+``cs``) and returns records; the loop saves them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import SimsError
-from ..io import read_jsonl, write_jsonl
-from ..oracles.base import Judgment, Oracle
+from ..oracles.base import Judgment
 from ..prompts import Prompt
 from ..sampling import Generation
-from .bank import BankEntry, ResponseBank, contrast_reward
+from .bank import BankEntry, ResponseBank
 from .config import SIMSConfig, label_by_win_rate
-from .rundir import RunDir
+from .records import JudgingStats, SampleRecord, TrainingPair
 
 VARIANTS = ("sims", "pr", "cs")
 
@@ -36,82 +38,145 @@ def check_variant(variant: str) -> str:
     return variant
 
 
-def bank_path(run: RunDir) -> Path:
-    return run.root / "bank.jsonl"
+@dataclass(frozen=True)
+class Selection:
+    """What selection made of one iteration's samples.
 
+    Attributes:
+        samples: one record per sample; ``label`` is positive, negative, tie, unused or
+            skipped.
+        pairs: ``cs`` only: the bank's D+ / D- pairs the update trains on (``None`` for
+            the other variants, which train on the labelled samples).
+        bank: ``cs`` only: the response bank after this iteration.
+    """
 
-def pairs_path(run: RunDir, t: int) -> Path:
-    return run.iteration(t) / "train_pairs.jsonl"
+    samples: list[SampleRecord]
+    pairs: list[TrainingPair] | None = None
+    bank: ResponseBank | None = None
+
+    def training(self) -> list[TrainingPair]:
+        """The D+ / D- answers the update learns from."""
+        return training_pairs(self.samples, self.pairs)
+
+    def judging_stats(self) -> JudgingStats:
+        return judging_stats(self.samples, self.pairs, None if self.bank is None else len(self.bank))
 
 
 def select_samples(
     config: SIMSConfig,
-    run: RunDir,
     t: int,
-    prompts: list[Prompt],
-    gens: list[list[Generation]],
-    judgments: list[Judgment],
-    oracle: Oracle | None = None,
-) -> list[dict[str, Any]]:
-    """Label iteration t's samples (and, for ``cs``, update the bank and pick its pairs).
+    prompts: Sequence[Prompt],
+    gens: Sequence[Sequence[Generation]],
+    judgments: Sequence[Judgment],
+    bank: ResponseBank | None = None,
+) -> Selection:
+    """Label iteration t's samples (and, for ``cs``, add them to the bank and pick its pairs).
 
     Args:
+        config: the loop's settings (``variant``, ``bank``, ``prompts_per_iteration``).
+        t: the iteration.
         prompts, gens, judgments: aligned per prompt, as drawn and judged by the loop.
-        oracle: needed only to re-score the bank (``BankConfig.rescore``).
+        bank: ``cs`` only: the bank before this iteration (empty by default).
 
-    Returns:
-        one row per sample; ``label`` is positive, negative, tie, unused or skipped.
+    Example:
+        >>> selection = select_samples(SIMSConfig(), 0, prompts, gens, oracle.judge(texts, answers))
+        >>> [r.label for r in selection.samples]
     """
-    rows = []
-    for p, gs, j in zip(prompts, gens, judgments, strict=True):
-        wins = j.win_rates
-        labels = _labels(config.variant, j)
-        for k, g in enumerate(gs):
-            row = {
-                "iteration": t,
-                "prompt_id": p.id,
-                "prompt": p.text,
-                "sample": k,
-                "response": g.text,
-                "num_tokens": g.num_tokens,
-                "finished": g.finished,
-                "score": None if j.scores is None else float(j.scores[k]),
-                "win_rate": float(wins[k]),
-                "label": labels[k],
-                "judged": j.parsed,
-            }
-            if k == 0 and j.info:
-                row["judge_info"] = j.info
-            rows.append(row)
-    if config.variant == "cs":
-        _select_from_bank(config, run, t, prompts, gens, judgments, rows, oracle)
-    return rows
+    labels = [_labels(config.variant, j) for j in judgments]
+    if config.variant != "cs":
+        return Selection(_sample_records(t, prompts, gens, judgments, labels))
+    bank = (bank or ResponseBank(config=config.bank)).add(
+        [
+            BankEntry.judged(t, p.id, p.text, [g.text for g in gs], j)
+            for p, gs, j in zip(prompts, gens, judgments, strict=True)
+            if j.parsed
+        ]
+    )
+    pairs = []
+    picked: dict[tuple[str, int], str] = {}
+    for e in bank.top(config.bank.top or config.prompts_per_iteration):
+        for label, k in (("positive", e.best), ("negative", e.worst)):
+            pairs.append(TrainingPair(e.iteration, e.prompt_id, e.prompt, k, e.responses[k], label, e.reward))
+            if e.iteration == t:  # mark this iteration's own samples that were picked
+                picked[(e.prompt_id, k)] = label
+    rows = [
+        replace(r, label=picked[(r.prompt_id, r.sample)]) if (r.prompt_id, r.sample) in picked else r
+        for r in _sample_records(t, prompts, gens, judgments, labels)
+    ]
+    return Selection(rows, pairs, bank)
 
 
-def training_rows(run: RunDir, t: int, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The D+ / D- rows of iteration t: the bank's pairs for ``cs``, else labelled samples."""
-    path = pairs_path(run, t)
-    if path.is_file():
-        return read_jsonl(path)
-    return [r for r in samples if r["label"] in ("positive", "negative")]
+def training_pairs(
+    samples: Sequence[SampleRecord], pairs: Sequence[TrainingPair] | None
+) -> list[TrainingPair]:
+    """The D+ / D- answers of an iteration: the bank's pairs for ``cs``, else the samples
+    labelled positive or negative.
+
+    Args:
+        samples: the iteration's labelled samples.
+        pairs: the ``cs`` pairs, ``None`` for the other variants.
+    """
+    if pairs is not None:
+        return list(pairs)
+    return [TrainingPair.from_sample(r) for r in samples if r.label in ("positive", "negative")]
 
 
-def judging_stats(run: RunDir, t: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summary-row entries: share of prompts judged, judge traffic, bank size."""
-    per_prompt = {r["prompt_id"]: r for r in samples if r["sample"] == 0}
-    stats: dict[str, Any] = {}
-    if per_prompt:
-        judged = sum(bool(r.get("judged", True)) for r in per_prompt.values())
-        stats["ranking_parse_rate"] = judged / len(per_prompt)
-    infos = [r.get("judge_info") or {} for r in per_prompt.values()]
+def judging_stats(
+    samples: Sequence[SampleRecord], pairs: Sequence[TrainingPair] | None = None, bank_size: int | None = None
+) -> JudgingStats:
+    """Summary-row entries: share of prompts judged, judge traffic, bank size.
+
+    Args:
+        samples: the iteration's samples.
+        pairs: the ``cs`` pairs (``None``: no ``train_pairs`` / ``bank_size`` entries).
+        bank_size: the bank's size after the iteration (``cs``).
+    """
+    per_prompt = {r.prompt_id: r for r in samples if r.sample == 0}
+    parse_rate = sum(r.judged for r in per_prompt.values()) / len(per_prompt) if per_prompt else None
+    infos = [r.judge_info or {} for r in per_prompt.values()]
+    traffic: dict[str, int | None] = {}
     for key in ("requests", "cache_hits", "parse_failures"):
-        if any(key in i for i in infos):
-            stats[f"judge_{key}"] = int(sum(i.get(key, 0) for i in infos))
-    path = pairs_path(run, t)
-    if path.is_file():
-        stats["train_pairs"] = len(read_jsonl(path)) // 2
-        stats["bank_size"] = len(ResponseBank(bank_path(run)))
-    return stats
+        # Only oracles that report a figure get the entry (an LLM judge does).
+        traffic[key] = int(sum(i.get(key, 0) for i in infos)) if any(key in i for i in infos) else None
+    return JudgingStats(
+        ranking_parse_rate=parse_rate,
+        judge_requests=traffic["requests"],
+        judge_cache_hits=traffic["cache_hits"],
+        judge_parse_failures=traffic["parse_failures"],
+        train_pairs=None if pairs is None else len(pairs) // 2,
+        bank_size=None if pairs is None else bank_size,
+    )
+
+
+def _sample_records(
+    t: int,
+    prompts: Sequence[Prompt],
+    gens: Sequence[Sequence[Generation]],
+    judgments: Sequence[Judgment],
+    labels: Sequence[list[str]],
+) -> list[SampleRecord]:
+    rows = []
+    for p, gs, j, lab in zip(prompts, gens, judgments, labels, strict=True):
+        wins = j.win_rates
+        for k, g in enumerate(gs):
+            rows.append(
+                SampleRecord(
+                    iteration=t,
+                    prompt_id=p.id,
+                    prompt=p.text,
+                    sample=k,
+                    response=g.text,
+                    num_tokens=g.num_tokens,
+                    finished=g.finished,
+                    score=None if j.scores is None else float(j.scores[k]),
+                    win_rate=float(wins[k]),
+                    label=lab[k],
+                    judged=j.parsed,
+                    # The judge's traffic for the prompt, once (on its first sample).
+                    judge_info=j.info if k == 0 and j.info else None,
+                )
+            )
+    return rows
 
 
 def _labels(variant: str, judgment: Judgment) -> list[str]:
@@ -129,63 +194,3 @@ def _labels(variant: str, judgment: Judgment) -> list[str]:
         labels[int(np.argmax(wins))] = "positive"
         labels[int(np.argmin(wins))] = "negative"
     return labels
-
-
-def _select_from_bank(
-    config: SIMSConfig,
-    run: RunDir,
-    t: int,
-    prompts: list[Prompt],
-    gens: list[list[Generation]],
-    judgments: list[Judgment],
-    rows: list[dict[str, Any]],
-    oracle: Oracle | None,
-) -> None:
-    bank = ResponseBank(bank_path(run), config.bank)
-    if config.bank.rescore and oracle is not None and len(bank):
-        old = [e for e in bank.entries if e.iteration != t]
-        fresh = oracle.judge([e.prompt for e in old], [e.responses for e in old]) if old else []
-        rescored = {
-            (e.iteration, e.prompt_id): _entry(e.iteration, e.prompt_id, e.prompt, e.responses, j)
-            for e, j in zip(old, fresh, strict=True)
-            if j.parsed
-        }
-        bank.replace_all([rescored.get((e.iteration, e.prompt_id), e) for e in bank.entries])
-    bank.add(
-        [
-            _entry(t, p.id, p.text, [g.text for g in gs], j)
-            for p, gs, j in zip(prompts, gens, judgments, strict=True)
-            if j.parsed
-        ]
-    )
-    chosen = bank.top(config.bank.top or config.prompts_per_iteration)
-    pairs = []
-    for e in chosen:
-        for label, k in (("positive", e.best), ("negative", e.worst)):
-            pairs.append(
-                {
-                    "iteration": e.iteration,
-                    "prompt_id": e.prompt_id,
-                    "prompt": e.prompt,
-                    "sample": k,
-                    "response": e.responses[k],
-                    "label": label,
-                    "reward": e.reward,
-                }
-            )
-            if e.iteration == t:  # mark this iteration's own samples that were picked
-                for row in rows:
-                    if row["prompt_id"] == e.prompt_id and row["sample"] == k:
-                        row["label"] = label
-    write_jsonl(pairs_path(run, t), pairs)
-
-
-def _entry(t: int, prompt_id: str, prompt: str, responses: list[str], j: Judgment) -> BankEntry:
-    return BankEntry(
-        iteration=t,
-        prompt_id=prompt_id,
-        prompt=prompt,
-        responses=responses,
-        preference=np.asarray(j.preference, dtype=float).round(6).tolist(),
-        reward=round(contrast_reward(j.preference), 6),
-    )

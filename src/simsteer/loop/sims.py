@@ -11,13 +11,14 @@ Each iteration t works on policy pi_t (pi_0 is the unsteered model):
 
 The last iteration (t = T) only evaluates and samples, so the table has a row for
 every policy. Every step's artefact is written atomically into the run directory and a
-finished step is never redone on ``resume``.
+finished step is never redone on ``resume``. :class:`SIMS` is the only code that writes a
+run directory: selection, calibration and the outcome are pure steps that return typed
+records (:mod:`simsteer.loop.records`), and the loop saves them.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -26,25 +27,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from ..activations import collect_activations, collect_extra_activations
+from .._version import __version__
+from ..activations import collect_preference_activations
 from ..errors import SimsError
 from ..fluency import fluency_report
-from ..io import read_json, read_jsonl, write_json, write_jsonl
+from ..io import atomic_write_bytes, write_json, write_jsonl
 from ..learners.base import Learner, PreferenceActivations
 from ..models import LoadedModel, parse_layers
 from ..oracles.base import Oracle, ScoreOracle
+from ..policy import Policy
 from ..prompts import Prompt
 from ..sampling import SamplingConfig, generate
 from ..steering import Steering
 from .activation_store import load_preference_activations, save_preference_activations
-from .config import PromptSplit, SIMSConfig, draw_prompts, split_pool
-from .guard import FluencyGuard
+from .config import PromptSplit, SIMSConfig, draw_prompts, split_prompts
+from .guard import FluencyGuard, render_frontier
 from .outcome import run_outcome
+from .records import (
+    CalibrationPoint,
+    CalibrationRecord,
+    EvalRecord,
+    FitRecord,
+    FluencyRecord,
+    IterationRecord,
+    SampleRecord,
+)
 from .rundir import RunDir
-from .selection import judging_stats, select_samples, training_rows
+from .selection import Selection, select_samples
+from .spec import ModelSpec, RunSpec
 from .table import TABLE_HEADER, format_row
 
 log = logging.getLogger(__name__)
@@ -54,10 +66,10 @@ StepCallback = Callable[[str, int], None]
 
 @dataclass
 class SIMSResult:
-    """What :meth:`SIMS.fit` returns: the final policy's steering and the summary rows."""
+    """What :meth:`SIMS.fit` returns: the final policy and the summary rows."""
 
-    policy: Steering | list[Steering]
-    history: list[dict[str, Any]]
+    policy: Policy
+    history: list[IterationRecord]
     run_dir: Path
 
 
@@ -74,21 +86,21 @@ class SIMS:
 
     def __init__(
         self,
-        model: LoadedModel,
+        lm: LoadedModel,
         oracle: Oracle,
         learner: Learner,
         config: SIMSConfig | None = None,
         progress: bool = True,
         callback: StepCallback | None = None,
     ) -> None:
-        self.lm = model
+        self.lm = lm
         self.oracle = oracle
         self.learner = learner
         self.config = config or SIMSConfig()
         self.progress = progress
         self.callback = callback
-        self.layers = parse_layers(learner.config.layers, model.num_layers)
-        self.guard = FluencyGuard(model, oracle, self.config.guard, self.config.sampling)
+        self.layers = parse_layers(learner.config.layers, lm.num_layers)
+        self.guard = FluencyGuard(lm, oracle, self.config.guard, self.config.sampling)
 
     # -- public ------------------------------------------------------------------
     def fit(
@@ -96,7 +108,8 @@ class SIMS:
         prompts: Sequence[Prompt | str],
         run_dir: str | Path,
         eval_prompts: Sequence[Prompt | str] | None = None,
-        extra_config: dict[str, Any] | None = None,
+        prompt_sources: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> SIMSResult:
         """Run (or resume) the loop in ``run_dir`` and return the final policy.
 
@@ -107,46 +120,43 @@ class SIMS:
             prompts: the prompt pool.
             eval_prompts: held-out prompts; by default ``config.eval_prompts`` are split
                 off the pool.
-            extra_config: recorded in ``config.json`` (the CLI stores how to rebuild the
-                model, oracle and learner for ``--resume``).
+            prompt_sources: where the prompts came from (``{"prompts": PATH, ...}``),
+                recorded in ``config.json`` (:attr:`RunSpec.prompts`).
+            extra: what a study records next to the run (a random-split baseline's kind,
+                the run it mirrors and its evaluation oracle; :attr:`RunSpec.extra`).
+
+        Raises:
+            SimsError: resuming with other settings than the run was started with (each
+                differing field is named with both values).
         """
         run = RunDir(Path(run_dir))
-        split = self._prepare(run, prompts, eval_prompts, extra_config)
-        history: list[dict[str, Any]] = []
+        split = self._prepare(run, prompts, eval_prompts, self._spec(prompt_sources, extra))
+        history: list[IterationRecord] = []
         if self.progress:
             tqdm.write(TABLE_HEADER)
         for t in range(self.config.iterations + 1):
-            history.append(self._iteration(run, t, split))
+            history.append(self._iteration(run, t, split, history))
             if self.progress:
                 tqdm.write(format_row(history[-1]))
-                if history[-1].get("stop"):
-                    tqdm.write(f"stopped: {history[-1]['stop']}")
-            if history[-1].get("stop"):
+                if history[-1].stop:
+                    tqdm.write(f"stopped: {history[-1].stop}")
+            if history[-1].stop:
                 break
-        write_json(run.summary, history)
+        write_json(run.summary, [row.to_json() for row in history])
         best = self.guard.final_index(history)
-        write_json(run.outcome, run_outcome(run, history, best))
-        stack = self._policy(run, best)
+        outcome = run_outcome(history, run.read_eval(0), run.read_eval(best), best)
+        write_json(run.outcome, outcome)
+        policy = Policy(self._policy(run, best)).with_metadata(policy_iteration=best)
         if run.final.exists():
             shutil.rmtree(run.final)
-        for steering in stack:
-            steering.metadata = {**steering.metadata, "policy_iteration": best}
-        if not stack:  # the unsteered model was best: an empty steering is a no-op
-            stack = [
-                Steering(
-                    {},
-                    self.learner.name,
-                    self.lm.fingerprint(),
-                    metadata={"unsteered": True, "policy_iteration": 0},
-                )
-            ]
-        if self.config.compose:
-            for i, steering in enumerate(stack, 1):
-                steering.save(run.final / f"step_{i}")
-            policy: Steering | list[Steering] = stack
-        else:
-            policy = stack[-1]
-            policy.save(run.final)
+        # An empty policy (the unsteered model was best) is saved as a steering without layers.
+        policy.save(
+            run.final,
+            steps=self.config.compose,
+            fingerprint=self.lm.fingerprint(),
+            learner=self.learner.name,
+            metadata={"policy_iteration": best},
+        )
         return SIMSResult(policy=policy, history=history, run_dir=run.root)
 
     def _prepare(
@@ -154,111 +164,93 @@ class SIMS:
         run: RunDir,
         prompts: Sequence[Prompt | str],
         eval_prompts: Sequence[Prompt | str] | None,
-        extra_config: dict[str, Any] | None,
+        spec: RunSpec,
     ) -> PromptSplit:
         """Split the pool (train / eval / calibration) for a new run, or reload it."""
         if run.is_run():
-            return self._check_resume(run)
-        pool = [p if isinstance(p, Prompt) else Prompt(str(i), p) for i, p in enumerate(prompts)]
-        if not pool:
-            raise SimsError("no prompts to learn from")
-        if run.root.exists() and any(run.root.iterdir()):
+            return self._check_resume(run, spec)
+        if prompts and run.root.exists() and any(run.root.iterdir()):
             raise SimsError(f"{run.root} exists and is not an empty run directory")
-        if eval_prompts is not None:
-            held_out = [
-                p if isinstance(p, Prompt) else Prompt(f"eval-{i}", p) for i, p in enumerate(eval_prompts)
-            ]
-            train = list(pool)
-            random.Random(self.config.seed).shuffle(train)
-        else:
-            train, held_out = split_pool(pool, self.config.eval_prompts, self.config.seed)
-        calibration: list[Prompt] = []
-        if self.config.guard.enabled:
-            n = self.config.guard.calibration_prompts
-            if len(train) <= n:
-                raise SimsError(
-                    f"{len(train)} training prompts leave none after {n} calibration "
-                    "prompts: add prompts, lower --calibration-prompts or turn the "
-                    "guard off with --fluency-budget off"
-                )
-            calibration, train = train[:n], train[n:]
-        split = PromptSplit(train, held_out, calibration)
+        split = split_prompts(self.config, prompts, eval_prompts)
         for path, part in (
-            (run.prompts, train),
-            (run.eval_prompts, held_out),
-            (run.calibration_prompts, calibration),
+            (run.prompts, split.train),
+            (run.eval_prompts, split.eval),
+            (run.calibration_prompts, split.calibration),
         ):
             write_jsonl(path, [{"id": p.id, "prompt": p.text} for p in part])
-        write_json(run.config, self._config_record(extra_config))
+        write_json(run.config, spec.to_json())
         return split
 
     # -- steps -------------------------------------------------------------------
-    def _iteration(self, run: RunDir, t: int, split: PromptSplit) -> dict:
+    def _iteration(
+        self, run: RunDir, t: int, split: PromptSplit, history: list[IterationRecord]
+    ) -> IterationRecord:
+        """Iteration t on policy pi_t (``history``: the rows of iterations 0 .. t - 1)."""
         if run.iteration_summary(t).is_file():
-            return read_json(run.iteration_summary(t))
+            return run.read_iteration(t)
         cfg = self.config
         last = t == cfg.iterations
         policy = self._policy(run, t)
         seconds: dict[str, float] = {}
-        row: dict[str, Any] = {
-            "iteration": t,
-            "policy": f"iter_{t}" if t else "unsteered",
-            "strength": policy[-1].strength if policy else 0.0,
-        }
 
         clock = time.perf_counter()
-        eval_rows = self._step_eval(run, t, split.eval, policy)
-        scores = [r["score"] for r in eval_rows if r.get("score") is not None]
-        row["eval_score"] = float(np.mean(scores)) if scores else None
-        row["eval_fluency"] = self._fluency(eval_rows)
+        evals = self._step_eval(run, t, split.eval, policy)
+        eval_scores = [r.score for r in evals if r.score is not None]
+        eval_fluency = self._fluency(evals)
         seconds["eval"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        samples = self._step_sample(run, t, split.train, policy)
+        selection = self._step_sample(run, t, split.train, policy)
         seconds["sample_and_rank"] = time.perf_counter() - clock
-        sample_scores = [r["score"] for r in samples if r.get("score") is not None]
-        row["sample_score"] = float(np.mean(sample_scores)) if sample_scores else None
-        row["sample_fluency"] = self._fluency(samples)
-        row["num_prompts"] = len({r["prompt_id"] for r in samples})
-        row["num_positive"] = sum(r["label"] == "positive" for r in samples)
-        row["num_negative"] = sum(r["label"] == "negative" for r in samples)
-        row["tokens_generated"] = sum(r["num_tokens"] for r in samples) + sum(
-            r["num_tokens"] for r in eval_rows
-        )
-        row["mean_response_tokens"] = float(np.mean([r["num_tokens"] for r in samples]))
-        row.update(judging_stats(run, t, samples))
+        samples = selection.samples
+        sample_scores = [r.score for r in samples if r.score is not None]
 
+        tokens_forward = fit = calibration = stop = None
         if not last:
             clock = time.perf_counter()
-            data, forward_tokens = self._step_collect(run, t, samples)
+            data, tokens_forward = self._step_collect(run, t, selection)
             seconds["collect"] = time.perf_counter() - clock
-            row["tokens_forward"] = forward_tokens
             clock = time.perf_counter()
-            row["fit"] = self._step_fit(run, t, data, policy)
+            fit = self._step_fit(run, t, data, policy)
             seconds["fit"] = time.perf_counter() - clock
             if cfg.guard.enabled:
                 clock = time.perf_counter()
-                row["calibration"] = self.guard.calibrate_step(
-                    run,
-                    t,
-                    split.calibration,
-                    policy if self.config.compose else [],
-                    progress=self._bar(f"iter {t} calibrate"),
-                )
-                self._notify("calibrate", t)
+                calibration = self._step_calibrate(run, t, split.calibration, policy if cfg.compose else [])
                 seconds["calibrate"] = time.perf_counter() - clock
-                row["stop"] = self.guard.stop_reason(run, t, row["calibration"])
-        row["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-        row["seconds_total"] = round(sum(seconds.values()), 2)
-        write_json(run.iteration_summary(t), row)
+                earlier = [row.calibration for row in history if row.calibration is not None]
+                stop = self.guard.stop_reason(calibration, earlier)
+        row = IterationRecord(
+            iteration=t,
+            policy=f"iter_{t}" if t else "unsteered",
+            strength=policy[-1].strength if policy else 0.0,
+            eval_score=float(np.mean(eval_scores)) if eval_scores else None,
+            eval_fluency=eval_fluency,
+            sample_score=float(np.mean(sample_scores)) if sample_scores else None,
+            sample_fluency=self._fluency(samples),
+            num_prompts=len({r.prompt_id for r in samples}),
+            num_positive=sum(r.label == "positive" for r in samples),
+            num_negative=sum(r.label == "negative" for r in samples),
+            tokens_generated=sum(r.num_tokens for r in samples) + sum(r.num_tokens for r in evals),
+            mean_response_tokens=float(np.mean([r.num_tokens for r in samples])),
+            judging=selection.judging_stats(),
+            tokens_forward=tokens_forward,
+            fit=fit,
+            calibration=calibration,
+            stop=stop,
+            seconds={k: round(v, 2) for k, v in seconds.items()},
+            seconds_total=round(sum(seconds.values()), 2),
+        )
+        write_json(run.iteration_summary(t), row.to_json())
         self._notify("summary", t)
         return row
 
-    def _step_eval(self, run: RunDir, t: int, held_out: list[Prompt], policy: list[Steering]) -> list[dict]:
+    def _step_eval(
+        self, run: RunDir, t: int, held_out: list[Prompt], policy: list[Steering]
+    ) -> list[EvalRecord]:
         if not held_out:
             return []
         if run.eval(t).is_file():
-            return read_jsonl(run.eval(t))
+            return run.read_eval(t)
         greedy = SamplingConfig(
             temperature=0.0,
             max_new_tokens=self.config.sampling.max_new_tokens,
@@ -274,24 +266,27 @@ class SIMS:
             else [None] * len(texts)
         )
         rows = [
-            {
-                "iteration": t,
-                "prompt_id": p.id,
-                "prompt": p.text,
-                "response": g[0].text,
-                "num_tokens": g[0].num_tokens,
-                "finished": g[0].finished,
-                "score": None if s is None else float(s),
-            }
+            EvalRecord(
+                iteration=t,
+                prompt_id=p.id,
+                prompt=p.text,
+                response=g[0].text,
+                num_tokens=g[0].num_tokens,
+                finished=g[0].finished,
+                score=None if s is None else float(s),
+            )
             for p, g, s in zip(held_out, gens, scores, strict=True)
         ]
-        write_jsonl(run.eval(t), rows)
+        write_jsonl(run.eval(t), [r.to_json() for r in rows])
         self._notify("eval", t)
         return rows
 
-    def _step_sample(self, run: RunDir, t: int, train: list[Prompt], policy: list[Steering]) -> list[dict]:
+    def _step_sample(self, run: RunDir, t: int, train: list[Prompt], policy: list[Steering]) -> Selection:
         if run.samples(t).is_file():
-            return read_jsonl(run.samples(t))
+            # Resumed: the samples, and for cs the pairs and the bank, are on disk.
+            pairs = run.read_pairs(t)
+            bank = run.read_bank(self.config.bank) if pairs is not None else None
+            return Selection(run.read_samples(t), pairs, bank)
         cfg = self.config
         batch = draw_prompts(train, t, cfg.prompts_per_iteration, cfg.seed)
         gens = generate(
@@ -304,105 +299,124 @@ class SIMS:
             progress=self._bar(f"iter {t} sample"),
         )
         judgments = self.oracle.judge([p.text for p in batch], [[g.text for g in gs] for gs in gens])
+        bank = None
+        if cfg.variant == "cs":
+            bank = run.read_bank(cfg.bank)
+            if cfg.bank.rescore and len(bank):
+                bank = bank.rescored(t, self.oracle)
         # The variant (sims / pr / cs) decides the labels; cs also updates the bank.
-        rows = select_samples(cfg, run, t, batch, gens, judgments, self.oracle)
-        write_jsonl(run.samples(t), rows)
+        selection = select_samples(cfg, t, batch, gens, judgments, bank)
+        if selection.bank is not None and selection.pairs is not None:
+            write_jsonl(run.bank, selection.bank.to_json())
+            write_jsonl(run.pairs(t), [p.to_json() for p in selection.pairs])
+        write_jsonl(run.samples(t), [r.to_json() for r in selection.samples])
         self._notify("sample", t)
-        return rows
+        return selection
 
     def _step_collect(
-        self, run: RunDir, t: int, samples: list[dict]
+        self, run: RunDir, t: int, selection: Selection
     ) -> tuple[PreferenceActivations | None, int]:
         self.learner.prepare(self.lm)  # learners that need the model at fit time (ActAdd)
         kind = self.learner.needs
         if kind == "none":
             log.info("iteration %d: learner %s ignores D+ and D-", t, self.learner.name)
-            empty = torch.zeros(0, len(self.layers), self.lm.hidden_size)
-            return PreferenceActivations(self.layers, empty, empty, [], [], torch.zeros(len(self.layers))), 0
+            return collect_preference_activations(self.lm, kind, [], [], 0, [], self.layers)
         path = run.activations(t)
         if path.is_file():
             return load_preference_activations(path)
-        chosen = training_rows(run, t, samples)
-        pos = [r for r in chosen if r["label"] == "positive"]
-        neg = [r for r in chosen if r["label"] == "negative"]
+        chosen = selection.training()
+        pos = [r for r in chosen if r.label == "positive"]
+        neg = [r for r in chosen if r.label == "negative"]
         if not pos or not neg:
             log.warning("iteration %d: no contrast (D+ %d, D- %d); the policy is kept", t, len(pos), len(neg))
             return None, 0
-        acts = collect_activations(
+        groups = {pid: i for i, pid in enumerate(dict.fromkeys(r.prompt_id for r in chosen))}
+        data, forward_tokens = collect_preference_activations(
             self.lm,
-            [r["prompt"] for r in pos + neg],
-            [r["response"] for r in pos + neg],
+            kind,
+            [r.prompt for r in pos + neg],
+            [r.response for r in pos + neg],
+            len(pos),
+            [groups[r.prompt_id] for r in pos + neg],
             self.layers,
             summary=self.config.summary,
             batch_size=self.config.activation_batch_size,
+            max_response_tokens=getattr(self.learner.config, "max_response_tokens", 32),
             progress=self._bar(f"iter {t} collect"),
         )
-        # Per-token / per-head activations, only for learners that ask (HPR, ITI).
-        extra = collect_extra_activations(
-            self.lm,
-            kind,
-            [r["prompt"] for r in pos + neg],
-            [r["response"] for r in pos + neg],
-            self.layers,
-            len(pos),
-            batch_size=self.config.activation_batch_size,
-            max_response_tokens=getattr(self.learner.config, "max_response_tokens", 32),
-            progress=self._bar(f"iter {t} collect {kind}"),
-        )
-        groups = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in chosen))}
-        data = PreferenceActivations(
-            layers=self.layers,
-            positive=acts.summaries[: len(pos)],
-            negative=acts.summaries[len(pos) :],
-            positive_groups=[groups[r["prompt_id"]] for r in pos],
-            negative_groups=[groups[r["prompt_id"]] for r in neg],
-            token_norms=acts.token_norms,
-            **extra,  # type: ignore[arg-type]
-        )
-        save_preference_activations(path, data, acts.num_tokens)
+        save_preference_activations(path, data, forward_tokens)
         self._notify("collect", t)
-        return data, acts.num_tokens
+        return data, forward_tokens
 
     def _step_fit(
         self, run: RunDir, t: int, data: PreferenceActivations | None, policy: list[Steering]
-    ) -> dict:
+    ) -> FitRecord:
         # With the guard on, the raw fit waits in fitted/ until a strength is chosen.
         target = run.fitted(t) if self.config.guard.enabled else run.steering(t + 1)
         if (target / "steering_config.json").is_file():
             saved = Steering.load(target)
-            return {
-                "learner": self.learner.name,
-                "carried_over": bool(saved.metadata.get("carried_over", False)),
-            }
+            return FitRecord(self.learner.name, bool(saved.metadata.get("carried_over", False)))
         if data is None:
             if not policy:
                 # Nothing learned yet: an empty steering is the unsteered model.
                 steering = Steering({}, self.learner.name, self.lm.fingerprint())
             else:
                 steering = policy[-1]
-            steering.metadata = {**steering.metadata, "carried_over": True}
+            steering = steering.with_metadata(carried_over=True)
         else:
             clock = time.perf_counter()
             steering = self.learner.fit(data, self.lm.fingerprint())
-            steering.metadata = {
-                **steering.metadata,
-                "iteration": t + 1,
-                "fit_seconds": round(time.perf_counter() - clock, 3),
-            }
+            steering = steering.with_metadata(
+                iteration=t + 1, fit_seconds=round(time.perf_counter() - clock, 3)
+            )
         steering.save(target)
         self._notify("fit", t)
-        return {"learner": self.learner.name, "carried_over": data is None}
+        return FitRecord(self.learner.name, data is None)
 
-    def _fluency(self, rows: list[dict]) -> dict | None:
+    def _step_calibrate(
+        self, run: RunDir, t: int, prompts: list[Prompt], previous: list[Steering]
+    ) -> CalibrationRecord:
+        """The guard's strength for iteration t's fit; saves policy t + 1 at it."""
+        base = run.read_calibration_base()
+        if base is None:
+            base = self.guard.measure_base(prompts, self._bar("calibration base"))
+            write_json(run.calibration_base, base.to_json())
+        candidate = Steering.load(run.fitted(t))
+
+        def save_points(points: list[CalibrationPoint]) -> None:
+            # Each point is saved as it finishes, so a resumed calibration skips it.
+            write_jsonl(run.calibration(t), [p.to_json() for p in points])
+
+        calibration = self.guard.calibrate(
+            prompts,
+            previous,
+            candidate,
+            base,
+            done=run.read_calibration(t),
+            on_point=save_points,
+            progress=self._bar(f"iter {t} calibrate"),
+        )
+        png = render_frontier(calibration.points, base, self.config.guard, self.guard.frontier_title(t))
+        atomic_write_bytes(run.frontier(t), png)
+        chosen = calibration.chosen_point
+        if chosen is not None and not run.steering(t + 1).is_dir():
+            policy_next = candidate.with_strength(chosen.strength).with_metadata(
+                calibrated_multiplier=chosen.multiplier
+            )
+            policy_next.save(run.steering(t + 1))
+        self._notify("calibrate", t)
+        return calibration
+
+    def _fluency(self, rows: Sequence[SampleRecord] | Sequence[EvalRecord]) -> FluencyRecord | None:
         if not rows:
             return None
         report = fluency_report(
             self.lm,
-            [r["prompt"] for r in rows],
-            [r["response"] for r in rows],
-            [r["num_tokens"] for r in rows],
+            [r.prompt for r in rows],
+            [r.response for r in rows],
+            [r.num_tokens for r in rows],
         )
-        return report.to_dict()
+        return FluencyRecord.from_json(report.to_dict())
 
     # -- helpers -----------------------------------------------------------------
     def _policy(self, run: RunDir, t: int) -> list[Steering]:
@@ -413,32 +427,32 @@ class SIMS:
             return [Steering.load(run.steering(t))]
         return [Steering.load(run.steering(s)) for s in range(1, t + 1)]
 
-    def _check_resume(self, run: RunDir) -> PromptSplit:
-        saved = read_json(run.config)
-        if SIMSConfig.from_dict(saved.get("sims", {})) != self.config:
-            raise SimsError(f"{run.root} was started with other loop settings; resume it with the same ones")
+    def _check_resume(self, run: RunDir, spec: RunSpec) -> PromptSplit:
+        """Reload a run's prompts, after checking it was started with ``spec``'s settings."""
+        diffs = run.spec().mismatches(spec)
+        if diffs:
+            raise SimsError(
+                f"{run.root} was started with other loop settings; resume it with the same ones "
+                f"({'; '.join(diffs)})"
+            )
+        return PromptSplit(
+            run.read_prompts(run.prompts),
+            run.read_prompts(run.eval_prompts),
+            run.read_prompts(run.calibration_prompts),
+        )
 
-        def read(path: Path) -> list[Prompt]:
-            return [Prompt(r["id"], r["prompt"]) for r in read_jsonl(path)] if path.is_file() else []
-
-        return PromptSplit(read(run.prompts), read(run.eval_prompts), read(run.calibration_prompts))
-
-    def _config_record(self, extra: dict[str, Any] | None) -> dict[str, Any]:
-        from .._version import __version__
-
-        return {
-            "simsteer_version": __version__,
-            "model": {
-                "source": self.lm.source,
-                "fingerprint": self.lm.fingerprint(),
-                "dtype": str(self.lm.dtype).replace("torch.", ""),
-            },
-            "oracle": self.oracle.describe(),
-            "learner": {"name": self.learner.name, **self.learner.hyperparameters()},
-            "layers": self.layers,
-            "sims": self.config.to_dict(),
-            **(extra or {}),
-        }
+    def _spec(self, prompt_sources: dict[str, Any] | None, extra: dict[str, Any] | None) -> RunSpec:
+        """What ``config.json`` records of this run (see :class:`RunSpec`)."""
+        return RunSpec(
+            model=ModelSpec.of(self.lm),
+            oracle=self.oracle.describe(),
+            learner={"name": self.learner.name, **self.learner.hyperparameters()},
+            layers=self.layers,
+            sims=self.config,
+            prompts=dict(prompt_sources or {}),
+            simsteer_version=__version__,
+            extra=dict(extra or {}),
+        )
 
     def _bar(self, label: str) -> bool | str:
         return label if self.progress else False

@@ -9,10 +9,15 @@ its own registry accepts back (``get_oracle(spec.oracle)``,
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import SimsError
 from .config import SIMSConfig
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 #: Version of the config.json layout. 1: written by simsteer <= 0.1.0 before the typed
 #: records (a ``cli`` namespace, no ``format_version`` key); 2: this layout.
@@ -38,6 +43,36 @@ class ModelSpec:
     trust_remote_code: bool = False
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, lm: LoadedModel) -> ModelSpec:
+        """How ``lm`` was loaded (its resolved dtype and device)."""
+        return cls(
+            source=lm.source,
+            dtype=str(lm.dtype).replace("torch.", ""),
+            device=str(lm.device),
+            trust_remote_code=lm.trust_remote_code,
+            fingerprint=lm.fingerprint(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "dtype": self.dtype,
+            "device": self.device,
+            "trust_remote_code": self.trust_remote_code,
+            "fingerprint": dict(self.fingerprint),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            source=data["source"],
+            dtype=data["dtype"],
+            device=data.get("device") or "",
+            trust_remote_code=bool(data.get("trust_remote_code", False)),
+            fingerprint=dict(data.get("fingerprint") or {}),
+        )
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -52,7 +87,14 @@ class RunSpec:
         prompts: where the prompt pool and held-out prompts came from (informative; the
             run directory holds the prompts themselves).
         simsteer_version: the library version that wrote the run.
-        format_version: :data:`RUN_FORMAT_VERSION`.
+        format_version: :data:`RUN_FORMAT_VERSION` (1 for a run read from the old layout).
+        extra: what a study records next to the run, written at the top level of
+            ``config.json`` (a random-split baseline's ``baseline``, ``like`` and
+            ``eval_oracle``); empty for a plain run.
+
+    Example:
+        >>> spec = RunDir(Path("runs/sims")).spec()
+        >>> oracle = get_oracle(spec.oracle["name"])
     """
 
     model: ModelSpec
@@ -63,3 +105,114 @@ class RunSpec:
     prompts: dict[str, Any] = field(default_factory=dict)
     simsteer_version: str = ""
     format_version: int = RUN_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``config.json`` holds (always the current format)."""
+        out = {
+            "format_version": RUN_FORMAT_VERSION,
+            "simsteer_version": self.simsteer_version,
+            "model": self.model.to_json(),
+            "oracle": dict(self.oracle),
+            "learner": dict(self.learner),
+            "layers": list(self.layers),
+            "sims": self.sims.to_dict(),
+            "prompts": dict(self.prompts),
+        }
+        clash = set(out) & set(self.extra)
+        if clash:
+            raise SimsError(f"extra run settings may not replace {', '.join(sorted(clash))}")
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSpec:
+        """Read ``config.json`` of this format, or of format 1 (simsteer <= 0.1.0: no
+        ``format_version``, the model without device, a ``cli`` namespace); any other
+        format is refused with one line naming it.
+
+        Args:
+            data: the parsed ``config.json``.
+        """
+        version = data.get("format_version", 1)
+        if version not in (1, RUN_FORMAT_VERSION):
+            raise SimsError(
+                f"run format version {version!r} is not supported by this simsteer "
+                f"(it reads versions 1 and {RUN_FORMAT_VERSION})"
+            )
+        known = {
+            "format_version",
+            "simsteer_version",
+            "model",
+            "oracle",
+            "learner",
+            "layers",
+            "sims",
+            "prompts",
+        }
+        model = dict(data["model"])
+        if version == 1:
+            # Format 1 kept how the model was loaded in the CLI namespace; the namespace
+            # itself is not carried over (a spec never holds one).
+            cli = data.get("cli") or {}
+            model.setdefault("device", cli.get("device") or "")
+            model.setdefault("trust_remote_code", bool(cli.get("trust_remote_code", False)))
+            # ... and where its prompts came from (the random-split baseline re-reads them).
+            sources = {key: cli.get(key) for key in ("prompts", "eval_prompts_file") if key in cli}
+            data = {**data, "prompts": data.get("prompts") or sources}
+            known.add("cli")
+        return cls(
+            model=ModelSpec.from_json(model),
+            oracle=dict(data["oracle"]),
+            learner=dict(data["learner"]),
+            layers=list(data.get("layers") or []),
+            sims=SIMSConfig.from_dict(data["sims"]),
+            prompts=dict(data.get("prompts") or {}),
+            simsteer_version=data.get("simsteer_version", ""),
+            format_version=version,
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    def mismatches(self, current: RunSpec) -> list[str]:
+        """What ``current`` changes of this (saved) spec that a resume cannot change:
+        the loop's settings, the oracle and learner specs, the model's fingerprint and
+        dtype; one ``field: saved ... now ...`` entry per differing field.
+
+        For a format-1 spec, the oracle and learner are compared on the keys both specs
+        have (newer versions describe them with more keys).
+
+        Args:
+            current: the spec of the run as it would be started now.
+        """
+        pairs = {
+            "sims": (self.sims.to_dict(), current.sims.to_dict()),
+            "oracle": (self.oracle, current.oracle),
+            "learner": (self.learner, current.learner),
+            "model.fingerprint": (self.model.fingerprint, current.model.fingerprint),
+            "model.dtype": (self.model.dtype, current.model.dtype),
+        }
+        out = []
+        for name, (saved, now) in pairs.items():
+            # Compare what JSON keeps (tuples become lists, keys strings).
+            flat_saved, flat_now = _flatten(name, _plain(saved)), _flatten(name, _plain(now))
+            if self.format_version < 2 and name in ("oracle", "learner"):
+                flat_saved = {k: v for k, v in flat_saved.items() if k in flat_now}
+                flat_now = {k: v for k, v in flat_now.items() if k in flat_saved}
+            for key in sorted(set(flat_saved) | set(flat_now)):
+                a, b = flat_saved.get(key, "(unset)"), flat_now.get(key, "(unset)")
+                if a != b:
+                    out.append(f"{key}: saved {a!r}, now {b!r}")
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"prefix.a.b": 1}`` (lists stay values)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flatten(f"{prefix}.{key}", item))
+    return out

@@ -62,6 +62,7 @@ class Oracle(ABC):
         """One :class:`Judgment` per prompt (batched over all prompts)."""
 
     def describe(self) -> dict:
+        """The oracle's spec: its name and settings, which ``get_oracle`` accepts back."""
         return {"name": self.name}
 
 
@@ -72,6 +73,9 @@ class ScoreOracle(Oracle):
         if temperature <= 0:
             raise ValueError("the Bradley-Terry temperature must be > 0")
         self.temperature = temperature
+
+    def describe(self) -> dict:
+        return {"name": self.name, "temperature": self.temperature}
 
     @abstractmethod
     def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:

@@ -258,4 +258,11 @@ class JudgeOracle(Oracle):
             "mode": cfg.mode,
             "template": self.template.name,
             "swap": cfg.swap,
+            "concurrency": cfg.concurrency,
+            "timeout": cfg.timeout,
+            "retries": cfg.retries,
+            "backoff": cfg.backoff,
+            "max_tokens": cfg.max_tokens,
+            # absolute: the saved spec finds the same cache from any folder
+            "cache": str(Path(cfg.cache).expanduser().resolve()) if cfg.cache else None,
         }

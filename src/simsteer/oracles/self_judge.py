@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import SimsError
-from ..models import LoadedModel, encode_prompt, left_pad
+from ..models import LoadedModel
+from ..tokens import TokenRow, encode_prompt, teacher_forced
 from .base import Judgment, Oracle, ScoreOracle
 from .templates import Template, load_template
 
@@ -55,21 +56,13 @@ class LikelihoodJudge:
         yes_ids, no_ids = self.verdict_ids(yes), self.verdict_ids(no)
         if not yes_ids or not no_ids or set(yes_ids) & set(no_ids):
             raise SimsError(f"the tokenizer cannot tell the verdicts {yes!r} and {no!r} apart")
-        tok, model = self.lm.tokenizer, self.lm.model
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # The verdict is the next token after each question: no response tokens.
+        rows = [TokenRow(encode_prompt(self.lm.tokenizer, q)[-self.max_length :], 0) for q in questions]
         out: list[float] = []
         with torch.inference_mode():
-            for start in range(0, len(questions), self.batch_size):
-                encoded = [
-                    encode_prompt(tok, q)[-self.max_length :]
-                    for q in questions[start : start + self.batch_size]
-                ]
-                ids, mask = left_pad(encoded, pad)
-                logits = (
-                    model(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device))
-                    .logits[:, -1]
-                    .float()
-                )
+            batches = teacher_forced(self.lm, rows, self.batch_size, whole_model=True, longest_first=False)
+            for batch in batches:
+                logits = batch.logits[:, -1].float()
                 log_yes = torch.logsumexp(logits[:, yes_ids], dim=-1)
                 log_no = torch.logsumexp(logits[:, no_ids], dim=-1)
                 out.extend(torch.sigmoid(log_yes - log_no).cpu().tolist())
@@ -107,7 +100,12 @@ class SelfJudgeOracle(ScoreOracle):
         return self.judge_lm.probability(questions, *self.verdicts)
 
     def describe(self) -> dict:
-        return {"name": self.name, "template": self.template.name, "verdicts": list(self.verdicts)}
+        return {
+            "name": self.name,
+            "template": self.template.name,
+            "verdicts": list(self.verdicts),
+            "temperature": self.temperature,
+        }
 
 
 class SelfJudgePairwiseOracle(Oracle):

@@ -64,9 +64,17 @@ def load_template(name_or_path: str) -> Template:
             f"template not found: {name_or_path} (give a file path or one of {', '.join(BUILTIN)})"
         )
     try:
-        return Template(str(path), path.read_text("utf-8"))
+        return Template(template_ref(name_or_path), path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise SimsError(f"cannot read template {path}: {exc}") from None
+
+
+def template_ref(name_or_path: str) -> str:
+    """How a spec names a template: a built-in's name, or a file's absolute path (so the
+    spec still finds the file from another folder)."""
+    if name_or_path in BUILTIN:
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
 
 
 def numbered_responses(responses: list[str], label: str = "Answer") -> str:

@@ -30,12 +30,25 @@ from ..errors import SimsError
 from .base import Judgment, Oracle, ScoreOracle, bradley_terry
 
 
+def _is_file(module_name: str) -> bool:
+    return module_name.endswith(".py") or "/" in module_name
+
+
+def python_target(target: str) -> str:
+    """``MODULE:FUNCTION`` unchanged, ``FILE.py:FUNCTION`` with the file made absolute (a
+    saved spec must find the file from any folder)."""
+    module_name, sep, fn_name = target.rpartition(":")
+    if sep and _is_file(module_name):
+        return f"{Path(module_name).expanduser().resolve()}:{fn_name}"
+    return target
+
+
 def load_function(target: str) -> Callable:
     """``MODULE:FUNCTION`` or ``PATH.py:FUNCTION`` -> the function."""
     module_name, sep, fn_name = target.rpartition(":")
     if not sep or not module_name or not fn_name:
         raise SimsError(f"python oracle needs MODULE:FUNCTION or FILE.py:FUNCTION, got {target!r}")
-    if module_name.endswith(".py") or "/" in module_name:
+    if _is_file(module_name):
         path = Path(module_name)
         if not path.is_file():
             raise SimsError(f"python oracle file not found: {path}")
@@ -113,7 +126,7 @@ class PythonRankOracle(Oracle):
 
 def python_oracle(target: str, temperature: float = 1.0) -> Oracle:
     fn = load_function(target)
-    name = f"python:{target}"
+    name = f"python:{python_target(target)}"
     return PythonRankOracle(fn, name) if is_ranker(fn) else PythonScoreOracle(fn, name, temperature)
 
 
@@ -151,6 +164,9 @@ class SelfConsistencyOracle(Oracle):
 
     def __init__(self, temperature: float = 0.1) -> None:
         self.temperature = temperature
+
+    def describe(self) -> dict:
+        return {"name": self.name, "temperature": self.temperature}
 
     def judge(self, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
         out = []

@@ -15,8 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .config import ServeConfig
 from .engine import BatchEngine, GenerationRequest
-from .server import ServeConfig
 
 
 class _BadRequest(Exception):
@@ -121,7 +121,7 @@ def create_app(engine: BatchEngine, config: ServeConfig):
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
             return check_length(list(tok(text, add_special_tokens=False)["input_ids"]))
-        from ..models import format_prompt
+        from ..tokens import format_prompt
 
         joined = "\n\n".join(m["content"] for m in clean if m["role"] != "assistant")
         return check_length(list(tok(format_prompt(tok, joined))["input_ids"]))

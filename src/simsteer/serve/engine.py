@@ -23,8 +23,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..models import LoadedModel, eos_token_ids, left_pad
+from ..models import LoadedModel
 from ..steering import Steering
+from ..tokens import eos_token_ids, left_pad
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,126 @@
+"""``sims eval``, ``sims compare`` and ``sims judge-check``: studies of runs and oracles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..evaluation.datasets import MC_TASKS
+from ..evaluation.run_eval import SCORERS, EvalConfig
+from ..oracles import ORACLE_NAMES
+from .options import integer, names
+
+_ORACLES = ", ".join(ORACLE_NAMES)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``sims eval``, ``sims compare`` and ``sims judge-check``."""
+    base = EvalConfig()
+    ev = sub.add_parser("eval", help="evaluate a run: eval.json, report.md and plots in the run directory")
+    ev.add_argument("run", help="run directory or baseline folder")
+    ev.add_argument(
+        "--judge",
+        action="append",
+        default=[],
+        help=f"extra judge oracle for win rates (repeatable), one of: {_ORACLES}",
+    )
+    ev.add_argument(
+        "--scorers",
+        type=names,
+        default=base.scorers,
+        help=f"attribute scorers (default: {','.join(SCORERS)})",
+    )
+    ev.add_argument(
+        "--mc", type=names, default=base.mc_tasks, help=f"multiple-choice tasks from: {', '.join(MC_TASKS)}"
+    )
+    ev.add_argument(
+        "--mc-limit", type=integer, default=base.mc_limit, help="items per task (seeded subset; 0 = all)"
+    )
+    ev.add_argument(
+        "--alpaca", type=integer, default=base.alpaca, help="AlpacaEval instructions judged vs the reference"
+    )
+    ev.add_argument(
+        "--prompts", default=None, help="held-out prompts (default: the run's eval_prompts.jsonl)"
+    )
+    ev.add_argument("--max-new-tokens", type=integer, default=None)
+    ev.add_argument("--data", default=None, help="evaluation data folder (default ../shared/data)")
+    ev.add_argument("--bootstrap", type=integer, default=base.bootstrap_rounds, help="bootstrap resamples")
+    ev.add_argument("--out", default=None, help="report folder (default: the run directory)")
+    ev.set_defaults(func=cmd_eval)
+
+    cmp_ = sub.add_parser("compare", help="several evaluated runs in one table and plot")
+    cmp_.add_argument("runs", nargs="+")
+    cmp_.add_argument("--judge", default=None, help="which judge's win rate to show")
+    cmp_.add_argument("--out", "-o", default="runs/compare")
+    cmp_.set_defaults(func=cmd_compare)
+
+    jc = sub.add_parser("judge-check", help="an oracle's agreement with human preference pairs")
+    jc.add_argument("--oracle", required=True, help=f"oracle spec, as in sims run, one of: {_ORACLES}")
+    jc.add_argument("--pairs", default=None, help="JSONL(.gz) pairs (default: HH-RLHF harmless-base test)")
+    jc.add_argument("--limit", type=integer, default=None, help="first N pairs only (default: all)")
+    jc.add_argument(
+        "--model", default=None, help="backbone of self-rank / self-judge* (default: the embedded model)"
+    )
+    jc.add_argument("--dtype", default="auto", help="dtype of --model (auto, float32, bfloat16, float16)")
+    jc.add_argument("--data", default=None, help="data folder holding hh_rlhf/ (default ../shared/data)")
+    jc.set_defaults(func=cmd_judge_check)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run and print its win rates against the unsteered model."""
+    from ..evaluation.report import write_report
+    from ..evaluation.run_eval import evaluate_run
+
+    config = EvalConfig(
+        judges=tuple(args.judge),
+        scorers=args.scorers,
+        mc_tasks=args.mc,
+        mc_limit=args.mc_limit or None,
+        alpaca=args.alpaca,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        data=args.data,
+        bootstrap_rounds=args.bootstrap,
+    )
+    result = evaluate_run(args.run, config)
+    path = write_report(result, Path(args.out or args.run))
+    for judge, w in result["win_rates_vs_base"].items():
+        v = w["win_rate"]
+        print(
+            f"win rate vs base ({judge}): {100 * v['value']:.1f}% "
+            f"[{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}]"
+        )
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Write and print the comparison table of evaluated runs."""
+    from ..evaluation.report import write_comparison
+
+    print(write_comparison(args.runs, Path(args.out), args.judge))
+    print(f"comparison written to {Path(args.out) / 'compare.md'}")
+    return 0
+
+
+def cmd_judge_check(args: argparse.Namespace) -> int:
+    """Print an oracle's agreement with human preference pairs as JSON."""
+    from ..evaluation.datasets import data_dir, load_pairs
+    from ..evaluation.judge_check import check_judge
+    from ..oracles import MODEL_ORACLES, get_oracle
+
+    path = (
+        Path(args.pairs)
+        if args.pairs
+        else data_dir(args.data) / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
+    )
+    lm = None
+    if args.oracle in MODEL_ORACLES:  # the model judges: load it
+        from ..models import load_model
+
+        lm = load_model(args.model, dtype=args.dtype)
+    oracle = get_oracle(args.oracle, lm=lm)
+    result = check_judge(oracle, load_pairs(path, args.limit), progress=True)
+    print(json.dumps({"pairs": str(path), **result.to_dict()}, indent=2))
+    return 0

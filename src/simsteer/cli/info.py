@@ -1,0 +1,75 @@
+"""``sims info``: summarise a run directory or a steering folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import SimsError
+
+if TYPE_CHECKING:
+    from ..loop.rundir import RunDir
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``sims info``."""
+    p = sub.add_parser("info", help="summarise a run directory or a steering folder")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a run's settings, table and status, or a steering folder's contents."""
+    from ..loop.rundir import RunDir
+    from ..policy import load_policy
+    from ..steering import CONFIG_NAME
+
+    path = Path(args.path)
+    run = RunDir(path)
+    if run.is_run():
+        _print_run(run, path)
+        return 0
+    if (path / CONFIG_NAME).is_file() or path.is_dir():
+        policy = load_policy(path)
+        if policy.is_unsteered:
+            print(f"steering {path}: none (the unsteered model)")
+        for steering in policy:
+            print(
+                f"steering {path}: learner {steering.learner}, layers {steering.layers}, "
+                f"positions {steering.positions}, strength {steering.strength}"
+            )
+            print(f"  model {json.dumps(steering.fingerprint)}")
+        return 0
+    raise SimsError(f"{path} is neither a run directory nor a steering folder")
+
+
+def _print_run(run: RunDir, path: Path) -> None:
+    from ..loop.outcome import format_outcome
+    from ..loop.table import format_table
+
+    spec = run.spec()
+    print(f"run {path}")
+    print(f"  model   {spec.model.source} ({spec.model.fingerprint.get('architecture')}, {spec.model.dtype})")
+    print(f"  oracle  {spec.oracle['name']}")
+    learner = dict(spec.learner)
+    print(f"  learner {learner.pop('name')} {json.dumps(learner)}")
+    sims = spec.sims
+    print(
+        f"  T={sims.iterations} N={sims.prompts_per_iteration} "
+        f"K={sims.samples_per_prompt} eval prompts={sims.eval_prompts}"
+    )
+    rows = run.history()
+    if rows:
+        print(format_table(rows))
+    if run.is_complete():
+        outcome = run.read_outcome()
+        if outcome:
+            print(format_outcome(outcome))
+        print("status: complete")
+    else:
+        print(
+            f"status: incomplete ({len(rows)} of {sims.iterations + 1} iterations); "
+            f"continue with: sims run --resume {path}"
+        )

@@ -1,0 +1,268 @@
+"""What several ``sims`` commands share: the parser class, argument types, the option
+groups (model, sampling, guard, bank, judge) and the configs built from them.
+
+Every default is read from the dataclass that owns the setting (:class:`SamplingConfig`,
+:class:`SIMSConfig`, :class:`GuardConfig`, :class:`BankConfig`, :class:`JudgeConfig`), so
+a default is written once, in the library, and ``--help`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import SimsError
+from ..hooks import check_positions
+from ..loop.bank import BankConfig
+from ..loop.config import SIMSConfig
+from ..loop.guard import GuardConfig
+from ..oracles.llm_judge import MODES, JudgeConfig
+from ..sampling import SamplingConfig
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors become :class:`SimsError` (one line, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SimsError(message)
+
+
+# -- argument types (argparse reports their ValueError-like failures in one line) -------
+def integer(text: str) -> int:
+    """An integer; its range is checked by the config that receives it."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def budget(text: str) -> float | None:
+    """A fluency budget, or ``off`` / ``none`` for the paper's unguarded loop."""
+    return None if text.lower() in ("off", "none") else number(text)
+
+
+def grid(text: str) -> tuple[float, ...]:
+    return tuple(number(x) for x in text.split(",") if x.strip())
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``key=value`` with a JSON value when it parses as one (``-L coefficient=0.04``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"learner options look like key=value, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def positions(text: str) -> str:
+    """A ``--positions`` value, checked against :data:`~simsteer.hooks.POSITIONS`."""
+    try:
+        return check_positions(text)
+    except SimsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def absolute_path(text: str) -> str:
+    """A path made absolute: what a run saves must still point there from elsewhere."""
+    return str(Path(text).expanduser().resolve())
+
+
+def model_source(text: str | None) -> str | None:
+    """A model argument with local paths made absolute (hub ids and ``None`` unchanged)."""
+    if text is not None and Path(text).expanduser().exists():
+        return absolute_path(text)
+    return text
+
+
+def flag(dest: str) -> str:
+    """The long option of a parser destination (every long option is its dest with dashes)."""
+    return "--" + dest.replace("_", "-")
+
+
+# -- option groups ----------------------------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--dtype``, ``--trust-remote-code``."""
+    group = p.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let transformers run code shipped with the model (off by default)",
+    )
+
+
+def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None = None) -> None:
+    """The :class:`SamplingConfig` flags and ``--seed``.
+
+    Args:
+        temperature: the command's own default temperature (``generate`` answers
+            greedily); ``None`` keeps :class:`SamplingConfig`'s.
+    """
+    base = SamplingConfig()
+    group = p.add_argument_group("sampling")
+    group.add_argument(
+        "--temperature",
+        type=number,
+        default=base.temperature if temperature is None else temperature,
+        help="0 for greedy decoding (default %(default)s)",
+    )
+    group.add_argument("--top-k", type=integer, default=base.top_k, help="0 = off (default %(default)s)")
+    group.add_argument("--top-p", type=number, default=base.top_p, help="1 = off (default %(default)s)")
+    group.add_argument("--max-new-tokens", type=integer, default=base.max_new_tokens)
+    group.add_argument("--batch-size", type=integer, default=base.batch_size)
+    group.add_argument("--seed", type=integer, default=SIMSConfig().seed)
+
+
+def add_guard_options(p: argparse.ArgumentParser) -> None:
+    """The fluency guard's flags (:class:`GuardConfig`)."""
+    base = GuardConfig()
+    group = p.add_argument_group("fluency guard")
+    group.add_argument(
+        "--fluency-budget",
+        type=budget,
+        default=base.fluency_budget,
+        help="allowed perplexity increase over the unsteered model (0.10 = +10%%), "
+        "or 'off' for the paper's plain loop (default %(default)s)",
+    )
+    group.add_argument(
+        "--repetition-margin",
+        type=number,
+        default=base.repetition_margin,
+        help="allowed repetition-rate increase (default %(default)s)",
+    )
+    group.add_argument(
+        "--strength-grid",
+        type=grid,
+        default=base.strength_grid,
+        help="strength multipliers tried after each fit",
+    )
+    group.add_argument(
+        "--calibration-prompts",
+        type=integer,
+        default=base.calibration_prompts,
+        help="held-out prompts the strengths are compared on (default %(default)s)",
+    )
+    group.add_argument(
+        "--patience",
+        type=integer,
+        default=base.patience,
+        help="stop after this many iterations without a better fluent score (0: never)",
+    )
+    group.add_argument(
+        "--full-grid",
+        action="store_true",
+        default=not base.stop_at_unfluent,
+        help="score every strength of the grid (default: stop the ascending scan at the "
+        "first strength that breaks the budget)",
+    )
+
+
+def add_bank_options(p: argparse.ArgumentParser) -> None:
+    """SIMS-CS's response-bank flags (:class:`BankConfig`)."""
+    base = BankConfig()
+    group = p.add_argument_group("response bank (--variant cs)")
+    group.add_argument(
+        "--bank-capacity", type=integer, default=base.capacity, help="most bank entries kept (0: all)"
+    )
+    group.add_argument(
+        "--bank-top", type=integer, default=base.top, help="entries trained on per update (0: N)"
+    )
+    group.add_argument(
+        "--bank-rescore",
+        action="store_true",
+        default=base.rescore,
+        help="re-ask the oracle about older entries",
+    )
+
+
+def add_judge_options(p: argparse.ArgumentParser) -> None:
+    """The LLM judge's flags (:class:`JudgeConfig`); model and base URL have no default."""
+    fields = JudgeConfig.__dataclass_fields__
+    group = p.add_argument_group("LLM judge (--oracle judge:MODEL@BASE_URL, or --oracle judge)")
+    group.add_argument("--judge-model", default=None, help="model name at the endpoint")
+    group.add_argument("--judge-base-url", default=None, help="e.g. http://127.0.0.1:8000/v1")
+    group.add_argument(
+        "--judge-api-key-env",
+        default=fields["api_key_env"].default,
+        metavar="VAR",
+        help="environment variable with the API key (only its name is saved; default %(default)s)",
+    )
+    group.add_argument("--judge-mode", choices=MODES, default=fields["mode"].default)
+    group.add_argument("--judge-concurrency", type=integer, default=fields["concurrency"].default)
+    group.add_argument(
+        "--judge-timeout", type=number, default=fields["timeout"].default, help="seconds per request"
+    )
+    group.add_argument(
+        "--judge-retries", type=integer, default=fields["retries"].default, help="retries on 429/5xx/timeouts"
+    )
+    group.add_argument(
+        "--judge-cache",
+        type=absolute_path,  # saved absolute in the run's oracle spec: found from any folder
+        default=fields["cache"].default,
+        metavar="FILE",
+        help="judgment cache (default: user cache)",
+    )
+
+
+# -- configs from flags -----------------------------------------------------------------
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+
+
+def guard_config(args: argparse.Namespace) -> GuardConfig:
+    return GuardConfig(
+        fluency_budget=args.fluency_budget,
+        repetition_margin=args.repetition_margin,
+        strength_grid=tuple(args.strength_grid),
+        calibration_prompts=args.calibration_prompts,
+        patience=args.patience,
+        stop_at_unfluent=not args.full_grid,
+    )
+
+
+def bank_config(args: argparse.Namespace) -> BankConfig:
+    return BankConfig(capacity=args.bank_capacity, top=args.bank_top, rescore=args.bank_rescore)
+
+
+def judge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`JudgeConfig` fields from the judge flags (model and base URL when given)."""
+    options: dict[str, Any] = {
+        "api_key_env": args.judge_api_key_env,
+        "mode": args.judge_mode,
+        "concurrency": args.judge_concurrency,
+        "timeout": args.judge_timeout,
+        "retries": args.judge_retries,
+        "cache": args.judge_cache,
+    }
+    if args.judge_model:
+        options["model"] = args.judge_model
+    if args.judge_base_url:
+        options["base_url"] = args.judge_base_url
+    return options

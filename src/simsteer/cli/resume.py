@@ -1,0 +1,224 @@
+"""``sims run --resume RUN``: rebuild a run from its ``config.json``.
+
+The model, oracle, learner and loop config come from the run's saved spec
+(:class:`~simsteer.loop.spec.RunSpec`), never from the command line. A flag typed on the
+resume command line is checked against the saved value: equal is fine, different is
+refused in one line that names the flag and both values (silently dropping it would run
+something other than what the user asked for). ``--device`` and ``--quiet`` say where
+and how to run, not what, and may change.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import SimsError
+from ..loop.config import SIMSConfig
+from ..loop.spec import RunSpec
+from .options import flag, model_source
+
+#: Options that may differ from the saved run: where and how it runs, not what it does.
+FREE = frozenset({"resume", "quiet", "device"})
+
+#: ``--dtype`` spellings -> the name a run saves.
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+#: (flag, value typed, value saved): one comparison of a typed option with the run.
+Comparison = tuple[str, Any, Any]
+Compare = Callable[[str, Any, RunSpec, argparse.Namespace], list[Comparison]]
+
+
+def _field(read: Callable[[RunSpec], Any]) -> Compare:
+    """A flag that maps 1:1 to one saved field."""
+    return lambda dest, given, spec, args: [(flag(dest), given, read(spec))]
+
+
+def _path(value: str | None) -> str | None:
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
+def _out(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    return [("--out", _path(given), _path(args.resume))]
+
+
+def _model(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    return [("--model", model_source(given), spec.model.source)]
+
+
+def _dtype(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    if given == "auto":  # auto picks per device; the run saved what it picked
+        return []
+    return [("--dtype", _DTYPES.get(given, given), spec.model.dtype)]
+
+
+def _prompt_file(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    return [(flag(dest), _path(given), spec.prompts.get(dest))]
+
+
+def _oracle_label(spec: dict[str, Any]) -> str:
+    if spec.get("name") == "judge" and spec.get("model"):
+        return f"judge:{spec['model']}@{spec.get('base_url')}"
+    return str(spec.get("name"))
+
+
+def _oracle(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    from ..oracles import oracle_spec
+
+    # The oracle's identity: its name, and for a judge the endpoint it names.
+    wanted = oracle_spec(given)
+    same = all(wanted[k] == spec.oracle.get(k) for k in ("name", "model", "base_url") if k in wanted)
+    return [("--oracle", given, given if same else _oracle_label(spec.oracle))]
+
+
+def _template(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    from ..oracles.templates import template_ref
+
+    return [("--oracle-template", template_ref(given), spec.oracle.get("template"))]
+
+
+def _judge(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    from ..oracles.llm_judge import JudgeConfig
+
+    key = dest.removeprefix("judge_")
+    saved = spec.oracle.get(key)
+    if key not in spec.oracle and spec.oracle.get("name") == "judge":
+        # Older specs leave out settings at their default.
+        saved = JudgeConfig.__dataclass_fields__[key].default
+    return [(flag(dest), given, saved)]
+
+
+def _learner_options(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    return [(f"-L {key}", value, spec.learner.get(key)) for key, value in given]
+
+
+def _layers(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    from ..models import parse_layers
+
+    # Compared as resolved indices: "1-2" and "1,2" are the same layers.
+    num_layers = int(spec.model.fingerprint.get("num_layers", 0)) or max(spec.layers, default=0) + 1
+    return [("--layers", parse_layers(given, num_layers), spec.layers)]
+
+
+def _settings() -> dict[str, Compare]:
+    """Every ``sims run`` option that is a setting of the run -> how to compare it."""
+    table: dict[str, Compare] = {
+        dest: _field(lambda s, d=dest: getattr(s.sims, d))
+        for dest in (
+            "iterations",
+            "prompts_per_iteration",
+            "samples_per_prompt",
+            "eval_prompts",
+            "summary",
+            "compose",
+            "variant",
+            "seed",
+        )
+    }
+    for dest in ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size"):
+        table[dest] = _field(lambda s, d=dest: getattr(s.sims.sampling, d))
+    for dest in ("fluency_budget", "repetition_margin", "strength_grid", "calibration_prompts", "patience"):
+        table[dest] = _field(lambda s, d=dest: getattr(s.sims.guard, d))
+    table["full_grid"] = _field(lambda s: not s.sims.guard.stop_at_unfluent)
+    for dest, name in (("bank_capacity", "capacity"), ("bank_top", "top"), ("bank_rescore", "rescore")):
+        table[dest] = _field(lambda s, f=name: getattr(s.sims.bank, f))
+    for name in ("model", "base_url", "api_key_env", "mode", "concurrency", "timeout", "retries", "cache"):
+        table[f"judge_{name}"] = _judge
+    table.update(
+        out=_out,
+        model=_model,
+        dtype=_dtype,
+        trust_remote_code=_field(lambda s: s.model.trust_remote_code),
+        prompts=_prompt_file,
+        eval_prompts_file=_prompt_file,
+        oracle=_oracle,
+        oracle_template=_template,
+        learner=_field(lambda s: s.learner["name"]),
+        learner_option=_learner_options,
+        layers=_layers,
+        positions=_field(lambda s: s.learner.get("positions")),
+    )
+    return table
+
+
+#: How each run setting typed on a resume command line is compared with the saved run.
+SETTINGS: dict[str, Compare] = _settings()
+
+
+def _same(given: Any, saved: Any) -> bool:
+    if isinstance(given, list | tuple) and isinstance(saved, list | tuple):
+        return list(given) == list(saved)
+    return given == saved
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _comparisons(args: argparse.Namespace, spec: RunSpec) -> list[Comparison]:
+    """(flag, given value, saved value) for every option typed on the command line."""
+    out: list[Comparison] = []
+    for dest in sorted(args.given - FREE):
+        if dest not in SETTINGS:  # an option nobody taught --resume about: refuse, never drop
+            raise SimsError(f"{flag(dest)} cannot be given with --resume")
+        out += SETTINGS[dest](dest, getattr(args, dest), spec, args)
+    return out
+
+
+def check_flags(args: argparse.Namespace, spec: RunSpec) -> None:
+    """Refuse the first typed flag whose value differs from the saved run's.
+
+    Args:
+        args: the parsed ``sims run`` options; ``args.given`` names those typed.
+        spec: the run's saved spec.
+    """
+    for name, given, saved in _comparisons(args, spec):
+        if not _same(given, saved):
+            raise SimsError(
+                f"{name} is {_show(given)} here but {_show(saved)} in {args.resume}: "
+                "leave it out to resume with the saved settings, or start a new run"
+            )
+
+
+def read_spec(path: Path) -> RunSpec:
+    """The saved spec of a run directory that ``sims run`` can continue."""
+    from ..loop.rundir import RunDir
+
+    run = RunDir(path)
+    if not run.is_run():
+        raise SimsError(f"{path} is not a run directory (no config.json)")
+    spec = run.spec()
+    if "baseline" in spec.extra:
+        raise SimsError(f"{path} is a {spec.extra['baseline']} baseline, not a run `sims run` can continue")
+    return spec
+
+
+def rebuild_run(args: argparse.Namespace) -> tuple[Any, Any, Any, SIMSConfig, Path]:
+    """The model, oracle, learner, loop config and run directory of ``--resume RUN``.
+
+    Args:
+        args: the parsed ``sims run`` options (``--resume``, ``--device``, ``args.given``).
+    """
+    from ..learners import get_learner
+    from ..models import load_model
+    from ..oracles import get_oracle
+
+    out = Path(args.resume)
+    spec = read_spec(out)
+    check_flags(args, spec)
+    lm = load_model(
+        spec.model.source,
+        device=args.device,  # where, not what: the best available unless told
+        dtype=spec.model.dtype,
+        trust_remote_code=spec.model.trust_remote_code,
+    )
+    oracle = get_oracle(spec.oracle, device=args.device, lm=lm)
+    options = dict(spec.learner)
+    learner = get_learner(options.pop("name"), **options)
+    return lm, oracle, learner, spec.sims, out

@@ -1,0 +1,78 @@
+"""``sims serve``: the model and its steerings over an OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import SimsError
+from ..serve.config import ServeConfig
+from .options import add_model_options, integer, model_source, number
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``sims serve``."""
+    base = ServeConfig()
+    p = sub.add_parser("serve", help="serve the model and its steerings over an OpenAI-compatible API")
+    add_model_options(p)
+    p.add_argument(
+        "--steering",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a steering folder or run directory a request may choose (repeatable)",
+    )
+    p.add_argument("--default-steering", default=None, help="steering used when a request names none")
+    p.add_argument("--served-model-name", default=None, help="model id in /v1/models")
+    p.add_argument("--host", default=base.host, help="bind address (default loopback only)")
+    p.add_argument("--port", type=integer, default=base.port)
+    p.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="VAR",
+        help="require 'Authorization: Bearer $VAR' on every request",
+    )
+    p.add_argument("--max-tokens-limit", type=integer, default=base.max_tokens_limit)
+    p.add_argument("--max-prompt-tokens", type=integer, default=base.max_prompt_tokens)
+    p.add_argument("--max-request-bytes", type=integer, default=base.max_request_bytes)
+    p.add_argument("--max-batch", type=integer, default=base.max_batch, help="sequences decoded together")
+    p.add_argument("--batch-wait-ms", type=number, default=base.batch_wait_ms, help="wait for more requests")
+    p.add_argument("--seed", type=integer, default=base.seed)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model and steerings, then serve until interrupted."""
+    from ..models import load_model
+    from ..serve.server import load_steerings, require_dependencies, serve
+
+    require_dependencies()
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise SimsError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
+    config = ServeConfig(  # checked here, before the slow model load
+        api_key=api_key,
+        max_request_bytes=args.max_request_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        default_steering=args.default_steering,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        seed=args.seed,
+    )
+    lm = load_model(
+        model_source(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    steerings = load_steerings(args.steering, lm)
+    config = replace(config, model_name=args.served_model_name or Path(lm.source).name)
+    serve(lm, steerings, config)
+    return 0

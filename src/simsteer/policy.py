@@ -1,0 +1,214 @@
+"""A policy: the stack of steerings applied together, possibly empty (the unsteered model).
+
+SIMS's policy at iteration t is the base model with steerings stacked on it: one when
+each fit replaces the last, several when they compose. :class:`Policy` is that stack,
+immutable, and a :class:`~collections.abc.Sequence` of :class:`Steering` so that code
+written for a list of steerings takes a policy unchanged.
+
+On disk a policy is one steering folder, or a composed stack saved as ``step_<i>/``
+steering folders (``step_1`` applied first). An unsteered policy is saved the way runs
+have always saved it: a steering folder without layers whose metadata says
+``"unsteered": true``; :meth:`Policy.load` reads that back as an empty policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import torch
+from torch import nn
+
+from .errors import SimsError
+from .steering import CONFIG_NAME, Steering
+
+__all__ = ["Policy", "load_policy"]
+
+#: Metadata key of the steering folder that stands for the unsteered model.
+UNSTEERED_KEY = "unsteered"
+
+
+@dataclass(frozen=True)
+class Policy(Sequence[Steering]):
+    """An immutable stack of steerings, applied in order; empty = the unsteered model.
+
+    Attributes:
+        steerings: the stack, first applied first.
+
+    Example:
+        >>> policy = Policy.load("runs/demo/final")
+        >>> with policy.scaled(0.5).applied(lm.model):
+        ...     lm.model.generate(**inputs)
+        >>> Policy().is_unsteered
+        True
+    """
+
+    steerings: tuple[Steering, ...] = ()
+
+    def __post_init__(self) -> None:
+        stack = (self.steerings,) if isinstance(self.steerings, Steering) else tuple(self.steerings)
+        bad = [type(s).__name__ for s in stack if not isinstance(s, Steering)]
+        if bad:
+            raise TypeError(f"a policy holds Steering objects, not {bad[0]}")
+        object.__setattr__(self, "steerings", stack)
+
+    @classmethod
+    def of(cls, steering: Policy | Steering | Iterable[Steering] | None) -> Policy:
+        """``steering`` as a policy: a policy as is, one steering, a list, or ``None``
+        (the unsteered model)."""
+        if isinstance(steering, Policy):
+            return steering
+        return cls(() if steering is None else steering)  # type: ignore[arg-type]
+
+    # -- the sequence ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.steerings)
+
+    def __iter__(self) -> Iterator[Steering]:
+        return iter(self.steerings)
+
+    @overload
+    def __getitem__(self, index: int) -> Steering: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Policy: ...
+
+    def __getitem__(self, index: int | slice) -> Steering | Policy:
+        if isinstance(index, slice):
+            return Policy(self.steerings[index])
+        return self.steerings[index]
+
+    def __bool__(self) -> bool:
+        return bool(self.steerings)
+
+    @property
+    def is_unsteered(self) -> bool:
+        """True when applying the policy changes nothing: no steering has a layer."""
+        return not any(s.functions for s in self.steerings)
+
+    # -- copies ----------------------------------------------------------------------
+    def scaled(self, multiplier: float) -> Policy:
+        """A copy with every steering's strength times ``multiplier``."""
+        return Policy(s.scaled(multiplier) for s in self.steerings)
+
+    def with_positions(self, positions: str) -> Policy:
+        """A copy with every steering applied at ``positions``."""
+        return Policy(s.with_positions(positions) for s in self.steerings)
+
+    def with_metadata(self, **values: Any) -> Policy:
+        """A copy with ``values`` added to every steering's metadata."""
+        return Policy(s.with_metadata(**values) for s in self.steerings)
+
+    def appended(self, steering: Steering) -> Policy:
+        """A copy with ``steering`` stacked on top."""
+        return Policy((*self.steerings, steering))
+
+    # -- use -------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`SimsError` unless every steering was learned on ``model``."""
+        for steering in self.steerings:
+            steering.check_model(model)
+
+    @contextmanager
+    def applied(
+        self,
+        model: nn.Module,
+        strength: float | None = None,
+        positions: str | None = None,
+        prompt_end: torch.Tensor | None = None,
+    ) -> Iterator[None]:
+        """Apply every steering, in order, inside the block; hooks are always removed.
+
+        Args:
+            model: the ``nn.Module`` to steer (``lm.model``).
+            strength: multiplier on each steering's own strength.
+            positions: override every steering's positions.
+            prompt_end: for teacher-forced forwards, where each row's response starts.
+        """
+        with ExitStack() as stack:
+            for steering in self.steerings:
+                stack.enter_context(
+                    steering.applied(model, strength=strength, positions=positions, prompt_end=prompt_end)
+                )
+            yield
+
+    # -- persistence -----------------------------------------------------------------
+    def save(
+        self,
+        path: str | Path,
+        *,
+        steps: bool | None = None,
+        fingerprint: Mapping[str, Any] | None = None,
+        learner: str = "none",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write the policy to the folder ``path`` (best new or empty: a stale
+        ``steering_config.json`` there would hide ``step_<i>/`` folders).
+
+        Args:
+            steps: write ``step_<i>/`` folders; by default only when there is more than
+                one steering.
+            fingerprint / learner: recorded for an empty policy, which is written as a
+                steering without layers (``fingerprint`` is then required).
+            metadata: added to every saved steering's metadata (and the empty one's).
+
+        Returns:
+            ``path``.
+        """
+        path = Path(path)
+        extra = dict(metadata or {})
+        if self.steerings:
+            stack = [s.with_metadata(**extra) if extra else s for s in self.steerings]
+        else:
+            if fingerprint is None:
+                raise SimsError("saving an unsteered policy needs the model fingerprint")
+            marker = {UNSTEERED_KEY: True, **extra}
+            stack = [Steering({}, learner, dict(fingerprint), metadata=marker)]
+        if steps is None:
+            steps = len(stack) > 1
+        if not steps:
+            if len(stack) != 1:
+                raise SimsError(f"a policy of {len(stack)} steerings is saved as step folders (steps=True)")
+            stack[0].save(path)
+            return path
+        for i, steering in enumerate(stack, 1):
+            steering.save(path / f"step_{i}")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Load a policy folder: one steering, or a composed stack saved as ``step_<i>/``.
+
+        The unsteered marker (a steering without layers and with ``"unsteered": true``
+        in its metadata, as runs save an unsteered final policy) loads as no steering.
+
+        Example:
+            >>> policy = Policy.load("runs/demo/final")
+            >>> len(policy), policy.is_unsteered
+        """
+        path = Path(path)
+        if (path / CONFIG_NAME).is_file() or not path.is_dir():
+            found = [Steering.load(path)]
+        else:
+            folders = [p for p in path.glob("step_*") if p.name[5:].isdigit()]
+            if not folders:
+                raise SimsError(f"{path} is not a steering folder (no {CONFIG_NAME} and no step_<i>/)")
+            found = [Steering.load(p) for p in sorted(folders, key=lambda p: int(p.name[5:]))]
+        return cls(s for s in found if not _is_unsteered_marker(s))
+
+
+def _is_unsteered_marker(steering: Steering) -> bool:
+    return not steering.functions and bool(steering.metadata.get(UNSTEERED_KEY))
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load a saved policy (see :meth:`Policy.load`).
+
+    Args:
+        path: a steering folder, a folder of ``step_<i>/`` steering folders, or a
+            steering folder's file.
+    """
+    return Policy.load(path)
