@@ -196,7 +196,7 @@ def test_eval_mc_caches_the_unsteered_scores(tmp_path, tiny_run, tiny_lm, shared
 def test_eval_of_a_judge_trained_run_uses_its_judge_and_template(tmp_path, tiny_model_dir, prompt_file):
     """`sims eval` rebuilds the run's oracle from its saved spec: the judge's endpoint and
     the run's --oracle-template (the old code rebuilt it from its name, "judge", and failed)."""
-    from .test_judge import FakeJudge
+    from .test_oracles_llm_judge import FakeJudge
 
     template = tmp_path / "judge.txt"
     template.write_text("MARKER {prompt}\n[Answer A]\n{response_a}\n\n[Answer B]\n{response_b}\n\nVerdict?")

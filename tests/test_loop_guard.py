@@ -28,7 +28,7 @@ from simsteer.prompts import Prompt
 from simsteer.sampling import SamplingConfig
 from simsteer.steering import CONFIG_NAME, Steering
 
-from .test_loop import PROMPTS
+from .test_loop_sims import PROMPTS
 
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=8)
 CAL_PROMPTS = [Prompt(str(i), p) for i, p in enumerate(PROMPTS[:6])]
@@ -231,7 +231,7 @@ KILL_MID_CALIBRATION = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import simsteer.loop.guard as guard
     from simsteer.models import load_model
-    from tests.test_guard import _run_guarded
+    from tests.test_loop_guard import _run_guarded
 
     calls = []
     original = guard.measure
@@ -255,7 +255,7 @@ def _run_guarded(lm, out):
 
 
 def test_resume_mid_calibration(tiny_lm, tiny_model_dir, tmp_path):
-    from .test_loop import _artefacts
+    from .test_loop_sims import _artefacts
 
     reference = _run_guarded(tiny_lm, tmp_path / "reference").run_dir
     killed = tmp_path / "killed"

@@ -10,7 +10,7 @@ from simsteer.loop.outcome import run_outcome
 from simsteer.loop.records import EvalRecord, FluencyRecord, IterationRecord
 from simsteer.loop.rundir import RunDir
 
-from .test_records import OLD_RUN
+from .test_loop_records import OLD_RUN
 
 
 def _answers(t: int, scores: list[float | None]) -> list[EvalRecord]:

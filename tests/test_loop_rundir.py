@@ -13,7 +13,7 @@ from simsteer.errors import SimsError
 from simsteer.loop.bank import BankConfig
 from simsteer.loop.rundir import RunDir
 
-from .test_records import OLD_RUN
+from .test_loop_records import OLD_RUN
 
 
 @pytest.fixture()

@@ -117,7 +117,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, sys
     from simsteer.models import load_model
     sys.path.insert(0, {tests!r})
-    from test_loop import _run
+    from test_loop_sims import _run
     lm = load_model({model!r}, device="cpu", dtype="fp32")
 
     def kill(step, t):

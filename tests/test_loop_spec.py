@@ -13,7 +13,7 @@ from simsteer.errors import SimsError
 from simsteer.loop.config import SIMSConfig
 from simsteer.loop.spec import RUN_FORMAT_VERSION, ModelSpec, RunSpec
 
-from .test_records import OLD_RUN
+from .test_loop_records import OLD_RUN
 
 
 def _spec(**kw) -> RunSpec:

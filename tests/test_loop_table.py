@@ -6,7 +6,7 @@ from simsteer.loop.outcome import format_outcome
 from simsteer.loop.rundir import RunDir
 from simsteer.loop.table import format_row, format_table
 
-from .test_records import OLD_RUN
+from .test_loop_records import OLD_RUN
 
 # Printed by simsteer 0.1.0 (dict rows) for the same run.
 EXPECTED_TABLE = (

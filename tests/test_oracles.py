@@ -111,7 +111,7 @@ def test_every_oracle_spec_round_trips(tmp_path, monkeypatch, tiny_lm, reward_mo
 
     from simsteer.oracles import ORACLE_NAMES
 
-    from .test_judge import FakeJudge
+    from .test_oracles_llm_judge import FakeJudge
 
     work = tmp_path / "work"
     work.mkdir()

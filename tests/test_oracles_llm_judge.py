@@ -1,9 +1,11 @@
 """The LLM judge against a fake OpenAI-compatible server on 127.0.0.1: verdict parsing,
-position swap, retries with backoff, timeouts, the on-disk cache and clear errors."""
+position swap, retries with backoff and Retry-After, timeouts, the on-disk cache (keys,
+WAL, corrupt files), the API key policy, URL redaction and clear errors."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,18 +14,21 @@ import numpy as np
 import pytest
 
 from simsteer.errors import SimsError
-from simsteer.oracles import JudgeConfig, JudgeOracle, get_oracle
-from simsteer.oracles.llm_judge import parse_verdict
+from simsteer.oracles import JudgeConfig, JudgeOracle, get_oracle, llm_judge
+from simsteer.oracles.judge_cache import JudgmentCache, cache_key
+from simsteer.oracles.llm_judge import parse_verdict, redact_url, retry_after
 
 
 class FakeJudge:
-    """A loopback server answering chat completions from a script of (status, text)."""
+    """A loopback server answering chat completions; ``script`` lists the statuses of the
+    first answers (an int, or ``(status, headers)``), then every answer is 200."""
 
     def __init__(self, script=None, answer=None, delay: float = 0.0) -> None:
         self.script = list(script or [])
         self.answer = answer or (lambda message: "[[A]]")
         self.delay = delay
         self.requests: list[str] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,7 +39,9 @@ class FakeJudge:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 message = body["messages"][0]["content"]
                 fake.requests.append(message)
+                fake.headers.append(dict(self.headers))
                 status = fake.script.pop(0) if fake.script else 200
+                status, extra = status if isinstance(status, tuple) else (status, {})
                 time.sleep(fake.delay)
                 if status != 200:
                     payload = {"error": {"message": "busy", "type": "x", "code": status}}
@@ -57,6 +64,8 @@ class FakeJudge:
                     self.send_response(status)
                     self.send_header("content-type", "application/json")
                     self.send_header("content-length", str(len(data)))
+                    for name, value in extra.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
@@ -186,3 +195,164 @@ def test_judge_cache_path_is_saved_absolute(tmp_path, monkeypatch):
     args = build_parser().parse_args(["run", "--oracle", "judge", "--judge-cache", "c.sqlite"])
     assert args.judge_cache == str((tmp_path / "c.sqlite").resolve())
     assert build_parser().parse_args(["run"]).judge_cache is None
+
+
+# -- cache: only parseable answers, request parameters in the key, WAL, corrupt files ------
+def test_unparseable_answers_are_asked_again(tmp_path):
+    # The old cache stored every answer: "hmm" was replayed on every resume, for ever.
+    with FakeJudge(answer=lambda m: "[[A]]" if "Answer A]\nx" in m else "hmm") as fake:
+        first = _oracle(fake.url, tmp_path).judge(["q"], [["x", "y"]])[0]
+        assert first.info["parse_failures"] == 1 and len(fake.requests) == 2
+        again = _oracle(fake.url, tmp_path).judge(["q"], [["x", "y"]])[0]
+        assert len(fake.requests) == 3  # only the unparseable one is asked again
+        assert (again.info["requests"], again.info["cache_hits"]) == (1, 1)
+        assert len(JudgmentCache(tmp_path / "cache.sqlite")) == 1  # nothing unparseable stored
+        # An entry that no longer parses (an older cache, a stricter parser) is a miss too.
+        oracle = _oracle(fake.url, tmp_path)
+        oracle.cache.put(cache_key(oracle._request, "q", ["x", "y"]), "no verdict here")
+        assert oracle.judge(["q"], [["x", "y"]])[0].info["requests"] == 2
+        assert len(fake.requests) == 5
+
+
+def test_cache_key_holds_the_request_parameters(tmp_path):
+    with FakeJudge(answer=_longer_wins) as fake:
+        _oracle(fake.url, tmp_path).judge(["q"], [["aa", "a"]])
+        assert len(fake.requests) == 2
+        short = _oracle(fake.url, tmp_path, max_tokens=16).judge(["q"], [["aa", "a"]])[0]
+        assert short.info["requests"] == 2 and len(fake.requests) == 4  # not the 256-token answers
+        other = _oracle(fake.url, tmp_path, model="other").judge(["q"], [["aa", "a"]])[0]
+        assert other.info["requests"] == 2
+        assert (
+            _oracle(fake.url, tmp_path, max_tokens=16).judge(["q"], [["aa", "a"]])[0].info["cache_hits"] == 2
+        )
+    base = {"model": "m", "max_tokens": 256, "temperature": 0.0, "mode": "pairwise", "template": "t"}
+    keys = {cache_key(base, "q", ["a", "b"])}
+    for change in ({"max_tokens": 16}, {"temperature": 1.0}, {"mode": "rank"}, {"template": "u"}):
+        keys.add(cache_key({**base, **change}, "q", ["a", "b"]))
+    keys |= {cache_key(base, "q2", ["a", "b"]), cache_key(base, "q", ["b", "a"])}
+    assert len(keys) == 7
+
+
+def test_cache_is_wal_and_a_corrupt_file_is_one_line(tmp_path):
+    with FakeJudge() as fake:
+        _oracle(fake.url, tmp_path).judge(["q"], [["aa", "a"]])
+        db = sqlite3.connect(tmp_path / "cache.sqlite")
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.close()
+        bad = tmp_path / "bad.sqlite"
+        bad.write_bytes(b"not a database, just some text " * 100)
+        with pytest.raises(SimsError, match="is corrupt") as err:
+            _oracle(fake.url, tmp_path, cache=str(bad))
+        message = str(err.value)
+        assert str(bad) in message and "--judge-cache" in message and "delete it" in message
+        assert "\n" not in message and err.value.__cause__ is None and err.value.__suppress_context__
+        # A file whose header reads but whose pages are gone fails on the first lookup.
+        torn = tmp_path / "torn.sqlite"
+        cache = JudgmentCache(torn)
+        for n in range(400):
+            cache.put(f"k{n}", "[[A]]" * 40)
+        cache.close()
+        torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+        with pytest.raises(SimsError, match=f"judge cache {torn} is corrupt"):
+            _oracle(fake.url, tmp_path, cache=str(torn)).judge(["q"], [["aa", "a"]])
+        assert len(fake.requests) == 2  # nothing asked before the bad file was found
+
+
+# -- credentials ------------------------------------------------------------------------------
+def test_no_api_key_is_sent_unless_its_variable_is_named(tmp_path, monkeypatch):
+    secrets = {
+        "OPENAI_API_KEY": "sk-env-secret",
+        "OPENAI_ORG_ID": "org-secret",
+        "OPENAI_PROJECT_ID": "proj-secret",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    assert JudgeConfig("m", "http://127.0.0.1:1/v1").api_key_env is None
+    with FakeJudge() as fake:
+        _oracle(fake.url, tmp_path).judge(["q"], [["aa", "a"]])
+        sent = json.dumps(fake.headers)
+        assert not any(value in sent for value in secrets.values())
+        monkeypatch.setenv("MY_JUDGE_KEY", "k-123")
+        _oracle(fake.url, tmp_path, api_key_env="MY_JUDGE_KEY", max_tokens=8).judge(["q"], [["aa", "a"]])
+        auth = {h.get("authorization") or h.get("Authorization") for h in fake.headers[2:]}
+        assert auth == {"Bearer k-123"}
+
+
+@pytest.mark.parametrize(
+    "url, refused",
+    [
+        ("http://judge.example.com/v1", True),
+        ("http://10.0.0.5:8000/v1", True),
+        ("http://127.0.0.1:8000/v1", False),
+        ("http://127.3.4.5:8000/v1", False),
+        ("http://localhost:8000/v1", False),
+        ("http://[::1]:8000/v1", False),
+        ("https://judge.example.com/v1", False),
+    ],
+)
+def test_a_key_never_goes_over_plain_http_to_another_host(tmp_path, monkeypatch, url, refused):
+    monkeypatch.setenv("MY_JUDGE_KEY", "k-123")
+    options = dict(cache=str(tmp_path / "c.sqlite"), api_key_env="MY_JUDGE_KEY")
+    if refused:
+        with pytest.raises(
+            SimsError, match="refusing to send the API key from \\$MY_JUDGE_KEY over plain http"
+        ):
+            JudgeOracle(JudgeConfig("m", url, **options))
+    else:
+        JudgeOracle(JudgeConfig("m", url, **options))  # builds; nothing is sent yet
+    JudgeOracle(JudgeConfig("m", url, cache=options["cache"]))  # no key: any URL
+    if refused:  # credentials inside the URL count as a key
+        with pytest.raises(SimsError, match="credentials in the base URL"):
+            JudgeOracle(JudgeConfig("m", url.replace("//", "//me:pw@"), cache=options["cache"]))
+
+
+def test_credentials_in_the_url_are_redacted(tmp_path):
+    assert redact_url("https://me:s3cret@api.example.com:443/v1") == "https://***@api.example.com:443/v1"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    with FakeJudge(script=[503, 503]) as fake:
+        url = fake.url.replace("http://", "http://me:s3cret@")
+        options = {"cache": str(tmp_path / "c"), "retries": 1, "concurrency": 1}
+        oracle = get_oracle(f"judge:fake@{url}", judge_options=options)
+        spec = oracle.describe()
+        assert spec["base_url"] == fake.url.replace("http://", "http://***@")
+        assert "s3cret" not in json.dumps(spec) + oracle.name
+        assert get_oracle(json.loads(json.dumps(spec))).describe() == spec  # still round-trips
+        with pytest.raises(SimsError, match="failed after 2 attempts") as failed:
+            oracle.judge(["q"], [["aa", "a"]])
+        fake.script.append(401)  # (the other request of the first call is done: the pool waited)
+        with pytest.raises(SimsError, match="HTTP 401") as refused:
+            oracle.judge(["q"], [["aa", "a"]])
+        plain = _oracle(fake.url, tmp_path, retries=0)
+        fake.script.append(401)
+        with pytest.raises(SimsError, match="no API key was sent: see --judge-api-key-env"):
+            plain.judge(["q"], [["aa", "a"]])
+    for err in (failed, refused):
+        assert "s3cret" not in str(err.value) and "***@127.0.0.1" in str(err.value)
+
+
+# -- Retry-After ----------------------------------------------------------------------------
+def test_retry_after_is_honoured_and_capped(tmp_path, monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(llm_judge, "_sleep", slept.append)  # no real waits
+    script = [
+        (429, {"Retry-After": "7"}),
+        (503, {"Retry-After": "86400"}),
+        500,
+        (429, {"retry-after-ms": "1500"}),
+    ]
+    with FakeJudge(script=script, answer=_longer_wins) as fake:
+        oracle = _oracle(fake.url, tmp_path, retries=5, concurrency=1, timeout=30.0, backoff=0.01)
+        oracle.judge(["q"], [["aa", "a"]])
+        assert len(fake.requests) == 6
+    # The server's wait, capped at the timeout; the own backoff when it names none.
+    assert slept == [7.0, 30.0, 0.04, 1.5]
+
+
+def test_retry_after_values():
+    from email.utils import formatdate
+
+    assert retry_after({"retry-after": "2.5"}) == 2.5
+    assert retry_after({"retry-after": "-3"}) == 0.0
+    assert 50 < retry_after({"retry-after": formatdate(time.time() + 60, usegmt=True)}) <= 60
+    for bad in ({"retry-after": "soon"}, {"retry-after": "nan"}, {}, None):
+        assert retry_after(bad) is None

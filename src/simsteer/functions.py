@@ -18,6 +18,8 @@ A new kind subclasses :class:`SteeringFunction` with a unique ``kind``; it is fo
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +28,34 @@ from torch import nn
 
 from .errors import SimsError
 from .hooks import SITES, current_token_index
+
+#: Most cast tensors a function keeps (a server asked for many strengths keeps the latest).
+CAST_CACHE_SIZE = 8
+
+
+class CastCache:
+    """A small LRU of tensors cast for one (device, dtype, strength), so that decoding
+    casts once per generation, not once per step, and a long-lived server that is asked
+    for ever new strengths keeps at most :data:`CAST_CACHE_SIZE` of them."""
+
+    def __init__(self, size: int = CAST_CACHE_SIZE) -> None:
+        self.size = size
+        self.items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tensor for ``key``, made with ``make()`` when missing (evicting the oldest)."""
+        value = self.items.get(key)
+        if value is None:
+            value = self.items[key] = make()
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        else:
+            self.items.move_to_end(key)
+        return value
+
 
 #: Tensor names of the HPR angle MLP, in ``nn.Linear`` layout.
 HPR_MLP_NAMES = ("w1", "b1", "w2", "b2", "w3", "b3", "w4", "b4")
@@ -96,15 +126,14 @@ class AddVector(SteeringFunction):
     def __init__(self, vector: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("vector", vector.detach().float().clone())
-        self._cast: dict[tuple[torch.dtype, float], torch.Tensor] = {}
+        self._cast = CastCache()
 
     def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
-        key = (hidden.dtype, float(strength))
-        delta = self._cast.get(key)
-        if delta is None or delta.device != hidden.device:
-            # Cast once per dtype and strength, not on every decoding step.
-            delta = (self.vector * strength).to(device=hidden.device, dtype=hidden.dtype)
-            self._cast[key] = delta
+        key = (hidden.device, hidden.dtype, float(strength))
+        # Cast once per device, dtype and strength, not on every decoding step.
+        delta = self._cast.get(
+            key, lambda: (self.vector * strength).to(device=hidden.device, dtype=hidden.dtype)
+        )
         return hidden + delta
 
     @classmethod
@@ -293,7 +322,7 @@ class HeadShift(SteeringFunction):
         self.alpha = float(alpha)
         self.register_buffer("directions", directions.detach().float().clone())
         self.register_buffer("sigmas", sigmas.detach().float().clone())
-        self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+        self._cast = CastCache()
 
     @property
     def heads(self) -> list[int]:
@@ -308,10 +337,8 @@ class HeadShift(SteeringFunction):
         if strength == 0:
             return hidden
         key = (hidden.device, hidden.dtype, float(strength))
-        delta = self._cast.get(key)
-        if delta is None:  # cast once per device, dtype and strength, not per decoding step
-            delta = self.shift(strength).to(device=hidden.device, dtype=hidden.dtype)
-            self._cast[key] = delta
+        # Cast once per device, dtype and strength, not per decoding step.
+        delta = self._cast.get(key, lambda: self.shift(strength).to(device=hidden.device, dtype=hidden.dtype))
         return hidden + delta
 
     def params(self) -> dict[str, Any]:

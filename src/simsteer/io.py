@@ -1,20 +1,43 @@
-"""Atomic file writes and JSON/JSONL helpers.
+"""Crash-safe writes, the run-directory lock, and JSON/JSONL helpers.
 
-Every file a run writes goes through :func:`atomic_write_bytes`: the data lands in a
-temporary file in the same folder and is moved over the target with ``os.replace``, so a
-killed process leaves either the old file or the new one, never half of one.
+Every file and folder an artefact is made of is *committed* by one rename:
+
+- :func:`atomic_write_bytes` writes a file to a unique hidden sibling
+  (``.<name>.<pid>.<random>.tmp``), fsyncs it and moves it over the target with ``os.replace``;
+- :func:`staged_dir` yields an empty hidden sibling folder to fill and then renames it into
+  place (an existing folder there is renamed aside first and deleted after), so a reader
+  sees the old folder, no folder, or the new one, never half of one.
+
+After each rename the parent folder is fsynced, so the commit survives a power cut too. A
+killed process leaves at most hidden temporaries behind, which :func:`sweep_temporaries`
+removes once the writer holds the folder's lock (:func:`exclusive_lock`). Tests observe
+every commit through :func:`commit_hook` (count them, or raise to simulate a crash).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterable
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .errors import SimsError
+
+try:  # POSIX; elsewhere a run directory is not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+#: Suffixes of the hidden temporaries a writer leaves behind when it is killed.
+TEMPORARY_SUFFIXES = (".tmp", ".old")
+
+#: ``hook(phase, target)`` with phase ``"before"`` or ``"after"`` the rename that commits target.
+CommitHook = Callable[[str, Path], None]
+_commit_hooks: list[CommitHook] = []
 
 
 def new_file_mode() -> int:
@@ -36,29 +59,197 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def temporary_sibling(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A fresh hidden sibling name of ``path``: ``.<name>.<pid>.<random><suffix>``.
+
+    The pid and the random part keep two writers (or two attempts) from ever sharing a
+    temporary, so nobody can commit another process's half-written file.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{suffix}")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is one of the hidden temporaries written here."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIXES)
+
+
+@contextmanager
+def commit_hook(hook: CommitHook) -> Iterator[None]:
+    """Call ``hook(phase, target)`` right before and right after every commit in the block.
+
+    A commit is the rename that puts a finished file or folder in place; writes inside a
+    folder being staged are not commits (the folder's own rename is). Tests use this to
+    count a run's commit points and to raise at one of them, simulating a crash.
+
+    Args:
+        hook: called with ``"before"`` or ``"after"`` and the committed path.
+    """
+    _commit_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _commit_hooks.remove(hook)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (the renames in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename still happened
+        pass
+    finally:
+        os.close(fd)
+
+
+def _inside_staged_folder(path: Path) -> bool:
+    return any(is_temporary(part) for part in path.parent.parts)
+
+
+def _commit(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (one step), fsync the parent, tell the hooks."""
+    staged = _inside_staged_folder(dst)
+    if not staged:
+        for hook in list(_commit_hooks):
+            hook("before", dst)
+    os.replace(src, dst)
+    if not staged:  # a staged folder is fsynced as a whole before its own commit
+        fsync_dir(dst.parent)
+        for hook in list(_commit_hooks):
+            hook("after", dst)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` in one step: a unique temporary sibling, fsync, rename.
+
+    Args:
+        path: the target file (its folder is created if needed).
+        data: the whole content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temporary_sibling(path)
     try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, new_file_mode())
+        # 0o666 minus the umask, like open(); O_EXCL: the name is ours alone.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+@contextmanager
+def staged_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Write the folder ``path`` in one step: fill the yielded empty temporary sibling.
+
+    On a clean exit the files are fsynced and the sibling is renamed to ``path``; a folder
+    already there is first renamed aside and deleted after, so ``path`` is always either
+    the old folder, absent for an instant, or the new one. On an exception the sibling is
+    deleted and ``path`` is untouched.
+
+    Args:
+        path: the folder to write.
+        replace: replace a folder already at ``path``; if False, only an empty one is
+            replaced and a non-empty one makes the commit fail with ``OSError`` (two
+            processes creating one folder: exactly one wins).
+
+    Example:
+        >>> with staged_dir("out/steering") as tmp:
+        ...     atomic_write_bytes(tmp / "a.json", b"{}")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    tmp.mkdir()  # 0o777 minus the umask, like every other folder
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if replace and path.is_dir() and not path.is_symlink():
+            old = temporary_sibling(path, ".old")
+            _commit(path, old)
+            _commit(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every folder under ``root`` (its files were fsynced when written)."""
+    for folder, _, _ in os.walk(root):
+        fsync_dir(folder)
+
+
+def sweep_temporaries(root: str | Path) -> list[Path]:
+    """Delete the hidden temporaries a killed writer left anywhere under ``root``.
+
+    Only call this while holding the folder's :func:`exclusive_lock`: a live writer's
+    temporaries look the same.
+
+    Returns:
+        the deleted paths.
+    """
+    swept = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if is_temporary(name):
+                target = Path(folder) / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+                swept.append(target)
+        dirs[:] = [d for d in dirs if not is_temporary(d)]
+    return swept
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` inside the block (not waiting).
+
+    The file keeps the holder's pid, so that a second writer is told who it is.
+
+    Args:
+        path: the lock file (created if needed, never deleted: deleting it would let two
+            processes lock two different files of the same name).
+        what: how the message names the locked thing (``"run directory runs/x"``).
+
+    Raises:
+        SimsError: another process holds the lock (one line naming its pid).
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                raise SimsError(
+                    f"{what} is being written by another process (pid {holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False)  # JSON has no NaN
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
     atomic_write_bytes(path, text.encode())
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .errors import SimsError
-from .steering import CONFIG_NAME, Steering
+from .io import staged_dir
+from .steering import CONFIG_NAME, Steering, check_replaceable
 
 __all__ = ["Policy", "load_policy"]
 
@@ -145,8 +146,12 @@ class Policy(Sequence[Steering]):
         learner: str = "none",
         metadata: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write the policy to the folder ``path`` (best new or empty: a stale
-        ``steering_config.json`` there would hide ``step_<i>/`` folders).
+        """Write the policy to the folder ``path`` in one step (crash-safe).
+
+        The whole folder, a composed stack's ``step_<i>/`` included, is filled as a hidden
+        temporary sibling and renamed into place; a policy or steering folder already at
+        ``path`` is replaced as a whole (renamed aside, then deleted), so a reader sees the
+        old policy or the new one, never a shorter stack.
 
         Args:
             steps: write ``step_<i>/`` folders; by default only when there is more than
@@ -169,13 +174,15 @@ class Policy(Sequence[Steering]):
             stack = [Steering({}, learner, dict(fingerprint), metadata=marker)]
         if steps is None:
             steps = len(stack) > 1
-        if not steps:
-            if len(stack) != 1:
-                raise SimsError(f"a policy of {len(stack)} steerings is saved as step folders (steps=True)")
-            stack[0].save(path)
-            return path
-        for i, steering in enumerate(stack, 1):
-            steering.save(path / f"step_{i}")
+        if not steps and len(stack) != 1:
+            raise SimsError(f"a policy of {len(stack)} steerings is saved as step folders (steps=True)")
+        check_replaceable(path)
+        with staged_dir(path) as tmp:
+            if not steps:
+                stack[0].write_files(tmp)
+            for i, steering in enumerate(stack if steps else [], 1):
+                (tmp / f"step_{i}").mkdir()
+                steering.write_files(tmp / f"step_{i}")
         return path
 
     @classmethod

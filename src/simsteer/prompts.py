@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .errors import SimsError
 
@@ -17,6 +18,21 @@ DEFAULT_PROMPTS = "everyday_prompts.jsonl"
 class Prompt:
     id: str
     text: str
+
+    @classmethod
+    def from_json(cls, row: Any) -> Prompt:
+        """A prompt row of a run directory (``{"id": ..., "prompt": ...}``); a row of
+        another shape raises ``TypeError`` naming the field.
+
+        Args:
+            row: the parsed JSON row.
+        """
+        if not isinstance(row, dict):
+            raise TypeError(f"a prompt row must be a JSON object, got {type(row).__name__}")
+        for key in ("id", "prompt"):
+            if not isinstance(row.get(key), str):
+                raise TypeError(f"field {key!r} must be text, got {row.get(key)!r}")
+        return cls(row["id"], row["prompt"])
 
 
 def load_prompts(path: str | Path | None = None) -> list[Prompt]:
@@ -56,5 +72,18 @@ def _parse(text: str, source: str, jsonl: bool) -> list[Prompt]:
         if not isinstance(value, str) or not value.strip():
             raise SimsError(f"{source}:{lineno}: needs a non-empty 'prompt' or 'instruction' field")
         pid = row.get("id", len(prompts))
+        if not isinstance(pid, str | int) or isinstance(pid, bool):
+            raise SimsError(f"{source}:{lineno}: 'id' must be text or an integer, got {pid!r}")
         prompts.append(Prompt(id=str(pid), text=value.strip()))
+    return _unique(prompts, source)
+
+
+def _unique(prompts: list[Prompt], source: str) -> list[Prompt]:
+    """``prompts``, refused in one line when two share an id (rows, pairs and the
+    evaluation are matched by id: a duplicate would silently mix two prompts)."""
+    seen: set[str] = set()
+    for prompt in prompts:
+        if prompt.id in seen:
+            raise SimsError(f"{source}: prompt id {prompt.id!r} appears more than once")
+        seen.add(prompt.id)
     return prompts

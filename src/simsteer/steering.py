@@ -18,6 +18,7 @@ policy, possibly empty) is :class:`simsteer.policy.Policy`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,19 +28,109 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .errors import SimsError
 from .functions import SteeringFunction, function_kind
-from .hooks import Edit, check_positions, steer
-from .io import atomic_write_bytes, write_json
+from .hooks import POSITIONS, Edit, check_positions, steer
+from .io import atomic_write_bytes, is_temporary, staged_dir, write_json
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Steering", "SteeringFunction", "function_kind"]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "steering.safetensors"
 CONFIG_NAME = "steering_config.json"
+
+
+#: Where each built-in function kind keeps its width: (tensor, dimension); ITI's width is
+#: its heads x head_dim (every element of ``directions``), checked apart.
+WIDTHS = {"add": ("vector", -1), "actadd": ("delta", -1), "hpr": ("v", -1), "sea": ("u_pos", 0)}
+
+
+def function_width(fn: SteeringFunction) -> int | None:
+    """The width of the hidden states ``fn`` edits (``None`` for a kind not known here)."""
+    if fn.kind == "iti":
+        return int(fn.directions.numel())
+    where = WIDTHS.get(fn.kind)
+    tensor = getattr(fn, where[0], None) if where else None
+    return int(tensor.shape[where[1]]) if isinstance(tensor, torch.Tensor) and tensor.dim() else None
+
+
+def site_width(model: nn.Module, index: int, site: str) -> int | None:
+    """The width of ``model``'s hidden states at ``site`` of layer ``index`` (``None``: unknown)."""
+    from .architecture import find_attn_output, find_layers
+
+    if site == "residual":
+        return int(model.config.hidden_size)
+    layers = find_layers(model)
+    if not 0 <= index < len(layers):
+        return None  # steer() names the missing layer
+    proj = find_attn_output(layers[index])
+    width = getattr(proj, "in_features", None) or getattr(proj, "nx", None)  # Linear / GPT-2 Conv1D
+    return int(width) if width else None
+
+
+def check_config(file: Path, config: Any) -> None:
+    """Refuse a ``steering_config.json`` whose fields have the wrong type, in one line
+    naming the file and the field (a hand edit must not end in a traceback or a NaN).
+
+    Args:
+        file: the file, for the message.
+        config: its parsed JSON.
+    """
+
+    def bad(name: str, expected: str, value: Any) -> SimsError:
+        return SimsError(f"{file}: field {name!r} must be {expected}, got {json.dumps(value)[:80]}")
+
+    if not isinstance(config, dict):
+        raise bad("(top level)", "a JSON object", config)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise SimsError(f"{file.parent}: steering format {config.get('format_version')!r} is not supported")
+    for name, kind, expected in (
+        ("learner", str, "text"),
+        ("layers", dict, "an object of layer index -> function"),
+        ("fingerprint", dict, "an object"),
+    ):
+        if not isinstance(config.get(name), kind):
+            raise bad(name, expected, config.get(name))
+    for name in ("hyperparameters", "metadata"):
+        if not isinstance(config.get(name, {}), dict):
+            raise bad(name, "an object", config.get(name))
+    if config.get("positions", "all") not in POSITIONS:
+        raise bad("positions", f"one of {', '.join(POSITIONS)}", config.get("positions"))
+    strength = config.get("strength", 1.0)
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+        raise bad("strength", "a finite number", strength)
+    for key, info in config["layers"].items():
+        if not key.isdigit():
+            raise bad(f"layers.{key}", "keyed by a layer index", key)
+        if not isinstance(info, dict) or not isinstance(info.get("kind"), str):
+            raise bad(f"layers.{key}.kind", "text", info.get("kind") if isinstance(info, dict) else info)
+        if not isinstance(info.get("params"), dict):
+            raise bad(f"layers.{key}.params", "an object", info.get("params"))
+    for name in ("hidden_size", "num_layers"):
+        value = config["fingerprint"].get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise bad(f"fingerprint.{name}", "a positive integer", value)
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to save a steering over anything but a steering folder (or an empty one).
+
+    Saving replaces the folder as a whole; this keeps a mistyped path from deleting a
+    folder of other files.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise SimsError(f"{path} is a file; a steering is saved as a folder")
+    for entry in path.iterdir():
+        name = entry.name
+        ours = name in (CONFIG_NAME, WEIGHTS_NAME) or (name.startswith("step_") and name[5:].isdigit())
+        if not ours and not is_temporary(name):
+            raise SimsError(f"{path} exists and is not a steering folder ({name}); not replacing it")
 
 
 def _library_version() -> str:
@@ -117,6 +208,13 @@ class Steering:
         ]
         if diffs:
             raise SimsError("this steering was learned on another model (" + "; ".join(diffs) + ")")
+        for index, fn in self.functions.items():
+            have, want = function_width(fn), site_width(model, index, fn.site)
+            if have is not None and want is not None and have != want:
+                raise SimsError(
+                    f"the {fn.kind!r} function of layer {index} is {have} wide but the model's "
+                    f"{fn.site} site is {want} wide (a steering for another model, or an edited file)"
+                )
 
     @contextmanager
     def applied(
@@ -146,8 +244,30 @@ class Steering:
 
     # -- persistence ---------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the folder ``path`` (created if needed); each file is written atomically."""
+        """Write the steering folder ``path`` in one step (crash-safe).
+
+        The folder is filled as a hidden temporary sibling and renamed into place, so a
+        kill leaves the old folder (or none), never half of one. A steering folder
+        already at ``path`` is replaced; any other non-empty folder is refused.
+
+        Args:
+            path: the folder to write.
+
+        Returns:
+            ``path``.
+        """
         path = Path(path)
+        check_replaceable(path)
+        with staged_dir(path) as tmp:
+            self.write_files(tmp)
+        return path
+
+    def write_files(self, folder: Path) -> None:
+        """Write the two files of a steering folder into the existing ``folder``.
+
+        Not atomic by itself: :meth:`save` and :meth:`simsteer.policy.Policy.save` call it
+        on a staged folder that they commit in one rename.
+        """
         tensors: dict[str, torch.Tensor] = {}
         layer_info: dict[str, Any] = {}
         for index, fn in self.functions.items():
@@ -166,13 +286,9 @@ class Steering:
             "fingerprint": self.fingerprint,
             "metadata": self.metadata,
         }
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{WEIGHTS_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "learner": self.learner})
-        atomic_write_bytes(path / WEIGHTS_NAME, tmp.read_bytes())
-        tmp.unlink(missing_ok=True)
-        write_json(path / CONFIG_NAME, config)
-        return path
+        weights = save_safetensors(tensors, metadata={"format": "pt", "learner": self.learner})
+        atomic_write_bytes(folder / WEIGHTS_NAME, weights)
+        write_json(folder / CONFIG_NAME, config)
 
     @classmethod
     def load(cls, path: str | Path) -> Steering:
@@ -190,9 +306,11 @@ class Steering:
             flat = load_file(str(path / WEIGHTS_NAME))
         except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
             raise SimsError(f"corrupt steering file in {path}: {exc}") from None
+        check_config(path / CONFIG_NAME, config)
+        for name, tensor in flat.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise SimsError(f"{path / WEIGHTS_NAME}: tensor {name!r} holds NaN or infinite values")
         try:
-            if config.get("format_version") != FORMAT_VERSION:
-                raise SimsError(f"{path}: steering format {config.get('format_version')!r} is not supported")
             functions: dict[int, SteeringFunction] = {}
             for key, info in config["layers"].items():
                 prefix = f"layers.{key}."

@@ -7,7 +7,7 @@ import inspect
 from pathlib import Path
 
 from ..evaluation.baselines import BASELINES, build_baseline
-from .options import integer
+from .options import positive, seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,19 +23,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--like", required=True, help="the SIMS run whose model, oracle, learner and prompts to use"
     )
     p.add_argument("--out", "-o", required=True)
-    p.add_argument("--n", type=integer, default=defaults["n"], help="best-of-n: samples per prompt")
+    p.add_argument("--n", type=positive, default=defaults["n"], help="best-of-n: samples per prompt")
     p.add_argument("--pairs", default=None, help="ms: labelled pairs (default: UltraFeedback train)")
-    p.add_argument("--pairs-limit", type=integer, default=defaults["pairs_limit"], help="ms: pairs used")
+    p.add_argument("--pairs-limit", type=positive, default=defaults["pairs_limit"], help="ms: pairs used")
     p.add_argument(
         "--max-response-tokens",
-        type=integer,
+        type=positive,
         default=defaults["max_response_tokens"],
         help="ms: answer tokens used per pair",
     )
     p.add_argument(
         "--data", default=None, help="ms: data folder holding ultrafeedback/ (default ../shared/data)"
     )
-    p.add_argument("--seed", type=integer, default=defaults["seed"])
+    p.add_argument("--seed", type=seed, default=defaults["seed"])
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_baseline)
 

@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import SimsError
 from ..evaluation.datasets import MC_TASKS
 from ..evaluation.run_eval import SCORERS, EvalConfig
 from ..oracles import ORACLE_NAMES
-from .options import integer, names
+from .checks import reading
+from .options import count, names, positive
 
 _ORACLES = ", ".join(ORACLE_NAMES)
 
@@ -35,17 +37,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--mc", type=names, default=base.mc_tasks, help=f"multiple-choice tasks from: {', '.join(MC_TASKS)}"
     )
     ev.add_argument(
-        "--mc-limit", type=integer, default=base.mc_limit, help="items per task (seeded subset; 0 = all)"
+        "--mc-limit", type=count, default=base.mc_limit, help="items per task (seeded subset; 0 = all)"
     )
     ev.add_argument(
-        "--alpaca", type=integer, default=base.alpaca, help="AlpacaEval instructions judged vs the reference"
+        "--alpaca", type=count, default=base.alpaca, help="AlpacaEval instructions judged vs the reference"
     )
     ev.add_argument(
         "--prompts", default=None, help="held-out prompts (default: the run's eval_prompts.jsonl)"
     )
-    ev.add_argument("--max-new-tokens", type=integer, default=None)
+    ev.add_argument("--max-new-tokens", type=positive, default=None)
     ev.add_argument("--data", default=None, help="evaluation data folder (default ../shared/data)")
-    ev.add_argument("--bootstrap", type=integer, default=base.bootstrap_rounds, help="bootstrap resamples")
+    ev.add_argument("--bootstrap", type=count, default=base.bootstrap_rounds, help="bootstrap resamples")
     ev.add_argument("--out", default=None, help="report folder (default: the run directory)")
     ev.set_defaults(func=cmd_eval)
 
@@ -58,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     jc = sub.add_parser("judge-check", help="an oracle's agreement with human preference pairs")
     jc.add_argument("--oracle", required=True, help=f"oracle spec, as in sims run, one of: {_ORACLES}")
     jc.add_argument("--pairs", default=None, help="JSONL(.gz) pairs (default: HH-RLHF harmless-base test)")
-    jc.add_argument("--limit", type=integer, default=None, help="first N pairs only (default: all)")
+    jc.add_argument("--limit", type=positive, default=None, help="first N pairs only (default: all)")
     jc.add_argument(
         "--model", default=None, help="backbone of self-rank / self-judge* (default: the embedded model)"
     )
@@ -115,12 +117,19 @@ def cmd_judge_check(args: argparse.Namespace) -> int:
         if args.pairs
         else data_dir(args.data) / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
     )
+    with reading(path, "pairs file"):  # checked before any model or oracle is loaded
+        pairs = load_pairs(path, args.limit)
+        bad = next((p for p in pairs if not all(isinstance(x, str) for x in vars(p).values())), None)
+        if bad is not None:
+            raise SimsError(f"{path}: prompt, chosen and rejected must be text, got {bad}"[:300])
+    if not pairs:
+        raise SimsError(f"{path} has no preference pairs")
     lm = None
     if args.oracle in MODEL_ORACLES:  # the model judges: load it
         from ..models import load_model
 
         lm = load_model(args.model, dtype=args.dtype)
     oracle = get_oracle(args.oracle, lm=lm)
-    result = check_judge(oracle, load_pairs(path, args.limit), progress=True)
+    result = check_judge(oracle, pairs, progress=True)
     print(json.dumps({"pairs": str(path), **result.to_dict()}, indent=2))
     return 0

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from ..errors import SimsError
 from ..hooks import POSITIONS
+from .checks import check_context
 from .options import (
     add_model_options,
     add_sampling_options,
-    integer,
     model_source,
     number,
     positions,
+    positive,
     sampling_config,
 )
 
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=None, help="prompt file (JSONL or text)")
     p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--output", default=None, help="write JSONL here instead of printing")
-    p.add_argument("--num-samples", type=integer, default=1)
+    p.add_argument("--num-samples", type=positive, default=1)
     add_sampling_options(p, temperature=0.0)  # greedy: the same answers on every call
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -74,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     policy.check_model(lm.model)
+    check_context(lm, prompts, sampling.max_new_tokens)
     if args.strength is not None:
         policy = policy.scaled(args.strength)
     if args.positions is not None:

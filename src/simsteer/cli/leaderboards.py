@@ -7,6 +7,7 @@ import sys
 
 from ..errors import SimsError
 from ..oracles import ORACLE_NAMES
+from .checks import reading
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,13 +39,20 @@ def cmd_lc(args: argparse.Namespace) -> int:
     """Print WR and LC WR of each annotation file beside the published leaderboard."""
     from ..evaluation.lc import annotation_win_rates, read_leaderboard
 
-    published = read_leaderboard(args.leaderboard) if args.leaderboard else {}
+    published: dict[str, dict[str, str]] = {}
+    if args.leaderboard:
+        with reading(args.leaderboard, "AlpacaEval leaderboard CSV"):
+            published = read_leaderboard(args.leaderboard)
+    results = []
+    for path in args.annotations:  # every file is read before anything is printed
+        with reading(path, "AlpacaEval annotation file"):
+            results.append(annotation_win_rates(path, free_slope=args.free_slope))
     print(f"{'model':<28} {'WR':>6} {'pub WR':>7} {'LC':>6} {'95% CI':>13} {'pub LC':>7} {'slope':>6}")
-    for path in args.annotations:
-        model, lc = annotation_win_rates(path, free_slope=args.free_slope)
+    for model, lc in results:
         pub = published.get(model, {})
-        pwr = f"{float(pub['win_rate']):.2f}" if pub else "-"
-        plc = f"{float(pub['length_controlled_winrate']):.2f}" if pub else "-"
+        with reading(args.leaderboard, "AlpacaEval leaderboard CSV"):
+            pwr = f"{float(pub['win_rate']):.2f}" if pub else "-"
+            plc = f"{float(pub['length_controlled_winrate']):.2f}" if pub else "-"
         ci = f"[{100 * lc.ci_low:.1f}, {100 * lc.ci_high:.1f}]"
         print(
             f"{model:<28} {100 * lc.raw:6.2f} {pwr:>7} {100 * lc.value:6.2f} {ci:>13} {plc:>7} "
@@ -60,13 +68,22 @@ def cmd_arena(args: argparse.Namespace) -> int:
 
     judgments: list[dict] = []
     for path in args.judgments:
-        judgments += read_jsonl(path)
+        rows = read_jsonl(path)
+        with reading(path, "judgment file"):
+            battles_from_judgments(rows, "baseline")  # each row checked where it was read
+        judgments += rows
     baseline = args.baseline_name
     if args.judge:
+        from ..evaluation.arena import load_answers, load_questions
         from ..oracles import get_oracle
 
         if not (args.questions and args.baseline and args.answers):
             raise SimsError("--judge needs --questions, --baseline and --answers")
+        with reading(args.questions, "question file"):
+            load_questions(args.questions)
+        for path in [args.baseline, *args.answers]:
+            with reading(path, "answer file"):
+                load_answers(path)
         baseline, judged = judge_answer_files(
             get_oracle(args.judge), args.questions, args.baseline, args.answers
         )

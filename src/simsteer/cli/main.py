@@ -3,7 +3,9 @@
 Each command group lives in its own module with ``add_parser(sub)``, which registers the
 command and its handler (``set_defaults(func=...)``); :func:`main` parses and calls
 ``args.func(args)``. Every user mistake ends in one line, ``sims: error: ...``, and exit
-status 2; nothing a run already wrote is touched by a failed command.
+status 2; any other exception (a bug, a full disk, a denied permission) ends in one line
+``sims: error: <type>: <message>`` and exit status 1 (``SIMS_DEBUG=1`` adds the
+traceback); nothing a run already wrote is touched by a failed command.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -25,6 +28,12 @@ from .options import Parser
 from .run import add_parser as add_run
 from .serve import add_parser as add_serve
 from .sweep import add_parser as add_sweep
+
+#: Exit status of a known user mistake (a :class:`SimsError`) and of an unexpected error.
+EXIT_MISTAKE = 2
+EXIT_UNEXPECTED = 1
+#: Set to 1 to see the traceback of an unexpected error (the one line is printed too).
+DEBUG_ENV = "SIMS_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +92,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
         return args.func(args)
     except SimsError as exc:
-        print(f"sims: error: {exc}", file=sys.stderr)
-        return 2
+        _report(str(exc))
+        return EXIT_MISTAKE
     except KeyboardInterrupt:
         print("sims: interrupted; finished steps are saved (continue with --resume)", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last resort: one line, never a traceback (unless asked)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        _report(f"{type(exc).__name__}: {exc}")
+        return EXIT_UNEXPECTED
+
+
+def _report(message: str) -> None:
+    """Print ``sims: error: <message>`` as exactly one line (inner newlines folded)."""
+    print("sims: error: " + " ".join(message.split()), file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,80 @@ class Parser(argparse.ArgumentParser):
 
 
 # -- argument types (argparse reports their ValueError-like failures in one line) -------
+#: Integers beyond a 64-bit range reach no setting sensibly (and overflow torch).
+INT_LIMIT = 2**63
+#: Seeds are mixed with step and batch indices before torch sees them: kept below 2**32.
+SEED_LIMIT = 2**32
+
+
 def integer(text: str) -> int:
-    """An integer; its range is checked by the config that receives it."""
+    """An integer within 64 bits; its finer range is checked by the config receiving it."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"integer out of range: {text}")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 0 (0 usually means "all" or "none", as the option says)."""
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    """An integer >= 1."""
+    value = integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed in ``[0, 2**32)``."""
+    value = integer(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed is in [0, 2**32), got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port (0: any free one)."""
+    value = integer(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {value}")
+    return value
 
 
 def number(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` are refused: no setting means them)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0."""
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """A finite number >= 0."""
+    value = number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def budget(text: str) -> float | None:
@@ -64,9 +126,23 @@ def key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"learner options look like key=value, got {text!r}")
     try:
-        return key.replace("-", "_"), json.loads(value)
+        parsed = json.loads(value)
     except json.JSONDecodeError:
         return key.replace("-", "_"), value
+    if not _finite(parsed):  # JSON's NaN / Infinity constants
+        raise argparse.ArgumentTypeError(f"learner option {key} must be finite, got {value!r}")
+    return key.replace("-", "_"), parsed
+
+
+def _finite(value: Any) -> bool:
+    """Whether every number in a JSON value is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def positions(text: str) -> str:
@@ -131,7 +207,7 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
     group.add_argument("--top-p", type=number, default=base.top_p, help="1 = off (default %(default)s)")
     group.add_argument("--max-new-tokens", type=integer, default=base.max_new_tokens)
     group.add_argument("--batch-size", type=integer, default=base.batch_size)
-    group.add_argument("--seed", type=integer, default=SIMSConfig().seed)
+    group.add_argument("--seed", type=seed, default=SIMSConfig().seed)
 
 
 def add_guard_options(p: argparse.ArgumentParser) -> None:
@@ -206,15 +282,22 @@ def add_judge_options(p: argparse.ArgumentParser) -> None:
         "--judge-api-key-env",
         default=fields["api_key_env"].default,
         metavar="VAR",
-        help="environment variable with the API key (only its name is saved; default %(default)s)",
+        help="environment variable with the API key (only its name is saved; default: no key is sent; "
+        "a key goes over https, or plain http to loopback only)",
     )
     group.add_argument("--judge-mode", choices=MODES, default=fields["mode"].default)
-    group.add_argument("--judge-concurrency", type=integer, default=fields["concurrency"].default)
+    group.add_argument("--judge-concurrency", type=positive, default=fields["concurrency"].default)
     group.add_argument(
-        "--judge-timeout", type=number, default=fields["timeout"].default, help="seconds per request"
+        "--judge-timeout", type=positive_number, default=fields["timeout"].default, help="seconds per request"
     )
     group.add_argument(
-        "--judge-retries", type=integer, default=fields["retries"].default, help="retries on 429/5xx/timeouts"
+        "--judge-retries", type=count, default=fields["retries"].default, help="retries on 429/5xx/timeouts"
+    )
+    group.add_argument(
+        "--judge-max-tokens",
+        type=positive,
+        default=None,
+        help=f"answer length cap (default {fields['max_tokens'].default})",
     )
     group.add_argument(
         "--judge-cache",
@@ -265,4 +348,6 @@ def judge_options(args: argparse.Namespace) -> dict[str, Any]:
         options["model"] = args.judge_model
     if args.judge_base_url:
         options["base_url"] = args.judge_base_url
+    if args.judge_max_tokens is not None:  # absent: the spec of runs without it is unchanged
+        options["max_tokens"] = args.judge_max_tokens
     return options

@@ -6,6 +6,13 @@ resume command line is checked against the saved value: equal is fine, different
 refused in one line that names the flag and both values (silently dropping it would run
 something other than what the user asked for). ``--device`` and ``--quiet`` say where
 and how to run, not what, and may change.
+
+A run directory is data that anyone with write access may have edited, so a resume is
+explicit about trust (:mod:`.trust`): code the run names (a ``python:`` oracle,
+``trust_remote_code``) and the API key variable of its judge are used only when the same
+flag is typed on the resume command line; saved paths are absolute and never looked up again
+from the current folder; the model (fingerprint, dtype) and the oracle rebuilt are compared
+with the saved ones, the model's config before its weights load.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from typing import Any
 
 from ..errors import SimsError
 from ..loop.config import SIMSConfig
-from ..loop.spec import RunSpec
+from ..loop.spec import ModelSpec, RunSpec
+from .checks import checked_learner
 from .options import flag, model_source
+from .trust import check_model_config, check_paths, check_rebuilt, check_trust
 
 #: Options that may differ from the saved run: where and how it runs, not what it does.
 FREE = frozenset({"resume", "quiet", "device"})
@@ -124,7 +133,18 @@ def _settings() -> dict[str, Compare]:
     table["full_grid"] = _field(lambda s: not s.sims.guard.stop_at_unfluent)
     for dest, name in (("bank_capacity", "capacity"), ("bank_top", "top"), ("bank_rescore", "rescore")):
         table[dest] = _field(lambda s, f=name: getattr(s.sims.bank, f))
-    for name in ("model", "base_url", "api_key_env", "mode", "concurrency", "timeout", "retries", "cache"):
+    judge = (
+        "model",
+        "base_url",
+        "api_key_env",
+        "mode",
+        "concurrency",
+        "timeout",
+        "retries",
+        "cache",
+        "max_tokens",
+    )
+    for name in judge:
         table[f"judge_{name}"] = _judge
     table.update(
         out=_out,
@@ -202,23 +222,32 @@ def read_spec(path: Path) -> RunSpec:
 def rebuild_run(args: argparse.Namespace) -> tuple[Any, Any, Any, SIMSConfig, Path]:
     """The model, oracle, learner, loop config and run directory of ``--resume RUN``.
 
+    Everything the run names is checked before it is used: paths, typed flags, consent to
+    run code, the learner's options, then the model's config (before its weights load),
+    the loaded model and the oracle built.
+
     Args:
         args: the parsed ``sims run`` options (``--resume``, ``--device``, ``args.given``).
     """
-    from ..learners import get_learner
     from ..models import load_model
     from ..oracles import get_oracle
 
     out = Path(args.resume)
     spec = read_spec(out)
+    check_paths(spec, out / "config.json")
     check_flags(args, spec)
+    check_trust(args, spec)  # before anything of the run's is imported or loaded
+    options = dict(spec.learner)  # checked before the slow model load
+    learner = checked_learner(options.pop("name", None), options, where=f"{out / 'config.json'}: learner")
+    check_model_config(out, spec)  # a changed model refused before its weights load
     lm = load_model(
         spec.model.source,
         device=args.device,  # where, not what: the best available unless told
         dtype=spec.model.dtype,
         trust_remote_code=spec.model.trust_remote_code,
     )
+    model = ModelSpec.of(lm)
+    check_rebuilt(out, spec, model)  # before the oracle: it may be a model or user code
     oracle = get_oracle(spec.oracle, device=args.device, lm=lm)
-    options = dict(spec.learner)
-    learner = get_learner(options.pop("name"), **options)
+    check_rebuilt(out, spec, model, oracle.describe())
     return lm, oracle, learner, spec.sims, out

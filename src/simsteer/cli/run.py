@@ -14,6 +14,7 @@ from ..learners import learner_names
 from ..loop.config import SIMSConfig
 from ..loop.selection import VARIANTS
 from ..oracles import ORACLE_NAMES
+from .checks import check_context, checked_learner
 from .options import (
     absolute_path,
     add_bank_options,
@@ -61,7 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN_DIR",
         default=None,
-        help="continue an interrupted run with its saved settings (flags that differ are refused)",
+        help="continue an interrupted run with its saved settings (flags that differ are refused; "
+        "a run that names code to run or a key to send needs its --oracle python:..., "
+        "--trust-remote-code or --judge-api-key-env typed again)",
     )
     plug = p.add_argument_group("oracle and learner")
     plug.add_argument(
@@ -193,7 +196,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _new_run(args: argparse.Namespace) -> RunPlan:
-    from ..learners import get_learner
     from ..loop.rundir import RunDir
     from ..models import load_model
     from ..oracles import get_oracle
@@ -213,7 +215,7 @@ def _new_run(args: argparse.Namespace) -> RunPlan:
         variant=args.variant,
         bank=bank_config(args),
     )
-    learner = get_learner(args.learner, **learner_options(args))
+    learner = checked_learner(args.learner, learner_options(args))
     out = Path(args.out)
     if RunDir(out).is_run():
         raise SimsError(f"{out} already holds a run: continue it with --resume {out} or pick --out")
@@ -229,6 +231,7 @@ def _new_run(args: argparse.Namespace) -> RunPlan:
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )
+    check_context(lm, [*prompts, *(eval_prompts or [])], config.sampling.max_new_tokens)
     # After the model: the self-* oracles judge with it.
     oracle = get_oracle(
         args.oracle or default_oracle(args.variant),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import SimsError
 from ..serve.config import ServeConfig
-from .options import add_model_options, integer, model_source, number
+from .options import add_model_options, model_source, non_negative_number, port, positive, seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,19 +27,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-steering", default=None, help="steering used when a request names none")
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models")
     p.add_argument("--host", default=base.host, help="bind address (default loopback only)")
-    p.add_argument("--port", type=integer, default=base.port)
+    p.add_argument("--port", type=port, default=base.port)
     p.add_argument(
         "--api-key-env",
         default=None,
         metavar="VAR",
         help="require 'Authorization: Bearer $VAR' on every request",
     )
-    p.add_argument("--max-tokens-limit", type=integer, default=base.max_tokens_limit)
-    p.add_argument("--max-prompt-tokens", type=integer, default=base.max_prompt_tokens)
-    p.add_argument("--max-request-bytes", type=integer, default=base.max_request_bytes)
-    p.add_argument("--max-batch", type=integer, default=base.max_batch, help="sequences decoded together")
-    p.add_argument("--batch-wait-ms", type=number, default=base.batch_wait_ms, help="wait for more requests")
-    p.add_argument("--seed", type=integer, default=base.seed)
+    p.add_argument("--max-tokens-limit", type=positive, default=base.max_tokens_limit)
+    p.add_argument("--max-prompt-tokens", type=positive, default=base.max_prompt_tokens)
+    p.add_argument("--max-request-bytes", type=positive, default=base.max_request_bytes)
+    p.add_argument("--max-batch", type=positive, default=base.max_batch, help="sequences decoded together")
+    p.add_argument(
+        "--batch-wait-ms", type=non_negative_number, default=base.batch_wait_ms, help="wait for more requests"
+    )
+    p.add_argument("--seed", type=seed, default=base.seed)
+    p.add_argument("--max-queue", type=positive, default=base.max_queue, help="waiting rows, then 429")
     p.set_defaults(func=cmd_serve)
 
 
@@ -65,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         seed=args.seed,
+        max_queue=args.max_queue,
     )
     lm = load_model(
         model_source(args.model),

@@ -62,6 +62,19 @@ def _flag(key: str) -> str:
     return GRID_KEYS.get(key, "--" + key.replace("_", "-"))
 
 
+def _consent(argv: Sequence[str]) -> list[str]:
+    """The flags of ``argv`` that allow code or a key (``--oracle``, ``--trust-remote-code``,
+    ``--judge-api-key-env``): ``sims run --resume`` runs those only when typed again."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        name, eq, _ = arg.partition("=")
+        if name == "--trust-remote-code":
+            out.append(arg)
+        elif name in ("--oracle", "--judge-api-key-env"):
+            out += [arg] if eq else list(argv[i : i + 2])
+    return out
+
+
 def run_sweep(
     out: str | Path,
     grid: dict[str, list[str]],
@@ -98,7 +111,9 @@ def run_sweep(
         status = "done"
         if not run.is_complete():
             if run.is_run():
-                argv, status = ["run", "--resume", str(run.root), "--quiet"], "resumed"
+                # Code or a key the point names needs its flag typed again on resume.
+                consent = _consent([*run_args, *(x for k, v in point.items() for x in (_flag(k), v))])
+                argv, status = ["run", "--resume", str(run.root), *consent, "--quiet"], "resumed"
             else:
                 flags = [x for k, v in point.items() for x in (_flag(k), v)]
                 argv, status = ["run", *run_args, *flags, "--out", str(run.root)], "ran"

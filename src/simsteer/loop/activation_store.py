@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..io import atomic_write_bytes
 from ..learners.base import PreferenceActivations
@@ -38,11 +38,9 @@ def save_preference_activations(path: Path, data: PreferenceActivations, num_tok
             tensors[name] = getattr(data, name).contiguous()
     if data.num_heads:
         tensors["num_heads"] = torch.tensor([data.num_heads], dtype=torch.long)
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp))
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink(missing_ok=True)
+    # Serialised in memory and committed by one rename (no fixed temporary name that two
+    # writers could share).
+    atomic_write_bytes(path, save(tensors))
 
 
 def load_preference_activations(path: Path) -> tuple[PreferenceActivations, int]:

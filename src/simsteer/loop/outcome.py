@@ -43,7 +43,8 @@ def run_outcome(
             "ci95": [low, high],
         }
     f0, f1 = history[0].eval_fluency, history[final].eval_fluency
-    if f0 is not None and f1 is not None:
+    # An undefined perplexity (no answer had tokens) gives no ratio (JSON has no NaN).
+    if f0 is not None and f1 is not None and np.isfinite([f0.perplexity, f1.perplexity]).all():
         out["fluency"] = {
             "perplexity_ratio": f1.perplexity / f0.perplexity,
             "repetition_delta": f1.repetition - f0.repetition,

@@ -16,8 +16,10 @@ are ``None``, as they were left out of the dict rows:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 R = TypeVar("R", bound="FlatRecord")
 
@@ -26,31 +28,105 @@ R = TypeVar("R", bound="FlatRecord")
 LABELS = ("positive", "negative", "tie", "unused", "skipped")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: The field types a row may hold -> (what a value must be, how to say it). A hand-edited
+#: or damaged row is refused when read, naming the field, instead of failing later (a
+#: text score in a table's format string) or passing NaN on.
+FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "float": (_is_number, "a finite number"),
+    "int": (_is_int, "an integer"),
+    "str": (lambda v: isinstance(v, str), "text"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
+    "dict[str, float]": (
+        lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
+        "an object of numbers",
+    ),
+}
+
+
+def check_fields(cls: type, data: Any, undefined: bool = False) -> None:
+    """Raise ``TypeError`` naming the first field of ``data`` whose value does not have the
+    type ``cls`` declares for it (fields of other types, and missing ones, are left to
+    ``from_json``).
+
+    Args:
+        cls: a record dataclass.
+        data: the parsed JSON row.
+        undefined: plain ``float`` fields may also be NaN or null (a metric that is
+            undefined, such as the perplexity of answers without tokens).
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"a row must be a JSON object, got {type(data).__name__}")
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kind = str(f.type)
+        optional = kind.endswith(" | None")
+        test, expected = FIELD_TYPES.get(kind.removesuffix(" | None"), (None, ""))
+        value = data[f.name]
+        if test is None or (optional and value is None) or test(value):
+            continue
+        if undefined and kind == "float" and (value is None or _is_nan(value)):
+            continue
+        raise TypeError(f"field {f.name!r} must be {expected}{' or null' if optional else ''}, got {value!r}")
+
+
 def _put(out: dict[str, Any], key: str, value: Any) -> None:
     """Write an optional entry: left out when ``None`` (as the dict rows did)."""
     if value is not None:
         out[key] = value
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 class FlatRecord:
     """``to_json`` / ``from_json`` of a record whose JSON is its fields, in field order
-    (a field with a default may be missing from older files)."""
+    (a field with a default may be missing from older files).
+
+    A record with ``undefined = True`` holds metrics that may be undefined (NaN in memory):
+    they are written as ``null`` (JSON has no NaN) and read back as NaN.
+    """
+
+    undefined: ClassVar[bool] = False
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        out = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        if self.undefined:
+            out = {k: None if _is_nan(v) else v for k, v in out.items()}
+        return out
 
     @classmethod
     def from_json(cls: type[R], data: dict[str, Any]) -> R:
+        check_fields(cls, data, undefined=cls.undefined)
         names = fields(cls)  # type: ignore[arg-type]
         for f in names:
             if f.name not in data and f.default is MISSING and f.default_factory is MISSING:
                 raise KeyError(f.name)
-        return cls(**{f.name: data[f.name] for f in names if f.name in data})
+        values = {f.name: data[f.name] for f in names if f.name in data}
+        if cls.undefined:
+            values = {k: math.nan if v is None and _plain_float(cls, k) else v for k, v in values.items()}
+        return cls(**values)
+
+
+def _plain_float(cls: type, name: str) -> bool:
+    return any(f.name == name and str(f.type) == "float" for f in fields(cls))
 
 
 @dataclass(frozen=True)
 class FluencyRecord(FlatRecord):
     """Fluency of a set of answers (:class:`simsteer.fluency.FluencyReport`, rounded)."""
+
+    undefined = True  # perplexity is NaN when no answer has tokens
 
     perplexity: float
     repetition: float
@@ -63,6 +139,8 @@ class FluencyRecord(FlatRecord):
 class Measurement(FlatRecord):
     """What the fluency guard measures of one policy on the calibration prompts."""
 
+    undefined = True  # perplexity is NaN when no answer has tokens
+
     score: float
     perplexity: float
     repetition: float
@@ -73,6 +151,8 @@ class Measurement(FlatRecord):
 @dataclass(frozen=True)
 class CalibrationPoint(FlatRecord):
     """One strength of the guard's grid: the measurement and whether it is fluent."""
+
+    undefined = True  # perplexity is NaN when no answer has tokens
 
     multiplier: float
     strength: float
@@ -121,6 +201,9 @@ class CalibrationRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CalibrationRecord:
+        check_fields(cls, data)
+        if not isinstance(data.get("points"), list):
+            raise TypeError(f"field 'points' must be a list, got {data.get('points')!r}")
         return cls(
             base=Measurement.from_json(data["base"]),
             points=tuple(CalibrationPoint.from_json(p) for p in data["points"]),
@@ -166,6 +249,7 @@ class JudgingStats:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JudgingStats:
+        check_fields(cls, data)
         return cls(**{name: data.get(name) for name in JUDGING_KEYS})
 
 
@@ -249,6 +333,8 @@ class IterationRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IterationRecord:
+        check_fields(cls, data)
+
         def nested(key: str, kind: Any) -> Any:
             value = data.get(key)
             return None if value is None else kind.from_json(value)

@@ -25,22 +25,37 @@ as done when its artefact exists, which is what ``--resume`` relies on.
 
 The rows are typed (:mod:`simsteer.loop.records`); the ``read_*`` methods, :meth:`RunDir.spec`,
 :meth:`RunDir.history` and :meth:`RunDir.is_complete` are how anybody reads a run. Only
-the loop (:class:`simsteer.loop.sims.SIMS`) writes one.
+the loop (:class:`simsteer.loop.sims.SIMS`) writes one, through :func:`create_run` and
+:func:`resume_run`, which hold the run's lock (``RUN/.sims.lock``, naming the writer's pid)
+while it writes.
+
+Crash safety: every file and folder above is committed by one rename
+(:mod:`simsteer.io`); the initial files (the prompt files and ``config.json``) are committed
+together, as the run directory itself. A step is done when its committed artefact is
+there: a file, or a complete steering folder. A killed writer leaves only hidden
+temporaries, swept when the run is resumed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import SimsError
-from ..io import read_json, read_jsonl
+from ..io import exclusive_lock, is_temporary, read_json, read_jsonl, staged_dir, sweep_temporaries
 from ..prompts import Prompt
+from ..steering import CONFIG_NAME, WEIGHTS_NAME
 from .bank import BankConfig, ResponseBank
 from .records import CalibrationPoint, EvalRecord, IterationRecord, Measurement, SampleRecord, TrainingPair
 from .spec import RunSpec
+
+#: The lock file of a run directory; it holds the pid of the process writing the run.
+LOCK_NAME = ".sims.lock"
 
 
 @dataclass(frozen=True)
@@ -120,15 +135,27 @@ class RunDir:
     def iteration_summary(self, t: int) -> Path:
         return self.iteration(t) / "summary.json"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_NAME
+
     def is_run(self) -> bool:
         return self.config.is_file()
+
+    def has_steering(self, path: Path) -> bool:
+        """Whether ``path`` is a complete steering folder (a finished fit or policy)."""
+        return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+    def has_final(self) -> bool:
+        """Whether ``final/`` holds a complete policy (one steering, or ``step_1/`` on)."""
+        return self.has_steering(self.final) or self.has_steering(self.final / "step_1")
 
     # -- typed readers -------------------------------------------------------------
     def spec(self) -> RunSpec:
         """The run's :class:`~simsteer.loop.spec.RunSpec` (``config.json``)."""
         if not self.is_run():
             raise SimsError(f"{self.root} is not a run directory (no config.json)")
-        return RunSpec.from_json(read_json(self.config))
+        return RunSpec.from_json(read_json(self.config), source=str(self.config))
 
     def history(self) -> list[IterationRecord]:
         """The iteration rows written so far, in order (one per finished iteration)."""
@@ -144,7 +171,7 @@ class RunDir:
 
     def is_complete(self) -> bool:
         """Every iteration has its row (or the last row stops the loop) and ``final/`` exists."""
-        if not self.is_run() or not self.final.exists():
+        if not self.is_run() or not self.has_final():
             return False
         rows = self.history()
         if rows and rows[-1].stop:
@@ -153,7 +180,7 @@ class RunDir:
 
     def read_prompts(self, path: Path) -> list[Prompt]:
         """One of the run's prompt files (``prompts``, ``eval_prompts``, ...); empty if absent."""
-        return [Prompt(r["id"], r["prompt"]) for r in read_jsonl(path)] if path.is_file() else []
+        return _rows(path, Prompt.from_json)
 
     def read_eval(self, t: int) -> list[EvalRecord]:
         """Policy t's answers to the held-out prompts (empty if none were written)."""
@@ -183,6 +210,81 @@ class RunDir:
     def read_outcome(self) -> dict[str, Any] | None:
         """``outcome.json`` (see :func:`simsteer.loop.outcome.format_outcome`), if written."""
         return read_json(self.outcome) if self.outcome.is_file() else None
+
+
+@contextmanager
+def create_run(run: RunDir, write: Callable[[RunDir], None]) -> Iterator[None]:
+    """Start the run directory ``run`` in one step and hold its lock inside the block.
+
+    ``write`` fills a staged copy of the run directory with the initial files; it is
+    renamed to ``run.root`` in one step, so a kill leaves either no run or a run with all
+    of its initial files. ``run.root`` may exist if it is empty.
+
+    Args:
+        run: the run directory to create.
+        write: writes the initial files into the staged :class:`RunDir` it is given.
+
+    Raises:
+        SimsError: ``run.root`` holds other files, or another process created the run
+            meanwhile.
+    """
+    root = run.root.resolve() if run.root.is_symlink() else run.root
+    _sweep_staged_roots(root)
+    if root.is_dir():
+        leftovers = list(root.iterdir())
+        if any(not is_temporary(p.name) and p.name != LOCK_NAME for p in leftovers):
+            raise SimsError(f"{run.root} exists and is not an empty run directory")
+        for path in leftovers:  # a killed writer's temporaries, no run to lose
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    with ExitStack() as stack:
+        try:
+            with staged_dir(root, replace=False) as tmp:
+                # Locked before the rename, so the run is never visible unlocked.
+                stack.enter_context(exclusive_lock(tmp / LOCK_NAME, f"run directory {run.root}"))
+                write(RunDir(tmp))
+        except OSError as exc:
+            if RunDir(root).is_run():
+                raise SimsError(f"{run.root} was started by another process meanwhile") from None
+            raise SimsError(f"cannot create the run directory {run.root}: {exc.strerror or exc}") from None
+        yield
+
+
+@contextmanager
+def resume_run(run: RunDir) -> Iterator[None]:
+    """Hold the lock of the existing run ``run`` inside the block, after sweeping the
+    temporaries a killed writer left.
+
+    Raises:
+        SimsError: another process is writing the run (the message names its pid).
+    """
+    with exclusive_lock(run.lock_file, f"run directory {run.root}"):
+        sweep_temporaries(run.root)
+        _sweep_staged_roots(run.root)
+        yield
+
+
+def _sweep_staged_roots(root: Path) -> None:
+    """Delete staged copies of ``root`` (``.<name>.<pid>.<random>.tmp`` next to it) whose
+    writer is dead: a run that was killed before it was created."""
+    if not root.parent.is_dir():
+        return
+    for path in root.parent.glob(f".{root.name}.*.tmp"):
+        pid = path.name[len(root.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True
 
 
 def _rows(path: Path, parse: Callable[[Any], Any]) -> list[Any]:

@@ -19,9 +19,9 @@ records (:mod:`simsteer.loop.records`), and the loop saves them.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from .records import (
     IterationRecord,
     SampleRecord,
 )
-from .rundir import RunDir
+from .rundir import RunDir, create_run, resume_run
 from .selection import Selection, select_samples
 from .spec import ModelSpec, RunSpec
 from .table import TABLE_HEADER, format_row
@@ -130,7 +130,11 @@ class SIMS:
                 differing field is named with both values).
         """
         run = RunDir(Path(run_dir))
-        split = self._prepare(run, prompts, eval_prompts, self._spec(prompt_sources, extra))
+        with self._open(run, prompts, eval_prompts, self._spec(prompt_sources, extra)) as split:
+            return self._loop(run, split)
+
+    def _loop(self, run: RunDir, split: PromptSplit) -> SIMSResult:
+        """The iterations, the summary, the outcome and ``final/`` (the run is locked)."""
         history: list[IterationRecord] = []
         if self.progress:
             tqdm.write(TABLE_HEADER)
@@ -147,9 +151,8 @@ class SIMS:
         outcome = run_outcome(history, run.read_eval(0), run.read_eval(best), best)
         write_json(run.outcome, outcome)
         policy = Policy(self._policy(run, best)).with_metadata(policy_iteration=best)
-        if run.final.exists():
-            shutil.rmtree(run.final)
         # An empty policy (the unsteered model was best) is saved as a steering without layers.
+        # The save replaces an older final/ in one step (a resumed, finished run).
         policy.save(
             run.final,
             steps=self.config.compose,
@@ -159,27 +162,33 @@ class SIMS:
         )
         return SIMSResult(policy=policy, history=history, run_dir=run.root)
 
-    def _prepare(
+    @contextmanager
+    def _open(
         self,
         run: RunDir,
         prompts: Sequence[Prompt | str],
         eval_prompts: Sequence[Prompt | str] | None,
         spec: RunSpec,
-    ) -> PromptSplit:
-        """Split the pool (train / eval / calibration) for a new run, or reload it."""
+    ) -> Iterator[PromptSplit]:
+        """Lock the run directory for the block and give its prompt split: a new run's
+        (its initial files committed in one step) or a resumed run's, reloaded."""
         if run.is_run():
-            return self._check_resume(run, spec)
-        if prompts and run.root.exists() and any(run.root.iterdir()):
-            raise SimsError(f"{run.root} exists and is not an empty run directory")
+            with resume_run(run):
+                yield self._check_resume(run, spec)
+            return
         split = split_prompts(self.config, prompts, eval_prompts)
-        for path, part in (
-            (run.prompts, split.train),
-            (run.eval_prompts, split.eval),
-            (run.calibration_prompts, split.calibration),
-        ):
-            write_jsonl(path, [{"id": p.id, "prompt": p.text} for p in part])
-        write_json(run.config, spec.to_json())
-        return split
+
+        def write_initial(staged: RunDir) -> None:
+            for path, part in (
+                (staged.prompts, split.train),
+                (staged.eval_prompts, split.eval),
+                (staged.calibration_prompts, split.calibration),
+            ):
+                write_jsonl(path, [{"id": p.id, "prompt": p.text} for p in part])
+            write_json(staged.config, spec.to_json())
+
+        with create_run(run, write_initial):
+            yield split
 
     # -- steps -------------------------------------------------------------------
     def _iteration(
@@ -353,7 +362,7 @@ class SIMS:
     ) -> FitRecord:
         # With the guard on, the raw fit waits in fitted/ until a strength is chosen.
         target = run.fitted(t) if self.config.guard.enabled else run.steering(t + 1)
-        if (target / "steering_config.json").is_file():
+        if run.has_steering(target):
             saved = Steering.load(target)
             return FitRecord(self.learner.name, bool(saved.metadata.get("carried_over", False)))
         if data is None:
@@ -399,7 +408,8 @@ class SIMS:
         png = render_frontier(calibration.points, base, self.config.guard, self.guard.frontier_title(t))
         atomic_write_bytes(run.frontier(t), png)
         chosen = calibration.chosen_point
-        if chosen is not None and not run.steering(t + 1).is_dir():
+        # Done is a complete steering folder, so a save killed half-way is redone.
+        if chosen is not None and not run.has_steering(run.steering(t + 1)):
             policy_next = candidate.with_strength(chosen.strength).with_metadata(
                 calibrated_multiplier=chosen.multiplier
             )

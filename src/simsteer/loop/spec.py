@@ -10,11 +10,16 @@ its own registry accepts back (``get_oracle(spec.oracle)``,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SimsError
+from ..sampling import SamplingConfig
+from .bank import BankConfig
 from .config import SIMSConfig
+from .guard import GuardConfig
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -125,20 +130,25 @@ class RunSpec:
         return {**out, **self.extra}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunSpec:
+    def from_json(cls, data: dict[str, Any], source: str = "config.json") -> RunSpec:
         """Read ``config.json`` of this format, or of format 1 (simsteer <= 0.1.0: no
         ``format_version``, the model without device, a ``cli`` namespace); any other
-        format is refused with one line naming it.
+        format is refused with one line naming it, and so is a field of the wrong type
+        (:func:`check_spec`).
 
         Args:
             data: the parsed ``config.json``.
+            source: the file, for error messages.
         """
+        if not isinstance(data, dict):
+            raise SimsError(f"{source}: must hold a JSON object, got {type(data).__name__}")
         version = data.get("format_version", 1)
-        if version not in (1, RUN_FORMAT_VERSION):
+        if version not in (1, RUN_FORMAT_VERSION) or isinstance(version, bool):
             raise SimsError(
-                f"run format version {version!r} is not supported by this simsteer "
+                f"{source}: run format version {version!r} is not supported by this simsteer "
                 f"(it reads versions 1 and {RUN_FORMAT_VERSION})"
             )
+        check_spec(data, source)
         known = {
             "format_version",
             "simsteer_version",
@@ -160,12 +170,16 @@ class RunSpec:
             sources = {key: cli.get(key) for key in ("prompts", "eval_prompts_file") if key in cli}
             data = {**data, "prompts": data.get("prompts") or sources}
             known.add("cli")
+        try:
+            sims = SIMSConfig.from_dict(data["sims"])
+        except SimsError as exc:  # a value out of range: say where it came from
+            raise SimsError(f"{source}: sims: {exc}") from None
         return cls(
             model=ModelSpec.from_json(model),
             oracle=dict(data["oracle"]),
             learner=dict(data["learner"]),
             layers=list(data.get("layers") or []),
-            sims=SIMSConfig.from_dict(data["sims"]),
+            sims=sims,
             prompts=dict(data.get("prompts") or {}),
             simsteer_version=data.get("simsteer_version", ""),
             format_version=version,
@@ -202,6 +216,90 @@ class RunSpec:
                 if a != b:
                     out.append(f"{key}: saved {a!r}, now {b!r}")
         return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+#: Annotation of a config field -> (test, what the value must be).
+_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_integer, "an integer"),
+    "float": (_number, "a finite number"),
+    "float | None": (lambda v: v is None or _number(v), "a finite number or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "text"),
+    "tuple[float, ...]": (lambda v: isinstance(v, list) and all(map(_number, v)), "a list of numbers"),
+}
+
+
+def check_spec(data: Any, source: str = "config.json") -> None:
+    """Refuse a ``config.json`` (hand-edited, damaged) whose fields have the wrong type,
+    in one line naming the file and the field; ranges are left to the configs.
+
+    Args:
+        data: the parsed file.
+        source: the file, for the message.
+    """
+
+    def bad(name: str, expected: str, value: Any) -> SimsError:
+        return SimsError(f"{source}: field {name!r} must be {expected}, got {json.dumps(value)[:80]}")
+
+    if not isinstance(data, dict):
+        raise bad("(top level)", "a JSON object", data)
+    for name in ("model", "oracle", "learner", "sims"):
+        if not isinstance(data.get(name), dict):
+            raise bad(name, "an object", data.get(name))
+    for name in ("oracle", "learner"):
+        if not isinstance(data[name].get("name"), str):
+            raise bad(f"{name}.name", "text", data[name].get("name"))
+    model = data["model"]
+    for name, test, expected in (
+        ("source", lambda v: isinstance(v, str), "text"),
+        ("dtype", lambda v: isinstance(v, str), "text"),
+        ("device", lambda v: v is None or isinstance(v, str), "text"),
+        ("trust_remote_code", lambda v: isinstance(v, bool), "true or false"),
+        ("fingerprint", lambda v: isinstance(v, dict), "an object"),
+    ):
+        if (name in model or name in ("source", "dtype")) and not test(model.get(name)):
+            raise bad(f"model.{name}", expected, model.get(name))
+    layers = data.get("layers") or []
+    if not isinstance(layers, list) or not all(_integer(i) and i >= 0 for i in layers):
+        raise bad("layers", "a list of layer indices", layers)
+    if not isinstance(data.get("prompts") or {}, dict):
+        raise bad("prompts", "an object", data.get("prompts"))
+    _check_config(SIMSConfig, data["sims"], "sims", bad)
+
+
+def _check_config(cls: type, data: dict[str, Any], prefix: str, bad: Callable[..., SimsError]) -> None:
+    """Each key of ``data`` names a field of the config dataclass ``cls`` and has its type."""
+    known = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        name = f"{prefix}.{key}"
+        if key not in known:
+            raise bad(name, f"one of the fields of {cls.__name__} (unknown field)", key)
+        kind = str(known[key].type)
+        nested = _NESTED.get(kind)
+        if nested is not None:
+            if not isinstance(value, dict):
+                raise bad(name, "an object", value)
+            _check_config(nested, value, name, bad)
+            continue
+        test, expected = _TYPES.get(kind, (None, ""))
+        if test is not None and not test(value):
+            raise bad(name, expected, value)
+
+
+#: The config dataclasses nested in :class:`SIMSConfig`, by annotation.
+_NESTED: dict[str, type] = {
+    "SamplingConfig": SamplingConfig,
+    "GuardConfig": GuardConfig,
+    "BankConfig": BankConfig,
+}
 
 
 def _plain(value: Any) -> Any:

@@ -101,8 +101,10 @@ def oracle_spec(
     elif kind == "judge":
         spec = {"name": "judge", **(judge_options or {})}
         if arg:
-            model, at, base_url = arg.rpartition("@")
-            if not at:
+            # split at the @ before the URL (the URL itself may hold user:pass@)
+            at = max(arg.rfind("@http://"), arg.rfind("@https://"))
+            model, base_url = (arg[:at], arg[at + 1 :]) if at > 0 else (arg, "")
+            if not base_url:
                 raise SimsError(f"write the judge as judge:MODEL@BASE_URL, got {name!r}")
             spec.update(model=model, base_url=base_url)
     elif kind == "python":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import SimsError
+
 
 @dataclass(frozen=True)
 class Judgment:
@@ -85,6 +87,9 @@ class ScoreOracle(Oracle):
         flat_p = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
         flat_r = [r for rs in responses for r in rs]
         scores = np.asarray(self.score(flat_p, flat_r), dtype=np.float64)
+        if not np.isfinite(scores).all():  # NaN gives no D+ / D- and NaN metrics, silently
+            bad = scores[~np.isfinite(scores)][0]
+            raise SimsError(f"oracle {self.name} returned the score {bad}; scores must be finite numbers")
         out, start = [], 0
         for rs in responses:
             s = scores[start : start + len(rs)]

@@ -9,19 +9,27 @@ Modes:
 
 Requests are built and answers parsed separately; they run on ``concurrency`` threads
 with a per-request timeout and retries with exponential backoff on 429, 5xx, timeouts
-and refused connections. Every answer is cached on disk (:mod:`.judge_cache`) as soon as
-it arrives. The API key is read from the environment variable ``api_key_env`` and never
-written anywhere.
+and refused connections, honouring a ``Retry-After`` header (capped at the timeout).
+Every answer that parses is cached on disk (:mod:`.judge_cache`) as soon as it arrives.
+
+Credentials: no API key is sent unless ``api_key_env`` names the environment variable that
+holds it (no ``$OPENAI_API_KEY`` by default), and a key (or ``user:pass@`` in the base URL)
+is never sent over plain ``http://`` to a host other than loopback. The key is never written
+anywhere, and credentials inside the base URL are redacted (``https://***@host/v1``) in
+``describe()`` (so in ``config.json``), in the oracle's name and in every error message.
 """
 
 from __future__ import annotations
 
+import email.utils
+import ipaddress
 import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -33,6 +41,60 @@ from .templates import Template, load_template, numbered_responses
 
 MODES = ("pairwise", "rank")
 
+#: the judge is asked greedily; part of every cache key
+TEMPERATURE = 0.0
+
+# Patched by tests: a Retry-After of minutes must not make them wait.
+_sleep = time.sleep
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``, safe to save or print.
+
+    Example:
+        >>> redact_url("https://me:s3cret@api.example.com/v1")
+        'https://***@api.example.com/v1'
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (127.0.0.0/8, ::1 or ``localhost``)."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def retry_after(headers) -> float | None:
+    """Seconds a 429 / 503 answer asks to wait (``Retry-After``: seconds or an HTTP
+    date; ``retry-after-ms``), or ``None`` when it says nothing usable."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(float(value) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return max(seconds, 0.0) if seconds == seconds else None  # NaN says nothing
+
 
 @dataclass(frozen=True)
 class JudgeConfig:
@@ -41,7 +103,9 @@ class JudgeConfig:
     Attributes:
         model: the model name the endpoint serves.
         base_url: e.g. ``http://127.0.0.1:8000/v1``.
-        api_key_env: environment variable holding the key (unset: no key is sent).
+        api_key_env: name of the environment variable holding the key; ``None`` (the
+            default) sends no key, whatever the environment holds. A key goes only over
+            https, or plain http to a loopback host.
         mode: ``pairwise`` or ``rank``.
         template: a template file; default ``judge_pairwise`` / ``judge_rank``.
         swap: rank mode only, also ask with the answers in reverse order.
@@ -55,7 +119,7 @@ class JudgeConfig:
 
     model: str
     base_url: str
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None
     mode: str = "pairwise"
     template: str | None = None
     swap: bool = True
@@ -75,6 +139,23 @@ class JudgeConfig:
             )
         if self.concurrency < 1 or self.timeout <= 0 or self.retries < 0:
             raise SimsError("judge concurrency >= 1, timeout > 0 and retries >= 0 are required")
+
+    def api_key(self) -> str | None:
+        """The key to send: the named variable's value, checked against the URL.
+
+        Raises:
+            SimsError: a key (or URL credentials) would go over plain http to a host
+                that is not loopback.
+        """
+        key = (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
+        in_url = "@" in urlsplit(self.base_url).netloc
+        if (key or in_url) and self.base_url.startswith("http://") and not is_loopback(self.base_url):
+            what = f"the API key from ${self.api_key_env}" if key else "the credentials in the base URL"
+            raise SimsError(
+                f"refusing to send {what} over plain http to {redact_url(self.base_url)}: "
+                "use https:// (plain http is allowed to 127.0.0.1 / localhost / ::1 only)"
+            )
+        return key
 
 
 def parse_verdict(text: str) -> str | None:
@@ -108,7 +189,8 @@ class JudgeOracle(Oracle):
             raise SimsError('the judge oracle needs the openai client: pip install -e ".[judge]"') from None
 
         self.config = config
-        self.name = f"judge:{config.model}@{config.base_url}"
+        self.base_url = redact_url(config.base_url)  # what is saved and printed
+        self.name = f"judge:{config.model}@{self.base_url}"
         default = "judge_pairwise" if config.mode == "pairwise" else "judge_rank"
         self.template: Template = load_template(config.template or default)
         self.template.require(
@@ -120,13 +202,27 @@ class JudgeOracle(Oracle):
             from ..models import cache_dir
 
             cache_path = cache_dir() / "judgments.sqlite"
-        self.cache = JudgmentCache(cache_path)
+        key = config.api_key()
+        self._sends_key = key is not None
+        self.cache = JudgmentCache(cache_path).open()  # a corrupt file: one line, before any work
         self._errors = openai
+        # Everything that changes an answer keys the cache (a new max_tokens asks again).
+        self._request = {
+            "base_url": self.base_url,
+            "model": config.model,
+            "mode": config.mode,
+            "template": self.template.digest,
+            "max_tokens": config.max_tokens,
+            "temperature": TEMPERATURE,
+        }
         self.client = openai.OpenAI(
             base_url=config.base_url,
-            api_key=os.environ.get(config.api_key_env) or "no-key",
+            # the client falls back to $OPENAI_API_KEY when given None: pass a placeholder
+            api_key=key or "no-key",
             timeout=config.timeout,
             max_retries=0,  # retried here, with backoff we control and count
+            # the client also reads $OPENAI_ORG_ID / $OPENAI_PROJECT_ID: send neither
+            default_headers={"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()},
         )
 
     # -- requests ------------------------------------------------------------------
@@ -145,6 +241,12 @@ class JudgeOracle(Oracle):
             prompt=prompt, responses=numbered_responses(shown), num_responses=str(len(shown))
         )
 
+    def _parses(self, text: str, k: int) -> bool:
+        """Whether an answer about ``k`` responses gives a verdict (only those are cached)."""
+        if self.config.mode == "pairwise":
+            return parse_verdict(text) is not None
+        return parse_ranking(text, k) is not None
+
     def _ask(self, message: str) -> str:
         cfg, errors = self.config, self._errors
         retryable = (errors.RateLimitError, errors.InternalServerError, errors.APIConnectionError)
@@ -153,7 +255,7 @@ class JudgeOracle(Oracle):
                 reply = self.client.chat.completions.create(
                     model=cfg.model,
                     messages=[{"role": "user", "content": message}],
-                    temperature=0.0,
+                    temperature=self._request["temperature"],
                     max_tokens=cfg.max_tokens,
                 )
                 return reply.choices[0].message.content or ""
@@ -161,34 +263,47 @@ class JudgeOracle(Oracle):
                 if attempt == cfg.retries:
                     reason = getattr(exc, "status_code", None) or type(exc).__name__
                     raise SimsError(
-                        f"judge endpoint {cfg.base_url} failed after {attempt + 1} attempts ({reason}); "
+                        f"judge endpoint {self.base_url} failed after {attempt + 1} attempts ({reason}); "
                         "is the server running? finished judgments are cached: rerun with --resume"
                     ) from None
-                time.sleep(cfg.backoff * 2**attempt)
+                # The server's own Retry-After first, capped so a bad header cannot stall the run.
+                asked = retry_after(getattr(getattr(exc, "response", None), "headers", None))
+                _sleep(min(asked, cfg.timeout) if asked is not None else cfg.backoff * 2**attempt)
             except errors.APIStatusError as exc:
+                hint = ""
+                if exc.status_code in (401, 403) and not (self._sends_key or "@" in self.base_url):
+                    where = f"${cfg.api_key_env} is empty" if cfg.api_key_env else "see --judge-api-key-env"
+                    hint = f" (no API key was sent: {where})"
+                detail = str(exc.message).splitlines()[0][:200] if str(exc.message) else ""
                 raise SimsError(
-                    f"judge endpoint {cfg.base_url} refused the request (HTTP {exc.status_code}): "
-                    f"{str(exc.message).splitlines()[0][:200]}"
+                    f"judge endpoint {self.base_url} refused the request (HTTP {exc.status_code}){hint}: "
+                    f"{detail.replace(cfg.base_url, self.base_url)}"
                 ) from None
         raise AssertionError("unreachable")
 
     # -- judging -------------------------------------------------------------------
     def judge(self, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
-        judge_id = f"{self.config.model}@{self.config.base_url}"
         jobs = []  # (prompt index, order shown, cache key, message)
+        sizes = {}  # cache key -> number of answers shown
         for n, (p, rs) in enumerate(zip(prompts, responses, strict=True)):
             for order in self._requests(p, rs):
                 shown = [rs[i] for i in order]
-                key = cache_key(judge_id, self.template.digest, p, shown)
+                key = cache_key(self._request, p, shown)
                 jobs.append((n, order, key, self._message(p, shown)))
-        answers = {key: self.cache.get(key) for _, _, key, _ in jobs}
+                sizes[key] = len(shown)
+        answers: dict[str, str | None] = {}
+        for key in sizes:
+            cached = self.cache.get(key)
+            # an entry that does not parse (an older cache, a stricter parser) is asked again
+            answers[key] = cached if cached is not None and self._parses(cached, sizes[key]) else None
         hits = {key for key, a in answers.items() if a is not None}
         missing = {key: msg for _, _, key, msg in jobs if answers[key] is None}
 
         def fetch(item: tuple[str, str]) -> None:
             key, message = item
             answer = self._ask(message)
-            self.cache.put(key, answer)  # saved at once: a crash keeps what was paid for
+            if self._parses(answer, sizes[key]):  # never replay an unparseable answer
+                self.cache.put(key, answer)  # saved at once: a crash keeps what was paid for
             answers[key] = answer
 
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
@@ -253,7 +368,7 @@ class JudgeOracle(Oracle):
         return {
             "name": "judge",
             "model": cfg.model,
-            "base_url": cfg.base_url,
+            "base_url": self.base_url,  # credentials in the URL are never saved
             "api_key_env": cfg.api_key_env,  # the name only, never the key
             "mode": cfg.mode,
             "template": self.template.name,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -91,9 +92,12 @@ class PythonScoreOracle(ScoreOracle):
         for p, r in zip(prompts, responses, strict=True):
             value = self.fn(p, r)
             try:
-                out.append(float(value))
+                number = float(value)
             except (TypeError, ValueError):
                 raise SimsError(f"{self.name} returned {value!r}; a score must be a number") from None
+            if not math.isfinite(number):  # NaN would label nothing and poison every mean
+                raise SimsError(f"{self.name} returned {value!r}; a score must be a finite number")
+            out.append(number)
         return np.asarray(out, dtype=np.float64)
 
 

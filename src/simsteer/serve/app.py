@@ -1,163 +1,168 @@
 """The FastAPI application of ``sims serve`` (see :mod:`simsteer.serve.server`).
 
-Request bodies are read as plain JSON and checked by hand, so any field an OpenAI
-client sends is accepted and the errors use OpenAI's ``{"error": {...}}`` shape.
+Request bodies are read as plain JSON and checked by hand (:mod:`.params`), so any field
+an OpenAI client sends is accepted and the errors use OpenAI's ``{"error": {...}}`` shape.
+Every request passes :class:`~simsteer.serve.guard.Guard` first. A request's rows are
+queued all together or refused with 429, and cancelled as soon as its client goes away,
+streaming or not, so an abandoned request stops costing decoding steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .config import ServeConfig
-from .engine import BatchEngine, GenerationRequest
+from .engine import BatchEngine, GenerationRequest, QueueFull
+from .guard import Guard, error_body, internal_error_message, request_id
+from .params import BadRequest, Options, check_choices, parse_options, read_json
+
+log = logging.getLogger(__name__)
+
+#: How often (seconds) a waiting request asks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+#: Retry-After (seconds) sent with 429.
+RETRY_AFTER_S = 1
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+def error(status: int, message: str, kind: str = "invalid_request_error", **headers: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind), status, headers=headers or None)
+
+
+class _Rows:
+    """One request's queued rows and the events the engine sends back for them."""
+
+    def __init__(self, engine: BatchEngine, prompts: list[list[int]], opts: Options) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.rows: list[GenerationRequest] = []
+        for index in range(len(prompts) * opts.n):
+
+            def emit(kind: str, payload: str, index: int = index) -> None:
+                # The loop may be gone when a cancelled row's last event arrives: nobody listens.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, payload))
+
+            self.rows.append(
+                GenerationRequest(
+                    ids=prompts[index // opts.n],
+                    max_tokens=opts.max_tokens,
+                    emit=emit,
+                    temperature=opts.temperature,
+                    top_p=opts.top_p,
+                    steering=opts.steering,
+                    strength=opts.strength,
+                    stop=opts.stop,
+                )
+            )
+        try:
+            engine.submit(*self.rows)
+        except QueueFull:
+            raise BadRequest(429, "the server is busy; retry shortly", "rate_limit_error") from None
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancel()
+
+    async def events_until_done(self, request: Request) -> AsyncIterator[tuple[int, str, str]]:
+        """Yield (choice index, kind, payload) until every row is done; stop (and cancel
+        the rows) when the client disconnects."""
+        open_rows = len(self.rows)
+        checked = time.monotonic()
+        try:
+            while open_rows:
+                # Poll for a disconnect even while events keep coming (a stream never idles).
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        log.info("request %s: client disconnected, cancelling", request_id(request))
+                        return
+                try:
+                    index, kind, payload = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    continue
+                if kind != "delta":
+                    open_rows -= 1
+                yield index, kind, payload
+        finally:
+            self.cancel()  # a no-op for finished rows
+
+
+class _CancellingStream(StreamingResponse):
+    """A streaming response that cancels its rows however it ends (also when the client
+    left before the first chunk was pulled from the generator)."""
+
+    def __init__(self, content: AsyncIterator[str], rows: _Rows) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.rows = rows
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.rows.cancel()
 
 
 def create_app(engine: BatchEngine, config: ServeConfig):
-    """The FastAPI application (the engine must be started by the caller)."""
+    """The FastAPI application (the engine must be started by the caller).
+
+    Args:
+        engine: the started :class:`BatchEngine` that decodes the requests.
+        config: the server's identity and limits.
+    """
     app = FastAPI(title="simsteer", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, config=config)
     tok = engine.lm.tokenizer
 
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > config.max_request_bytes:
-            return error(413, f"request body over {config.max_request_bytes} bytes")
-        key_ok = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
-        if config.api_key and request.url.path != "/health" and not key_ok:
-            return error(401, "invalid or missing API key", "authentication_error")
-        return await call_next(request)
-
-    async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > config.max_request_bytes:  # chunked bodies carry no length header
-            raise _BadRequest(413, f"request body over {config.max_request_bytes} bytes")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _BadRequest(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise _BadRequest(400, "the body must be a JSON object")
-        return body
-
-    def options(body: dict[str, Any]) -> dict[str, Any]:
-        max_tokens = (
-            body.get("max_completion_tokens")
-            or body.get("max_tokens")
-            or min(config.default_max_tokens, config.max_tokens_limit)
-        )
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise _BadRequest(400, "max_tokens must be a positive integer")
-        if max_tokens > config.max_tokens_limit:
-            raise _BadRequest(
-                400, f"max_tokens {max_tokens} is over this server's limit {config.max_tokens_limit}"
-            )
-        steering = body.get("steering", config.default_steering)
-        model = str(body.get("model", ""))
-        if "steering" not in body and ":" in model:  # model "NAME:STEERING" for plain clients
-            steering = model.split(":", 1)[1]
-        if steering in ("none", "", None):
-            steering = None
-        elif steering not in engine.steerings:
-            known = ", ".join(["none", *engine.steerings])
-            raise _BadRequest(400, f"unknown steering {steering!r}; this server has: {known}")
-        n = body.get("n") or 1
-        if not isinstance(n, int) or not 1 <= n <= 16:
-            raise _BadRequest(400, "n must be an integer from 1 to 16")
-        stop = body.get("stop") or ()
-        stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
-        try:
-            temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
-            top_p = float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0)
-            strength = float(body.get("strength", 1.0))
-        except (TypeError, ValueError):
-            raise _BadRequest(400, "temperature, top_p and strength must be numbers") from None
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise _BadRequest(400, "temperature must be >= 0 and top_p in (0, 1]")
-        return dict(
-            max_tokens=max_tokens,
-            steering=steering,
-            strength=strength,
-            n=n,
-            stop=stop,
-            temperature=temperature,
-            top_p=top_p,
-            stream=bool(body.get("stream", False)),
-        )
-
     def check_length(ids: list[int]) -> list[int]:
+        if not ids:
+            raise BadRequest(400, "the prompt is empty")
         if len(ids) > config.max_prompt_tokens:
-            raise _BadRequest(
+            raise BadRequest(
                 400, f"the prompt has {len(ids)} tokens; this server's limit is {config.max_prompt_tokens}"
             )
         return ids
 
     def chat_ids(messages: Any) -> list[int]:
         if not isinstance(messages, list) or not messages:
-            raise _BadRequest(400, "messages must be a non-empty list")
+            raise BadRequest(400, "messages must be a non-empty list")
         clean = []
         for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                texts = [p["text"] for p in content if isinstance(p, dict) and "text" in p]
+                content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
             if not isinstance(content, str):
-                raise _BadRequest(400, "each message needs a role and text content")
+                raise BadRequest(400, "each message needs a role and text content")
             clean.append({"role": str(m.get("role", "user")), "content": content})
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # templates raise on, e.g., roles out of order
+                raise BadRequest(400, f"the chat template refused these messages: {exc}") from None
             return check_length(list(tok(text, add_special_tokens=False)["input_ids"]))
         from ..tokens import format_prompt
 
         joined = "\n\n".join(m["content"] for m in clean if m["role"] != "assistant")
         return check_length(list(tok(format_prompt(tok, joined))["input_ids"]))
 
-    async def run(prompts: list[list[int]], opts: dict[str, Any], requests: list[GenerationRequest]):
-        """Submit every (prompt, choice), collected in ``requests``, and yield
-        (choice index, kind, payload) events."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        for index in range(len(prompts) * opts["n"]):
+    def failed(request: Request, detail: str) -> str:
+        rid = request_id(request)
+        log.error("request %s: generation failed: %s", rid, detail)
+        return internal_error_message(rid)
 
-            def emit(kind: str, payload: str, index: int = index) -> None:
-                loop.call_soon_threadsafe(events.put_nowait, (index, kind, payload))
-
-            requests.append(
-                GenerationRequest(
-                    ids=prompts[index // opts["n"]],
-                    max_tokens=opts["max_tokens"],
-                    emit=emit,
-                    temperature=opts["temperature"],
-                    top_p=opts["top_p"],
-                    steering=opts["steering"],
-                    strength=opts["strength"],
-                    stop=opts["stop"],
-                )
-            )
-        for req in requests:
-            engine.submit(req)
-        open_rows = len(requests)
-        while open_rows:
-            index, kind, payload = await events.get()
-            if kind != "delta":
-                open_rows -= 1
-            yield index, kind, payload
-
-    async def respond(prompts: list[list[int]], opts: dict[str, Any], chat: bool):
+    async def respond(request: Request, prompts: list[list[int]], opts: Options, chat: bool):
+        check_choices(len(prompts), opts, config)
+        rows = _Rows(engine, prompts, opts)  # 429 here, before any response starts
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind_name = "chat.completion" if chat else "text_completion"
@@ -178,12 +183,12 @@ def create_app(engine: BatchEngine, config: ServeConfig):
                 "finish_reason": finish,
             }
 
-        if opts["stream"]:
+        if opts.stream:
 
             async def sse():
                 obj = kind_name + (".chunk" if chat else "")
                 if chat:
-                    for i in range(len(prompts) * opts["n"]):
+                    for i in range(len(rows.rows)):
                         first = {
                             **base,
                             "object": obj,
@@ -196,9 +201,9 @@ def create_app(engine: BatchEngine, config: ServeConfig):
                             ],
                         }
                         yield f"data: {json.dumps(first)}\n\n"
-                async for index, kind, payload in run(prompts, opts, []):
+                async for index, kind, payload in rows.events_until_done(request):
                     if kind == "error":
-                        failure = {"error": {"message": payload, "type": "server_error"}}
+                        failure = {"error": {"message": failed(request, payload), "type": "server_error"}}
                         yield f"data: {json.dumps(failure)}\n\n"
                         continue
                     text, finish = (payload, None) if kind == "delta" else (None, payload)
@@ -206,25 +211,26 @@ def create_app(engine: BatchEngine, config: ServeConfig):
                     yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return _CancellingStream(sse(), rows)
 
         texts: dict[int, str] = {}
         finish: dict[int, str] = {}
-        requests: list[GenerationRequest] = []
-        async for index, kind, payload in run(prompts, opts, requests):
+        async for index, kind, payload in rows.events_until_done(request):
             if kind == "delta":
                 texts[index] = texts.get(index, "") + payload
             elif kind == "error":
-                return error(500, f"generation failed: {payload}", "server_error")
+                return error(500, failed(request, payload), "server_error")
             else:
                 finish[index] = payload
-        completion = sum(r.completion_tokens for r in requests)
+        if len(finish) < len(rows.rows):  # the client left; nobody reads this
+            return error(400, "the client disconnected")
+        completion = sum(r.completion_tokens for r in rows.rows)
         prompt_tokens = sum(len(p) for p in prompts)
         return JSONResponse(
             {
                 **base,
                 "object": kind_name,
-                "choices": [choice(i, texts.get(i, ""), finish.get(i), False) for i in range(len(requests))],
+                "choices": [choice(i, texts.get(i, ""), finish.get(i), False) for i in range(len(rows.rows))],
                 "usage": {
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion,
@@ -233,9 +239,10 @@ def create_app(engine: BatchEngine, config: ServeConfig):
             }
         )
 
-    @app.exception_handler(_BadRequest)
-    async def bad_request(request: Request, exc: _BadRequest):
-        return error(exc.status, exc.message, exc.kind)
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {}
+        return error(exc.status, exc.message, exc.kind, **retry)
 
     @app.get("/health")
     async def health():
@@ -251,18 +258,21 @@ def create_app(engine: BatchEngine, config: ServeConfig):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await body_of(request)
-        opts = options(body)
-        return await respond([chat_ids(body.get("messages"))], opts, chat=True)
+        body = await read_json(request, config.max_request_bytes)
+        opts = parse_options(body, config, engine.steerings)
+        return await respond(request, [chat_ids(body.get("messages"))], opts, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        opts = options(body)
+        body = await read_json(request, config.max_request_bytes)
+        opts = parse_options(body, config, engine.steerings)
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise _BadRequest(400, "prompt must be a string or a list of strings")
-        return await respond([check_length(list(tok(p)["input_ids"])) for p in prompts], opts, chat=False)
+            raise BadRequest(400, "prompt must be a string or a list of strings")
+        check_choices(len(prompts), opts, config)  # before tokenizing hundreds of prompts
+        return await respond(
+            request, [check_length(list(tok(p)["input_ids"])) for p in prompts], opts, chat=False
+        )
 
     return app

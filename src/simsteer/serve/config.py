@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import SimsError
@@ -11,10 +12,14 @@ from ..errors import SimsError
 class ServeConfig:
     """Limits and identity of the server.
 
+    Every number a request sends is checked against these limits before anything is
+    queued; a request over a limit gets a 4xx JSON error and never reaches the model.
+
     Attributes:
         model_name: the id reported by ``/v1/models`` (any ``model`` is accepted).
-        api_key: bearer key required on every request (``None``: open).
-        max_request_bytes: larger bodies are refused with 413.
+        api_key: bearer key required on every request (``None``: open; then only loopback
+            ``Host`` and ``Origin`` headers and ``application/json`` POST bodies are accepted).
+        max_request_bytes: larger bodies are refused with 413 (checked while the body streams in).
         max_tokens_limit: largest ``max_tokens`` a request may ask for.
         max_prompt_tokens: longest prompt accepted.
         default_max_tokens: used when a request sets none.
@@ -24,6 +29,15 @@ class ServeConfig:
         max_batch: most sequences decoded together.
         batch_wait_ms: how long the engine waits for more requests before decoding.
         seed: seeds the sampling of each batch.
+        max_strength: ``strength`` must be finite and in ``[-max_strength, max_strength]``.
+        max_temperature: ``temperature`` must be finite and in ``[0, max_temperature]``
+            (``top_p`` is always in ``(0, 1]``).
+        max_choices: most completions one request may ask for (prompts x ``n``; never
+            more than ``max_queue``, so that every accepted request fits the queue).
+        max_stop: most ``stop`` strings in one request.
+        max_stop_chars: longest ``stop`` string.
+        max_queue: most completions waiting for the engine; a request that does not fit
+            gets 429 with ``Retry-After``.
     """
 
     model_name: str = "simsteer"
@@ -38,7 +52,18 @@ class ServeConfig:
     max_batch: int = 32
     batch_wait_ms: float = 10.0
     seed: int = 0
+    max_strength: float = 10.0
+    max_temperature: float = 2.0
+    max_choices: int = 64
+    max_stop: int = 16
+    max_stop_chars: int = 256
+    max_queue: int = 256
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_tokens_limit < 1 or self.port < 0:
             raise SimsError("--max-batch and --max-tokens-limit must be >= 1 and --port >= 0")
+        if min(self.max_request_bytes, self.max_prompt_tokens, self.max_choices, self.max_queue) < 1:
+            raise SimsError("--max-request-bytes, --max-prompt-tokens and --max-queue must be >= 1")
+        limits = (self.max_strength, self.max_temperature, self.batch_wait_ms)
+        if not all(math.isfinite(x) and x >= 0 for x in limits):
+            raise SimsError("max_strength, max_temperature and --batch-wait-ms must be finite and >= 0")

@@ -12,7 +12,8 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/complet
 for the unsteered model; absent: ``--default-steering``); ``strength`` multiplies its
 saved strength. Requests are decoded together by :class:`~simsteer.serve.engine.BatchEngine`.
 The server binds 127.0.0.1 unless told otherwise, can require a bearer key (read from an
-environment variable) and refuses oversize bodies (413), prompts and ``max_tokens`` (400).
+environment variable) and refuses oversize bodies (413), prompts and ``max_tokens`` (400);
+the full list of limits is :class:`~simsteer.serve.config.ServeConfig`'s.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def serve(lm: LoadedModel, steerings: dict[str, Policy], config: ServeConfig) ->
         max_batch=config.max_batch,
         wait_s=config.batch_wait_ms / 1000,
         seed=config.seed,
+        max_queue=config.max_queue,
     )
     engine.start()
     try:

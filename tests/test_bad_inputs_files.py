@@ -1,0 +1,383 @@
+"""Hand-edited, damaged or wrong-typed files in a run directory or a steering folder:
+each is refused in one line naming the file and the field (exit status 2, no traceback),
+and the folder is left byte-identical. One tiny run is made per module; every case edits
+its own copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from simsteer.cli.main import main
+from simsteer.errors import SimsError
+from simsteer.functions import AddVector, HeadShift
+from simsteer.loop.records import SampleRecord
+from simsteer.loop.rundir import RunDir
+from simsteer.steering import Steering
+
+from .test_bad_inputs_cli import PROMPTS, TINY_RUN, one_line_error, tree_hash
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("tiny-run-files")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = root / "run"
+    argv = ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--oracle", "length:3"]
+    assert main([*argv, "--layers", "1-2", "--fluency-budget", "off", "--out", str(out), *TINY_RUN]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def steering_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A steering with two layers for the tiny model (the tiny run's final may have none)."""
+    from simsteer.models import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="fp32")
+    vectors = {i: AddVector(torch.linspace(-1, 1, lm.hidden_size)) for i in (1, 2)}
+    return Steering(vectors, "caa", lm.fingerprint()).save(tmp_path_factory.mktemp("steering") / "s")
+
+
+def json_edit(name: str, change: Callable[[Any], Any]) -> Callable[[Path], None]:
+    """An edit of the JSON file ``name`` (relative to the copy): ``change`` returns the new data."""
+
+    def apply(root: Path) -> None:
+        path = root / name
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(change(data)))  # json.dumps writes NaN for float("nan")
+
+    return apply
+
+
+def text_edit(name: str, text: str | bytes) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        path = root / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    return apply
+
+
+def put(data: dict, dotted: str, value: Any) -> dict:
+    """``data`` with the value at ``a.b.c`` replaced (or added)."""
+    node = data
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+def drop(data: dict, key: str) -> dict:
+    data.pop(key)
+    return data
+
+
+CONFIG = "config.json"
+SUMMARY = "iter_0/summary.json"
+STEERING = "final/steering_config.json"
+NAN = float("nan")
+
+# (case id, edit, command: info / resume / info-final, text the error line must contain)
+CASES: list[tuple[str, Callable[[Path], None], str, str]] = [
+    # -- config.json --------------------------------------------------------------------
+    ("config-not-json", text_edit(CONFIG, "{oops"), "info", "not valid JSON"),
+    ("config-not-utf8", text_edit(CONFIG, b"\xff\xfe{}"), "info", "not valid JSON"),
+    ("config-a-list", json_edit(CONFIG, lambda d: [d]), "info", "JSON object"),
+    (
+        "config-iterations-text",
+        json_edit(CONFIG, lambda d: put(d, "sims.iterations", "3")),
+        "info",
+        "iterations",
+    ),
+    (
+        "config-iterations-zero",
+        json_edit(CONFIG, lambda d: put(d, "sims.iterations", 0)),
+        "info",
+        "iterations",
+    ),
+    (
+        "config-temperature-nan",
+        json_edit(CONFIG, lambda d: put(d, "sims.sampling.temperature", NAN)),
+        "resume",
+        "temperature",
+    ),
+    (
+        "config-top-k-float",
+        json_edit(CONFIG, lambda d: put(d, "sims.sampling.top_k", 1.5)),
+        "resume",
+        "top_k",
+    ),
+    ("config-seed-text", json_edit(CONFIG, lambda d: put(d, "sims.seed", "x")), "resume", "sims.seed"),
+    ("config-seed-huge", json_edit(CONFIG, lambda d: put(d, "sims.seed", 2**70)), "resume", "sims.seed"),
+    (
+        "config-unknown-sims-field",
+        json_edit(CONFIG, lambda d: put(d, "sims.frobnicate", 1)),
+        "info",
+        "frobnicate",
+    ),
+    (
+        "config-grid-text",
+        json_edit(CONFIG, lambda d: put(d, "sims.guard.strength_grid", "abc")),
+        "info",
+        "strength_grid",
+    ),
+    (
+        "config-budget-inf",
+        json_edit(CONFIG, lambda d: put(d, "sims.guard.fluency_budget", float("inf"))),
+        "resume",
+        "fluency_budget",
+    ),
+    ("config-bank-text", json_edit(CONFIG, lambda d: put(d, "sims.bank", "big")), "info", "sims.bank"),
+    ("config-model-null", json_edit(CONFIG, lambda d: put(d, "model", None)), "info", "'model'"),
+    (
+        "config-model-source-number",
+        json_edit(CONFIG, lambda d: put(d, "model.source", 5)),
+        "resume",
+        "model.source",
+    ),
+    (
+        "config-trust-text",
+        json_edit(CONFIG, lambda d: put(d, "model.trust_remote_code", "yes")),
+        "resume",
+        "trust_remote_code",
+    ),
+    (
+        "config-oracle-name-number",
+        json_edit(CONFIG, lambda d: put(d, "oracle.name", 5)),
+        "info",
+        "oracle.name",
+    ),
+    ("config-learner-missing", json_edit(CONFIG, lambda d: drop(d, "learner")), "info", "'learner'"),
+    (
+        "config-learner-strength-text",
+        json_edit(CONFIG, lambda d: put(d, "learner.strength", "abc")),
+        "resume",
+        "strength",
+    ),
+    (
+        "config-learner-coefficient-nan",
+        json_edit(CONFIG, lambda d: put(d, "learner.coefficient", NAN)),
+        "resume",
+        "coefficient",
+    ),
+    ("config-layers-text", json_edit(CONFIG, lambda d: put(d, "layers", "1-2")), "info", "layers"),
+    ("config-format-99", json_edit(CONFIG, lambda d: put(d, "format_version", 99)), "resume", "99"),
+    # -- iteration rows --------------------------------------------------------------------
+    ("summary-score-text", json_edit(SUMMARY, lambda d: put(d, "eval_score", "abc")), "info", "eval_score"),
+    ("summary-score-nan", json_edit(SUMMARY, lambda d: put(d, "sample_score", NAN)), "info", "sample_score"),
+    ("summary-iteration-text", json_edit(SUMMARY, lambda d: put(d, "iteration", "0")), "info", "iteration"),
+    ("summary-a-list", json_edit(SUMMARY, lambda d: [d]), "info", "JSON object"),
+    (
+        "summary-fluency-text",
+        json_edit(SUMMARY, lambda d: put(d, "eval_fluency.perplexity", "x")),
+        "info",
+        "perplexity",
+    ),
+    (
+        "summary-seconds-text",
+        json_edit(SUMMARY, lambda d: put(d, "seconds", {"eval": "slow"})),
+        "info",
+        "seconds",
+    ),
+    ("summary-not-json", text_edit(SUMMARY, "{"), "info", "not valid JSON"),
+    # -- steering folder ---------------------------------------------------------------------
+    (
+        "steering-strength-text",
+        json_edit(STEERING, lambda d: put(d, "strength", "abc")),
+        "info-final",
+        "strength",
+    ),
+    (
+        "steering-strength-nan",
+        json_edit(STEERING, lambda d: put(d, "strength", NAN)),
+        "info-final",
+        "strength",
+    ),
+    (
+        "steering-strength-inf",
+        json_edit(STEERING, lambda d: put(d, "strength", float("inf"))),
+        "info-final",
+        "strength",
+    ),
+    (
+        "steering-positions",
+        json_edit(STEERING, lambda d: put(d, "positions", "middle")),
+        "info-final",
+        "positions",
+    ),
+    (
+        "steering-layer-key",
+        json_edit(STEERING, lambda d: put(d, "layers", {"x": {"kind": "add", "params": {}}})),
+        "info-final",
+        "layers.x",
+    ),
+    ("steering-kind-number", json_edit(STEERING, lambda d: put(d, "layers.1.kind", 5)), "info-final", "kind"),
+    (
+        "steering-kind-unknown",
+        json_edit(STEERING, lambda d: put(d, "layers.1.kind", "warp")),
+        "info-final",
+        "warp",
+    ),
+    (
+        "steering-params-list",
+        json_edit(STEERING, lambda d: put(d, "layers.1.params", [])),
+        "info-final",
+        "params",
+    ),
+    ("steering-learner-number", json_edit(STEERING, lambda d: put(d, "learner", 5)), "info-final", "learner"),
+    (
+        "steering-fingerprint-text",
+        json_edit(STEERING, lambda d: put(d, "fingerprint.hidden_size", "32")),
+        "info-final",
+        "hidden_size",
+    ),
+    ("steering-format-2", json_edit(STEERING, lambda d: put(d, "format_version", 2)), "info-final", "format"),
+    ("steering-config-not-json", text_edit(STEERING, "nope"), "info-final", "corrupt steering file"),
+    (
+        "steering-weights-garbage",
+        text_edit("final/steering.safetensors", b"\x00garbage"),
+        "info-final",
+        "corrupt",
+    ),
+    (
+        "steering-metadata-list",
+        json_edit(STEERING, lambda d: put(d, "metadata", [])),
+        "info-final",
+        "metadata",
+    ),
+]
+
+
+@pytest.mark.parametrize("edit, command, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_file_gives_one_line(edit, command, message, tiny_run, steering_dir, tmp_path, capsys):
+    original = tree_hash(tiny_run)
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    if command == "info-final":
+        shutil.rmtree(copy / "final")
+        shutil.copytree(steering_dir, copy / "final")
+    edit(copy)
+    before = tree_hash(copy)
+    argv = {
+        "info": ["info", str(copy)],
+        "resume": ["run", "--resume", str(copy), "--quiet"],
+        "info-final": ["info", str(copy / "final")],
+    }[command]
+    line = one_line_error(capsys, argv)
+    assert message in line, line
+    if command != "info-final" and "JSON" not in message:
+        assert "config.json" in line or "summary.json" in line, line  # names the file
+    assert tree_hash(copy) == before  # the refused command wrote nothing
+    assert tree_hash(tiny_run) == original
+
+
+def test_there_are_many_distinct_file_cases():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 40
+
+
+# -- tensors ------------------------------------------------------------------------------
+def test_nan_in_a_saved_vector_is_refused(tiny_run, steering_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    shutil.rmtree(copy / "final")
+    shutil.copytree(steering_dir, copy / "final")
+    weights = copy / "final" / "steering.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(weights))
+    before = tree_hash(copy)
+    line = one_line_error(capsys, ["info", str(copy / "final")])
+    assert name in line and "NaN" in line
+    assert tree_hash(copy) == before
+
+
+def test_vector_of_the_wrong_length_for_the_model(tiny_run, steering_dir, tiny_model_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    shutil.rmtree(copy / "final")
+    shutil.copytree(steering_dir, copy / "final")
+    weights = copy / "final" / "steering.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = {k: v[:-1].contiguous() for k, v in load_file(str(weights)).items()}  # 31 of 32
+    save_file(tensors, str(weights))
+    before = tree_hash(copy)
+    argv = ["generate", "--model", str(tiny_model_dir), "--steering", str(copy), "-p", "hi", "--quiet"]
+    line = one_line_error(capsys, argv)
+    assert "31 wide" in line and "32 wide" in line
+    assert tree_hash(copy) == before
+
+
+def test_iti_heads_of_the_wrong_size_for_the_model(tiny_lm, tiny_model_dir, tmp_path, capsys):
+    # The tiny llama has 4 heads x 8 dims at o_proj's input: 4 x 7 is another model's.
+    fn = HeadShift(torch.ones(4, 7), torch.ones(4))
+    Steering({1: fn}, "iti", tiny_lm.fingerprint()).save(tmp_path / "iti")
+    argv = ["generate", "--model", str(tiny_model_dir), "--steering", str(tmp_path / "iti"), "-p", "hi"]
+    line = one_line_error(capsys, [*argv, "--quiet"])
+    assert "28 wide" in line and "attn_heads" in line and "32 wide" in line
+    good = Steering({1: HeadShift(torch.ones(4, 8), torch.ones(4))}, "iti", tiny_lm.fingerprint())
+    good.check_model(tiny_lm.model)  # the right width passes
+
+
+# -- rows read by the loop on resume (checked through the reader) --------------------------
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("score", "high"),
+        ("score", NAN),
+        ("win_rate", None),
+        ("sample", "0"),
+        ("finished", "yes"),
+        ("label", 3),
+    ],
+)
+def test_hand_edited_sample_row_names_the_file_and_field(tiny_run, tmp_path, field, value):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    path = copy / "iter_0" / "samples.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[0][field] = value
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SimsError) as err:
+        RunDir(copy).read_samples(0)
+    assert "samples.jsonl" in str(err.value) and field in str(err.value)
+    assert SampleRecord.from_json(json.loads(path.read_text().splitlines()[1]))  # other rows fine
+
+
+@pytest.mark.parametrize("row", ['{"id": 1, "prompt": "x"}', '{"id": "1"}', "[1]"])
+def test_hand_edited_prompt_row_names_the_file(tiny_run, tmp_path, row):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    (copy / "prompts.jsonl").write_text(row + "\n")
+    with pytest.raises(SimsError, match=r"prompts\.jsonl"):
+        RunDir(copy).read_prompts(copy / "prompts.jsonl")
+
+
+def test_runs_write_no_nan_tokens(tiny_run):
+    for path in tiny_run.rglob("*.json*"):
+        text = path.read_text()
+        assert "NaN" not in text and "Infinity" not in text, path
+
+
+def test_an_undefined_perplexity_is_written_null_and_read_back_nan():
+    import math
+
+    from simsteer.io import write_json
+    from simsteer.loop.records import FluencyRecord
+
+    record = FluencyRecord(math.nan, 0.0, 1.0, 0.0, 0.0)
+    assert record.to_json()["perplexity"] is None
+    assert math.isnan(FluencyRecord.from_json(record.to_json()).perplexity)
+    with pytest.raises(ValueError):
+        write_json("/dev/null", {"x": math.nan})  # allow_nan=False: never the NaN token
