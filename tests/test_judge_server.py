@@ -17,8 +17,18 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-#: Enough for a "[[A]]"-style verdict, small enough to be quick on a slow CPU.
+#: Small, so that a slow CPU answers quickly; the template below puts the verdict first.
 JUDGE_MAX_TOKENS = 32
+
+#: A pairwise template whose verdict comes first: the built-in one asks for it on the last
+#: line, which a 135M judge reaches only after far more than 32 tokens (if at all). With
+#: this one it answers "The better answer is A." (a position bias, which is fine here: the
+#: test is about the transport and the cache, not the judge's quality).
+VERDICT_FIRST = (
+    "Request: {prompt}\n\nAnswer A: {response_a}\n\nAnswer B: {response_b}\n\n"
+    'Which answer is better? Start your reply with "The better answer is A" or '
+    '"The better answer is B".'
+)
 
 
 def _free_port() -> int:
@@ -64,6 +74,9 @@ def served_judge(embedded_lm, tmp_path):
 def _run(out: Path, base_url: str, cache: Path) -> dict:
     args = ["run", "--quiet", "--oracle", "judge", "--judge-model", "judge"]
     args += ["--judge-base-url", base_url, "--judge-cache", str(cache)]
+    template = out.parent / "verdict_first.txt"
+    template.write_text(VERDICT_FIRST, encoding="utf-8")
+    args += ["--oracle-template", str(template)]
     # Short answers and a long timeout: a slow machine must not time out, retry and leave the
     # server decoding abandoned 256-token answers (the server now cancels those too).
     args += ["--judge-max-tokens", str(JUDGE_MAX_TOKENS), "--judge-timeout", "600"]
