@@ -174,6 +174,24 @@ def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: i
     return path
 
 
+#: `sims run` options of the smallest complete run on a tiny model (CLI tests).
+TINY_RUN = [
+    "-T",
+    "1",
+    "-N",
+    "2",
+    "-K",
+    "2",
+    "--eval-prompts",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--calibration-prompts",
+    "1",
+    "--quiet",
+]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -17,21 +17,8 @@ import pytest
 
 from simsteer.cli.main import main
 
-TINY_RUN = [
-    "-T",
-    "1",
-    "-N",
-    "2",
-    "-K",
-    "2",
-    "--eval-prompts",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--calibration-prompts",
-    "1",
-    "--quiet",
-]
+from .conftest import TINY_RUN
+
 PROMPTS = ["the good day", "a cat is happy", "I love the sun", "we walk home", "the cold rain", "a big dog"]
 
 

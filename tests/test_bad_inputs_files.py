@@ -22,7 +22,8 @@ from simsteer.loop.records import SampleRecord
 from simsteer.loop.rundir import RunDir
 from simsteer.steering import Steering
 
-from .test_bad_inputs_cli import PROMPTS, TINY_RUN, one_line_error, tree_hash
+from .conftest import TINY_RUN
+from .test_bad_inputs_cli import PROMPTS, one_line_error, tree_hash
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,7 @@ from simsteer.cli.main import main
 from simsteer.learners.caa import AddVector
 from simsteer.steering import Steering
 
-from .conftest import build_tiny_model
-
-TINY_RUN = [
-    "-T",
-    "1",
-    "-N",
-    "2",
-    "-K",
-    "2",
-    "--eval-prompts",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--calibration-prompts",
-    "1",
-    "--quiet",
-]
+from .conftest import TINY_RUN, build_tiny_model
 
 
 @pytest.fixture()

@@ -16,23 +16,9 @@ from simsteer.cli.resume import FREE, SETTINGS, check_flags
 from simsteer.errors import SimsError
 from simsteer.loop.rundir import RunDir
 
-ALIASES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+from .conftest import TINY_RUN
 
-TINY = [
-    "-T",
-    "1",
-    "-N",
-    "2",
-    "-K",
-    "2",
-    "--eval-prompts",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--calibration-prompts",
-    "1",
-    "--quiet",
-]
+ALIASES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
 
 @pytest.fixture()
@@ -43,7 +29,7 @@ def tiny_run(tmp_path, tiny_model_dir) -> Path:
     )
     out = tmp_path / "run"
     argv = ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--oracle", "length:3"]
-    assert main([*argv, "--layers", "1-2", "--out", str(out), *TINY]) == 0
+    assert main([*argv, "--layers", "1-2", "--out", str(out), *TINY_RUN]) == 0
     return out
 
 

@@ -16,6 +16,7 @@ def test_builtin_learners_state_what_activations_they_need():
         "caa": "summaries",
         "hpr": "tokens",
         "iti": "heads",
+        "pca": "summaries",
         "sea": "summaries",
     }
     assert set(needs.values()) <= set(NEEDS)

@@ -6,8 +6,11 @@ import argparse
 import inspect
 from pathlib import Path
 
+from ..errors import SimsError
 from ..evaluation.baselines import BASELINES, build_baseline
+from ..loop.rundir import RunDir
 from .options import positive, seed
+from .trust import add_consent_options, check_consent
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,11 +40,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=seed, default=defaults["seed"])
     p.add_argument("--quiet", action="store_true")
+    add_consent_options(p, "the --like run")
     p.set_defaults(func=cmd_baseline)
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     """Build the baseline and say where it is."""
+    like = RunDir(Path(args.like))
+    if not like.is_run():
+        raise SimsError(f"{args.like} is not a run directory (no config.json)")
+    # What the run names runs code or sends a key only when the same flags are typed here.
+    spec = like.spec()
+    trusted = check_consent(args, spec.oracle, spec.model, args.like, "baseline")
     out = build_baseline(
         args.kind,
         Path(args.like),
@@ -53,6 +63,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         data=args.data,
         seed=args.seed,
         progress=not args.quiet,
+        trusted=trusted,
     )
     print(f"baseline {args.kind} written to {out}")
     return 0

@@ -12,6 +12,7 @@ from ..evaluation.run_eval import SCORERS, EvalConfig
 from ..oracles import ORACLE_NAMES
 from .checks import reading
 from .options import count, names, positive
+from .trust import add_consent_options, check_consent
 
 _ORACLES = ", ".join(ORACLE_NAMES)
 
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", default=None, help="evaluation data folder (default ../shared/data)")
     ev.add_argument("--bootstrap", type=count, default=base.bootstrap_rounds, help="bootstrap resamples")
     ev.add_argument("--out", default=None, help="report folder (default: the run directory)")
+    add_consent_options(ev, "the run")
     ev.set_defaults(func=cmd_eval)
 
     cmp_ = sub.add_parser("compare", help="several evaluated runs in one table and plot")
@@ -72,7 +74,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a run and print its win rates against the unsteered model."""
     from ..evaluation.report import write_report
-    from ..evaluation.run_eval import evaluate_run
+    from ..evaluation.run_eval import eval_oracle, evaluate_run, read_run
+
+    # The oracle and model the folder names (a baseline's: the mirrored run's), allowed to
+    # run code or send a key only when the same flags are typed here, before any is used.
+    info = read_run(args.run)
+    trusted = check_consent(args, eval_oracle(info.config), info.config["model"], args.run, "eval")
 
     config = EvalConfig(
         judges=tuple(args.judge),
@@ -85,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data=args.data,
         bootstrap_rounds=args.bootstrap,
     )
-    result = evaluate_run(args.run, config)
+    result = evaluate_run(args.run, config, trusted=trusted)
     path = write_report(result, Path(args.out or args.run))
     for judge, w in result["win_rates_vs_base"].items():
         v = w["win_rate"]

@@ -1,10 +1,12 @@
-"""What ``sims run --resume`` checks before it uses anything a run directory names.
+"""What ``sims run --resume`` (and ``sims eval``, ``sims baseline``) check before they use
+anything a run directory names.
 
 ``config.json`` is only as trustworthy as the folder it sits in, which anyone with write
 access may have edited. So code the run names (a ``python:`` oracle, ``trust_remote_code``)
 and a credential it sends (a judge's API key variable) are used only when the same flag is
-typed on the resume command line (:func:`check_trust`); a saved path is absolute and never
-looked up again from the current folder (:func:`check_paths`); the model and oracle rebuilt
+typed on the resume command line (:func:`check_trust`), or on the ``sims eval RUN`` /
+``sims baseline KIND --like RUN`` command line (:func:`check_consent`); a saved path is
+absolute and never looked up again from the current folder (:func:`check_paths`); the model and oracle rebuilt
 must match the saved ones (:func:`check_rebuilt`, first from the model's config, before its
 weights load: :func:`predicted_fingerprint`).
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SimsError
-from ..loop.spec import ModelSpec, RunSpec
+from ..loop.spec import ModelSpec, RunSpec, consents
 
 # -- trust: code and credentials a run directory names ------------------------------------
 #: Why a resume asks for the flag again (config.json is only as trustworthy as its folder).
@@ -26,26 +28,8 @@ _WHY = "a run directory may have been edited by someone else"
 
 def _needs_consent(spec: RunSpec) -> list[tuple[str, str, str]]:
     """(parser dest, flag to type, what it allows) for each thing the run would execute
-    or send that only an explicit flag may allow."""
-    out = []
-    name = str(spec.oracle.get("name", ""))
-    if name.startswith("python:"):
-        out.append(
-            ("oracle", f"--oracle {name}", f"its oracle imports and runs {name.removeprefix('python:')}")
-        )
-    if spec.model.trust_remote_code:
-        out.append(
-            (
-                "trust_remote_code",
-                "--trust-remote-code",
-                f"its model {spec.model.source} runs the code shipped with it (trust_remote_code)",
-            )
-        )
-    key = spec.oracle.get("api_key_env")
-    if spec.oracle.get("name") == "judge" and key:
-        where = spec.oracle.get("base_url") or "the judge"
-        out.append(("judge_api_key_env", f"--judge-api-key-env {key}", f"its judge sends ${key} to {where}"))
-    return out
+    or send that only an explicit flag may allow (:func:`~simsteer.loop.spec.consents`)."""
+    return consents(spec.oracle, spec.model)
 
 
 def check_trust(args: argparse.Namespace, spec: RunSpec) -> None:
@@ -56,12 +40,92 @@ def check_trust(args: argparse.Namespace, spec: RunSpec) -> None:
         args: the parsed ``sims run`` options; ``args.given`` names those typed.
         spec: the run's saved spec.
     """
-    for dest, typed, what in _needs_consent(spec):
+    _refuse_unasked(args, _needs_consent(spec), args.resume, "resume")
+
+
+def _refuse_unasked(
+    args: argparse.Namespace, needs: list[tuple[str, str, str]], where: Any, command: str
+) -> None:
+    for dest, typed, what in needs:
         if dest not in args.given:
             raise SimsError(
-                f"{args.resume}: {what}; since {_WHY}, that happens only when you ask: "
-                f"add {typed} to the resume command"
+                f"{where}: {what}; since {_WHY}, that happens only when you ask: "
+                f"add {typed} to the {command} command"
             )
+
+
+def _same_oracle(typed: str, saved: dict[str, Any]) -> bool:
+    """Whether a typed ``--oracle`` names the saved oracle (its name, and for a judge the
+    endpoint; a ``python:`` file is compared as its absolute path)."""
+    from ..oracles import oracle_spec
+
+    wanted = oracle_spec(typed)
+    return all(wanted[k] == saved.get(k) for k in ("name", "model", "base_url") if k in wanted)
+
+
+def check_consent(
+    args: argparse.Namespace,
+    oracle: dict[str, Any] | str,
+    model: ModelSpec | dict[str, Any],
+    where: Any,
+    command: str,
+) -> frozenset[str]:
+    """:func:`check_trust` for a command that uses a folder's saved oracle and model without
+    resuming it (``sims eval RUN``, ``sims baseline KIND --like RUN``): each consent the
+    folder needs must be typed (``--oracle``, ``--trust-remote-code``,
+    ``--judge-api-key-env``), and a typed ``--oracle`` or key variable must be the saved one.
+    Nothing of the folder's is imported or loaded here.
+
+    Args:
+        args: the parsed options; ``args.given`` names those typed.
+        oracle: the saved oracle spec the command builds.
+        model: the saved model the command loads.
+        where: the folder, for the messages.
+        command: the command's name, for the messages (``eval``, ``baseline``).
+
+    Returns:
+        the consent flags given, for the library's ``trusted`` parameter.
+    """
+    saved = {"name": oracle} if isinstance(oracle, str) else dict(oracle)
+    if "oracle" in args.given and not _same_oracle(args.oracle, saved):
+        raise SimsError(
+            f"--oracle is {args.oracle} here but {saved.get('name')} in {where}: "
+            "type the folder's own oracle (it is named only to allow its code to run)"
+        )
+    key = saved.get("api_key_env") if saved.get("name") == "judge" else None
+    if "judge_api_key_env" in args.given and args.judge_api_key_env != key:
+        raise SimsError(
+            f"--judge-api-key-env is {args.judge_api_key_env} here but {key or 'none'} in {where}: "
+            "the key variable is the folder's judge's own; leave the flag out or type that one"
+        )
+    needs = consents(saved, model)
+    _refuse_unasked(args, needs, where, command)
+    return frozenset(typed for _, typed, _ in needs)
+
+
+def add_consent_options(p: argparse.ArgumentParser, folder: str) -> None:
+    """The flags that allow what a saved folder names to run code or send a key
+    (:func:`check_consent`), for a command that reads a folder it did not start."""
+    group = p.add_argument_group(
+        f"consent: typed again for what {folder} names (its config.json may have been edited)"
+    )
+    group.add_argument(
+        "--oracle",
+        default=None,
+        metavar="python:TARGET",
+        help=f"allow the python: oracle {folder} names to be imported and run (type the same one)",
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help=f"allow the model {folder} names to run the code shipped with it",
+    )
+    group.add_argument(
+        "--judge-api-key-env",
+        default=None,
+        metavar="VAR",
+        help=f"allow the judge {folder} names to send the key in $VAR (type the same VAR)",
+    )
 
 
 # -- saved paths ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ..learners import get_learner
 from ..learners.base import Learner
 from ..loop.rundir import RunDir
 from ..loop.sims import SIMS
-from ..loop.spec import RunSpec
+from ..loop.spec import ModelSpec, RunSpec, consents
 from ..models import LoadedModel, load_model, parse_layers
 from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import load_prompts
@@ -64,6 +64,21 @@ class RandomOracle(ScoreOracle):
 
     def describe(self) -> dict:
         return {"name": self.name, "seed": self.seed}
+
+
+def check_trusted(
+    where: Any, oracle: dict[str, Any] | str, model: ModelSpec | dict[str, Any], trusted: Collection[str]
+) -> None:
+    """Refuse a saved oracle or model that would run code or send a key (a ``python:``
+    oracle, ``trust_remote_code``, a judge's API key variable) unless ``trusted`` holds
+    its consent flag (:func:`~simsteer.loop.spec.consents`): a folder's ``config.json`` is
+    only as trustworthy as the folder."""
+    for _, flag, what in consents(oracle, model):
+        if flag not in trusted:
+            raise SimsError(
+                f"{where}: {what}; a run directory may have been edited by someone else, so that "
+                f"happens only when asked: add {flag} to the command (trusted={{{flag!r}}} in Python)"
+            )
 
 
 def fit_labelled_steering(
@@ -189,6 +204,7 @@ def build_baseline(
     data: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    trusted: Collection[str] = (),
 ) -> Path:
     """Build the baseline ``kind`` that mirrors the run ``like`` into the folder ``out``.
 
@@ -203,6 +219,10 @@ def build_baseline(
         data: ms: data folder holding ``ultrafeedback/`` (default ``../shared/data``).
         seed: best-of-n and random: the sampling / scoring seed.
         progress: show progress bars (random: the loop's).
+        trusted: the consent flags for what ``like`` names that runs code or sends a key
+            (``"--oracle python:..."``, ``"--trust-remote-code"``,
+            ``"--judge-api-key-env VAR"``); one it needs and lacks is refused before
+            anything is loaded (:func:`check_trusted`), whatever the kind.
 
     Returns:
         ``out``.
@@ -216,6 +236,7 @@ def build_baseline(
     if not RunDir(like).is_run():
         raise SimsError(f"{like} is not a run directory (no config.json)")
     spec = RunDir(like).spec()
+    check_trusted(like, spec.oracle, spec.model, trusted)
     if kind == "vanilla":
         write_baseline(out, "vanilla", like)
     elif kind == "best-of-n":

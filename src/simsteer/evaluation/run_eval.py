@@ -17,7 +17,7 @@ held-out prompts with the unsteered model and with the run's policy, then measur
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from ..policy import load_policy
 from ..sampling import SamplingConfig, generate
 from ..stats import bootstrap_ci
 from ..steering import Steering
-from .baselines import best_of_n
+from .baselines import best_of_n, check_trusted
 from .costs import CostMeter
 from .datasets import data_dir, load_alpaca_outputs, load_mc_task
 from .lc import length_controlled_win_rate
@@ -112,6 +112,12 @@ def read_run(path: str | Path) -> RunInfo:
     return RunInfo(Path(path), kind, cfg, policy, run.history())
 
 
+def eval_oracle(config: dict[str, Any]) -> dict[str, Any] | str:
+    """The oracle spec ``sims eval`` judges a folder with: a random-split baseline's
+    ``eval_oracle`` (the mirrored run's), else the folder's own ``oracle``."""
+    return config.get("eval_oracle") or config["oracle"]
+
+
 def _mean_ci(values: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
     lo, hi = bootstrap_ci(values, rounds=rounds, seed=seed)
     return {"mean": float(values.mean()), "ci_low": lo, "ci_high": hi}
@@ -170,9 +176,19 @@ def _prompt_forward_tokens(lm: LoadedModel, prompts: Sequence[str], answers: Seq
 
 
 def evaluate_run(
-    path: str | Path, config: EvalConfig | None = None, lm: LoadedModel | None = None, progress: bool = False
+    path: str | Path,
+    config: EvalConfig | None = None,
+    lm: LoadedModel | None = None,
+    progress: bool = False,
+    trusted: Collection[str] = (),
 ) -> dict[str, Any]:
     """Evaluate a run directory or baseline folder; returns what ``eval.json`` holds.
+
+    Args:
+        trusted: the consent flags for what the folder names that runs code or sends a key
+            (``"--oracle python:..."``, ``"--trust-remote-code"``,
+            ``"--judge-api-key-env VAR"``); one it needs and lacks is refused before
+            anything is loaded (:func:`check_trusted`).
 
     Example:
         >>> result = evaluate_run("runs/sims", EvalConfig(judges=("readability",), mc_tasks=("arc_easy",)))
@@ -181,6 +197,7 @@ def evaluate_run(
     config = config or EvalConfig()
     clock = time.perf_counter()
     info = read_run(path)
+    check_trusted(path, eval_oracle(info.config), info.config["model"], trusted)
     run = RunDir(info.path)
     sampling = info.sampling
     if config.max_new_tokens:
@@ -196,10 +213,14 @@ def evaluate_run(
     meter = CostMeter()
     # A random-split baseline trained on random scores: judge it with the oracle of the
     # run it mirrors (``eval_oracle``), like every other method.
-    oracle_spec = info.config.get("eval_oracle") or info.config["oracle"]
+    oracle_spec = eval_oracle(info.config)
     oracle_name = oracle_spec if isinstance(oracle_spec, str) else oracle_spec["name"]
     model_cfg = info.config["model"]
-    lm = lm or load_model(model_cfg["source"], dtype=model_cfg.get("dtype"))
+    lm = lm or load_model(
+        model_cfg["source"],
+        dtype=model_cfg.get("dtype"),
+        trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),  # checked above
+    )
     # The run's oracle rebuilt from its saved spec (a judge's endpoint, a custom
     # template); self-judges (self-rank, self-judge*) judge with the unsteered backbone.
     oracle = get_oracle(oracle_spec, lm=lm)

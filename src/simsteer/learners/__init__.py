@@ -18,12 +18,14 @@ from .base import (
 from .caa import CAA, CAAConfig
 from .hpr import HPR, HPRConfig
 from .iti import ITI, ITIConfig
+from .pca import PCA, PCAConfig
 from .sea import SEA, SEAConfig
 
 __all__ = [
     "CAA",
     "HPR",
     "ITI",
+    "PCA",
     "SEA",
     "ActAdd",
     "ActAddConfig",
@@ -35,6 +37,7 @@ __all__ = [
     "ITIConfig",
     "Learner",
     "LearnerConfig",
+    "PCAConfig",
     "PositionalAdd",
     "PreferenceActivations",
     "SEAConfig",

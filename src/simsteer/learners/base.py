@@ -122,7 +122,19 @@ def learner_names() -> list[str]:
 def get_learner(name: str, **options: Any) -> Learner:
     """Instantiate a registered learner, with a 'did you mean' error for a typo."""
     if name not in _LEARNERS:
-        close = difflib.get_close_matches(name, list(_LEARNERS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = _closest(name, list(_LEARNERS))
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise SimsError(f"unknown learner {name!r}{hint}; known learners: {', '.join(learner_names())}")
     return _LEARNERS[name](**options)
+
+
+def _closest(name: str, names: list[str]) -> list[str]:
+    """The registered names closest to a typo: all that tie for the best similarity, those
+    sharing its first letter first (a typo rarely hits the first letter: ``cca`` -> ``caa``
+    before ``pca``)."""
+    scores = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in names}
+    best = max(scores.values(), default=0.0)
+    if best < 0.6:  # difflib.get_close_matches' own cutoff
+        return []
+    tied = [n for n, s in scores.items() if s == best]
+    return sorted(tied, key=lambda n: (n[:1] != name[:1], n))

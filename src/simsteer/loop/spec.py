@@ -79,6 +79,46 @@ class ModelSpec:
         )
 
 
+def consents(oracle: dict[str, Any] | str, model: ModelSpec | dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(option dest, flag to type, what it allows) for each thing a saved oracle spec and
+    model would execute or send that only an explicit consent may allow: a ``python:``
+    oracle's code, the model's shipped code (``trust_remote_code``), a judge's API key.
+
+    ``config.json`` is only as trustworthy as its folder, so ``sims run --resume``,
+    ``sims eval`` and ``sims baseline`` use these only with the same flag typed again,
+    and :func:`~simsteer.evaluation.run_eval.evaluate_run` /
+    :func:`~simsteer.evaluation.baselines.build_baseline` only with the flag in ``trusted``.
+
+    Args:
+        oracle: the saved oracle spec (or its name).
+        model: the saved model (a :class:`ModelSpec` or its JSON).
+    """
+    spec = {"name": oracle} if isinstance(oracle, str) else oracle
+    if isinstance(model, ModelSpec):
+        source, remote = model.source, model.trust_remote_code
+    else:
+        source, remote = model.get("source"), bool(model.get("trust_remote_code", False))
+    out = []
+    name = str(spec.get("name", ""))
+    if name.startswith("python:"):
+        out.append(
+            ("oracle", f"--oracle {name}", f"its oracle imports and runs {name.removeprefix('python:')}")
+        )
+    if remote:
+        out.append(
+            (
+                "trust_remote_code",
+                "--trust-remote-code",
+                f"its model {source} runs the code shipped with it (trust_remote_code)",
+            )
+        )
+    key = spec.get("api_key_env")
+    if name == "judge" and key:
+        where = spec.get("base_url") or "the judge"
+        out.append(("judge_api_key_env", f"--judge-api-key-env {key}", f"its judge sends ${key} to {where}"))
+    return out
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that rebuilds a run (see the module docstring).
