@@ -22,23 +22,9 @@ from simsteer.cli.trust import check_rebuilt, check_trust
 from simsteer.errors import SimsError
 from simsteer.loop.rundir import RunDir
 
-TINY = [
-    "-T",
-    "1",
-    "-N",
-    "2",
-    "-K",
-    "2",
-    "--eval-prompts",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--calibration-prompts",
-    "1",
-    "--layers",
-    "1-2",
-    "--quiet",
-]
+from .conftest import TINY_RUN
+
+TINY = [*TINY_RUN, "--layers", "1-2"]
 
 #: A user oracle that leaves a marker next to itself when it is imported.
 SCORER = """\

@@ -20,25 +20,9 @@ from simsteer.evaluation.baselines import build_baseline
 from simsteer.evaluation.run_eval import evaluate_run
 from simsteer.loop.rundir import RunDir
 
-TINY = [
-    "-T",
-    "1",
-    "-N",
-    "2",
-    "-K",
-    "2",
-    "--eval-prompts",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--calibration-prompts",
-    "1",
-    "--layers",
-    "1-2",
-    "--fluency-budget",
-    "off",
-    "--quiet",
-]
+from .conftest import TINY_RUN
+
+TINY = [*TINY_RUN, "--layers", "1-2", "--fluency-budget", "off"]
 
 #: Cheap evaluation options (the consent flags are what is tested).
 EVAL = ["--scorers", "length:50", "--bootstrap", "10"]

@@ -39,6 +39,30 @@ class CAAConfig(LearnerConfig):
     paired: bool = True
 
 
+def paired_differences(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    pos_groups: list[int],
+    neg_groups: list[int],
+    paired: bool = True,
+    learner: str = "CAA",
+) -> torch.Tensor:
+    """``[n, d]``: per shared prompt ``mean h+ - mean h-``, or one row
+    ``mean(pos) - mean(neg)`` when unpaired (no shared prompt, or ``paired=False``).
+
+    Args:
+        learner: named in the error when either side is empty.
+    """
+    if len(pos) == 0 or len(neg) == 0:
+        raise SimsError(f"{learner} needs at least one positive and one negative response")
+    if paired:
+        shared = sorted(set(pos_groups) & set(neg_groups))
+        if shared:
+            pg, ng = torch.tensor(pos_groups), torch.tensor(neg_groups)
+            return torch.stack([pos[pg == g].mean(0) - neg[ng == g].mean(0) for g in shared])
+    return (pos.mean(0) - neg.mean(0)).unsqueeze(0)
+
+
 def mean_difference(
     pos: torch.Tensor,
     neg: torch.Tensor,
@@ -47,15 +71,7 @@ def mean_difference(
     paired: bool = True,
 ) -> torch.Tensor:
     """Mean of per-prompt (mean h+ - mean h-) differences, or the unpaired difference."""
-    if len(pos) == 0 or len(neg) == 0:
-        raise SimsError("CAA needs at least one positive and one negative response")
-    if paired:
-        shared = sorted(set(pos_groups) & set(neg_groups))
-        if shared:
-            pg, ng = torch.tensor(pos_groups), torch.tensor(neg_groups)
-            diffs = [pos[pg == g].mean(0) - neg[ng == g].mean(0) for g in shared]
-            return torch.stack(diffs).mean(0)
-    return pos.mean(0) - neg.mean(0)
+    return paired_differences(pos, neg, pos_groups, neg_groups, paired).mean(0)
 
 
 @register_learner

@@ -27,6 +27,7 @@ from ..errors import SimsError
 from ..functions import AddVector, SteeringFunction
 from ..steering import Steering
 from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
+from .caa import paired_differences
 
 __all__ = ["PCA", "PCAConfig", "first_component", "paired_differences"]
 
@@ -53,25 +54,6 @@ class PCAConfig(LearnerConfig):
     normalize: bool = True
     paired: bool = True
     center: bool = True
-
-
-def paired_differences(
-    pos: torch.Tensor,
-    neg: torch.Tensor,
-    pos_groups: list[int],
-    neg_groups: list[int],
-    paired: bool = True,
-) -> torch.Tensor:
-    """``[n, d]``: per shared prompt ``mean h+ - mean h-``, or one row
-    ``mean(pos) - mean(neg)`` when unpaired (no shared prompt, or ``paired=False``)."""
-    if len(pos) == 0 or len(neg) == 0:
-        raise SimsError("PCA needs at least one positive and one negative response")
-    if paired:
-        shared = sorted(set(pos_groups) & set(neg_groups))
-        if shared:
-            pg, ng = torch.tensor(pos_groups), torch.tensor(neg_groups)
-            return torch.stack([pos[pg == g].mean(0) - neg[ng == g].mean(0) for g in shared])
-    return (pos.mean(0) - neg.mean(0)).unsqueeze(0)
 
 
 def first_component(diffs: torch.Tensor, center: bool = True) -> tuple[torch.Tensor, bool]:
@@ -118,7 +100,7 @@ class PCA(Learner):
         for i, layer in enumerate(data.layers):
             pos, neg = data.at(layer)
             diffs = paired_differences(
-                pos.double(), neg.double(), data.positive_groups, data.negative_groups, cfg.paired
+                pos.double(), neg.double(), data.positive_groups, data.negative_groups, cfg.paired, "PCA"
             )
             try:
                 u, used_mean = first_component(diffs, cfg.center)
