@@ -7,8 +7,7 @@ or loaded."""
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +20,12 @@ from simsteer.evaluation.run_eval import evaluate_run
 from simsteer.loop.rundir import RunDir
 
 from .conftest import TINY_RUN
+from .test_cli_trust import SCORER, _copy, _refused, _tree
 
 TINY = [*TINY_RUN, "--layers", "1-2", "--fluency-budget", "off"]
 
 #: Cheap evaluation options (the consent flags are what is tested).
 EVAL = ["--scorers", "length:50", "--bootstrap", "10"]
-
-#: A user oracle that leaves a marker next to itself when it is imported.
-SCORER = """\
-import pathlib
-
-pathlib.Path(__file__).with_name("imported.marker").touch()
-
-
-def score(prompt, response):
-    return float(len(response))
-"""
 
 
 class Finished:
@@ -57,33 +46,6 @@ def finished(tmp_path_factory, tiny_model_dir) -> Iterator[Finished]:
     argv = ["run", "--model", str(tiny_model_dir), "--dtype", "fp32", "--prompts", str(home / "prompts.txt")]
     assert main([*argv, "--oracle", f"python:{home / 'scorer.py'}:score", "--out", str(run), *TINY]) == 0
     yield Finished(home, run)
-
-
-def _copy(finished: Finished, tmp_path: Path, edit: Callable[[dict], Any] | None = None) -> Path:
-    """A copy of the run (its config.json edited), with the import marker cleared."""
-    run = tmp_path / "run"
-    shutil.copytree(finished.run, run)
-    if edit is not None:
-        cfg = json.loads((run / "config.json").read_text())
-        edit(cfg)
-        (run / "config.json").write_text(json.dumps(cfg))
-    finished.marker.unlink(missing_ok=True)
-    return run
-
-
-def _tree(root: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _refused(argv: list[str], capsys, *needles: str) -> str:
-    """Run ``sims`` expecting one error line (exit 2) that holds every needle."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("sims: error: "), err
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    return err[0]
 
 
 @pytest.fixture()
