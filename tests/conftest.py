@@ -165,6 +165,25 @@ def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: i
             bos_token_id=tok.eos_token_id,
         )
         model = GPT2LMHeadModel(cfg)
+    elif arch == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=4,  # shorter than the prompts, so the window matters
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=None,
+        )
+        model = Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(arch)
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -30,7 +30,11 @@ FLOORS: dict[str, int] = {
     "functions": 5,
     "steering": 5,
     "policy": 6,
+    "decoding": 2,
+    "engine": 6,
     "sampling": 7,
+    "llamacpp": 7,
+    "export": 7,
     "activations": 7,
     "fluency": 7,
     # plug-ins

@@ -1,7 +1,7 @@
 """Hand-edited, damaged or wrong-typed files in a run directory or a steering folder:
 each is refused in one line naming the file and the field (exit status 2, no traceback),
-and the folder is left byte-identical. One tiny run is made per module; every case edits
-its own copy."""
+and the folder is left byte-identical. Two tiny runs are made per module (the default
+variant, and SIMS-CS for its response bank); every case edits its own copy."""
 
 from __future__ import annotations
 
@@ -38,6 +38,20 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
+def cs_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished SIMS-CS run: its bank.jsonl is checked when it is resumed."""
+    root = tmp_path_factory.mktemp("tiny-cs-run")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = root / "run"
+    argv = ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--oracle", "length:3"]
+    argv += ["--layers", "1-2", "--fluency-budget", "off", "--variant", "cs", "--out", str(out), *TINY_RUN]
+    assert main(argv) == 0
+    assert (out / "bank.jsonl").read_text().count("\n") >= 2
+    return out
+
+
+@pytest.fixture(scope="module")
 def steering_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A steering with two layers for the tiny model (the tiny run's final may have none)."""
     from simsteer.models import load_model
@@ -66,6 +80,22 @@ def text_edit(name: str, text: str | bytes) -> Callable[[Path], None]:
     return apply
 
 
+def jsonl_edit(name: str, change: Callable[[list[Any]], list[Any]], source: str | None = None):
+    """An edit of the JSONL file ``name``: ``change`` maps the rows of ``source`` (default:
+    the file itself) to the new rows."""
+
+    def apply(root: Path) -> None:
+        rows = [json.loads(x) for x in (root / (source or name)).read_text().splitlines()]
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in change(rows)))
+
+    return apply
+
+
+def first(change: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
+    """A change of the first row only."""
+    return lambda rows: [change(rows[0]), *rows[1:]]
+
+
 def put(data: dict, dotted: str, value: Any) -> dict:
     """``data`` with the value at ``a.b.c`` replaced (or added)."""
     node = data
@@ -83,6 +113,19 @@ def drop(data: dict, key: str) -> dict:
 
 CONFIG = "config.json"
 SUMMARY = "iter_0/summary.json"
+OUTCOME = "outcome.json"
+BANK = "bank.jsonl"
+
+
+def outcome_put(dotted: str, value: Any) -> Callable[[Path], None]:
+    return json_edit(OUTCOME, lambda d: put(d, dotted, value))
+
+
+def bank_row(change: Callable[[dict], Any], name: str = BANK) -> Callable[[Path], None]:
+    """An edit of the first row of bank.jsonl (written to ``name``)."""
+    return jsonl_edit(name, first(change), source=BANK)
+
+
 STEERING = "final/steering_config.json"
 NAN = float("nan")
 
@@ -189,6 +232,85 @@ CASES: list[tuple[str, Callable[[Path], None], str, str]] = [
         "seconds",
     ),
     ("summary-not-json", text_edit(SUMMARY, "{"), "info", "not valid JSON"),
+    # -- outcome.json ----------------------------------------------------------------------
+    ("outcome-not-json", text_edit(OUTCOME, "{"), "info", "not valid JSON"),
+    ("outcome-a-list", json_edit(OUTCOME, lambda d: [d]), "info", "JSON object"),
+    (
+        "outcome-final-missing",
+        json_edit(OUTCOME, lambda d: drop(d, "final_policy")),
+        "info",
+        "'final_policy'",
+    ),
+    ("outcome-final-text", outcome_put("final_policy", "1"), "info", "final_policy"),
+    ("outcome-final-negative", outcome_put("final_policy", -1), "info", "final_policy"),
+    ("outcome-stopped-number", outcome_put("stopped", 5), "info", "stopped"),
+    ("outcome-unknown-field", outcome_put("colour", 1), "info", "colour"),
+    ("outcome-held-out-list", outcome_put("held_out", []), "info", "held_out"),
+    (
+        "outcome-improvement-nan",
+        outcome_put("held_out.improvement", NAN),
+        "info",
+        "held_out.improvement",
+    ),
+    (
+        "outcome-base-score-text",
+        outcome_put("held_out.base_score", "low"),
+        "info",
+        "held_out.base_score",
+    ),
+    ("outcome-ci-short", outcome_put("held_out.ci95", [0.0]), "info", "held_out.ci95"),
+    (
+        "outcome-prompts-float",
+        outcome_put("held_out.prompts", 1.5),
+        "info",
+        "held_out.prompts",
+    ),
+    (
+        "outcome-ratio-inf",
+        outcome_put("fluency.perplexity_ratio", float("inf")),
+        "info",
+        "fluency.perplexity_ratio",
+    ),
+    (
+        "outcome-fluency-entry-missing",
+        json_edit(OUTCOME, lambda d: put(d, "fluency", drop(d["fluency"], "loop_share_delta"))),
+        "info",
+        "fluency.loop_share_delta",
+    ),
+    # -- bank.jsonl (SIMS-CS, checked on resume) -----------------------------------------------
+    ("bank-not-json", text_edit(BANK, "{\n"), "resume-cs", "not valid JSON"),
+    ("bank-row-a-list", bank_row(lambda r: [r]), "resume-cs", "JSON object"),
+    ("bank-reward-nan", bank_row(lambda r: put(r, "reward", NAN)), "resume-cs", "reward"),
+    ("bank-reward-text", bank_row(lambda r: put(r, "reward", "high")), "resume-cs", "reward"),
+    ("bank-preference-missing", bank_row(lambda r: drop(r, "preference")), "resume-cs", "'preference'"),
+    (
+        "bank-preference-wrong-size",
+        bank_row(lambda r: put(r, "preference", [row[:-1] for row in r["preference"]])),
+        "resume-cs",
+        "preference",
+    ),
+    (
+        "bank-preference-above-one",
+        bank_row(lambda r: put(r, "preference", [[2.0] * len(x) for x in r["preference"]])),
+        "resume-cs",
+        "preference",
+    ),
+    (
+        "bank-preference-nan",
+        bank_row(lambda r: put(r, "preference", [[NAN] * len(x) for x in r["preference"]])),
+        "resume-cs",
+        "preference",
+    ),
+    ("bank-responses-text", bank_row(lambda r: put(r, "responses", "hi")), "resume-cs", "responses"),
+    ("bank-iteration-text", bank_row(lambda r: put(r, "iteration", "0")), "resume-cs", "iteration"),
+    ("bank-prompt-id-number", bank_row(lambda r: put(r, "prompt_id", 3)), "resume-cs", "prompt_id"),
+    ("bank-unknown-field", bank_row(lambda r: put(r, "colour", 1)), "resume-cs", "colour"),
+    (
+        "bank-pending-reward-nan",
+        bank_row(lambda r: put(r, "reward", NAN), "iter_1/bank.pending.jsonl"),
+        "resume-cs",
+        "reward",
+    ),
     # -- steering folder ---------------------------------------------------------------------
     (
         "steering-strength-text",
@@ -258,10 +380,11 @@ CASES: list[tuple[str, Callable[[Path], None], str, str]] = [
 
 
 @pytest.mark.parametrize("edit, command, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_file_gives_one_line(edit, command, message, tiny_run, steering_dir, tmp_path, capsys):
-    original = tree_hash(tiny_run)
+def test_bad_file_gives_one_line(edit, command, message, tiny_run, cs_run, steering_dir, tmp_path, capsys):
+    source = cs_run if command == "resume-cs" else tiny_run
+    original = tree_hash(source)
     copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy)
+    shutil.copytree(source, copy)
     if command == "info-final":
         shutil.rmtree(copy / "final")
         shutil.copytree(steering_dir, copy / "final")
@@ -270,14 +393,15 @@ def test_bad_file_gives_one_line(edit, command, message, tiny_run, steering_dir,
     argv = {
         "info": ["info", str(copy)],
         "resume": ["run", "--resume", str(copy), "--quiet"],
+        "resume-cs": ["run", "--resume", str(copy), "--quiet"],
         "info-final": ["info", str(copy / "final")],
     }[command]
     line = one_line_error(capsys, argv)
     assert message in line, line
     if command != "info-final" and "JSON" not in message:
-        assert "config.json" in line or "summary.json" in line, line  # names the file
+        assert any(name in line for name in (CONFIG, "summary.json", OUTCOME, BANK, "bank.pending")), line
     assert tree_hash(copy) == before  # the refused command wrote nothing
-    assert tree_hash(tiny_run) == original
+    assert tree_hash(source) == original
 
 
 def test_there_are_many_distinct_file_cases():

@@ -211,7 +211,8 @@ def test_eval_of_a_judge_trained_run_uses_its_judge_and_template(tmp_path, tiny_
         cache.unlink()  # every judgment of the evaluation is asked anew
         assert main(["eval", str(out), "--scorers", "length:50", "--bootstrap", "20"]) == 0
         asked = fake.requests[trained:]
-    assert len(asked) == 3 * 2  # 3 held-out prompts in both orders
+    # 3 held-out prompts in both orders; an order is asked once when the two answers are equal.
+    assert 3 <= len(asked) <= 3 * 2 and len(set(asked)) == len(asked)
     assert all(m.startswith("MARKER") for m in asked)
     result = json.loads((out / "eval.json").read_text())
     assert result["oracle"] == "judge" and set(result["win_rates_vs_base"]) == {"judge"}

@@ -30,6 +30,7 @@ COMMANDS = (
     "lc",
     "arena",
     "serve",
+    "export",
 )
 
 

@@ -1,6 +1,8 @@
-"""Crash points: a tiny guarded run is interrupted at every file-system commit, right
-before and right after its rename, resumed, and must end bit-identical to the run that
-was never interrupted. A few of the crashes are real ``SIGKILL``s.
+"""Crash points: a tiny run is interrupted at every file-system commit, right before and
+right after its rename, resumed, and must end bit-identical to the run that was never
+interrupted. A few of the crashes are real ``SIGKILL``s. The runs: guarded, replacing or
+composing its policies, and SIMS-CS (its response bank is shared by the iterations, with
+eviction and re-scoring).
 
 A *commit* is the rename that puts a finished file or folder in place
 (:func:`simsteer.io.commit_hook` sees each one). The reference run records them; each case
@@ -18,9 +20,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -29,11 +32,13 @@ from simsteer.errors import SimsError
 from simsteer.io import commit_hook, is_temporary
 from simsteer.learners import get_learner
 from simsteer.loop import sims as sims_module
+from simsteer.loop.bank import BankConfig
 from simsteer.loop.config import SIMSConfig
 from simsteer.loop.guard import GuardConfig
 from simsteer.loop.rundir import LOCK_NAME, RunDir
 from simsteer.loop.sims import SIMS
 from simsteer.oracles import get_oracle
+from simsteer.oracles.base import ScoreOracle
 from simsteer.policy import Policy
 from simsteer.sampling import SamplingConfig
 
@@ -45,9 +50,26 @@ PROMPTS = [
 TIMING = ("seconds", "seconds_total", "fit_seconds")
 
 
-def config(compose: bool) -> SIMSConfig:
-    """T=2, N=2, K=2, 4 tokens, the guard on (every strength fluent, so each iteration
-    saves fitted/, calibration and policy t+1)."""
+KINDS = ("replace", "compose", "cs")
+
+
+def config(kind: str) -> SIMSConfig:
+    """T=2, N=2, K=2, 4 tokens. replace / compose: the guard on (every strength fluent, so
+    each iteration saves fitted/, calibration and policy t+1). cs: the guard off, a bank of
+    3 entries (iteration 1 evicts one) re-scored every iteration, top-2 pairs."""
+    if kind == "cs":
+        return SIMSConfig(
+            iterations=2,
+            prompts_per_iteration=2,
+            samples_per_prompt=2,
+            eval_prompts=1,
+            sampling=SamplingConfig(max_new_tokens=4, batch_size=8),
+            seed=CS_SEED,
+            variant="cs",
+            bank=BankConfig(capacity=3, top=2, rescore=True),
+            guard=GuardConfig(fluency_budget=None),
+        )
+    compose = kind == "compose"
     return SIMSConfig(
         iterations=2,
         prompts_per_iteration=2,
@@ -71,9 +93,26 @@ def fake_frontier(points, base, guard_config, title) -> bytes:
     return json.dumps([title, base.to_json(), [p.to_json() for p in points]]).encode()
 
 
-def run(lm, out: Path, compose: bool) -> None:
+CS_SEED = 0  # every iteration's bank has an entry with contrast; iteration 1 evicts
+
+
+class CharsOracle(ScoreOracle):
+    """Longer answers win (characters: rarely a tie); prompts with "cold" cannot be judged."""
+
+    name = "chars"
+
+    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        return np.array([float(len(r)) for r in responses])
+
+    def judge(self, prompts, responses):
+        judged = super().judge(prompts, responses)
+        return [replace(j, parsed="cold" not in p) for p, j in zip(prompts, judged, strict=True)]
+
+
+def run(lm, out: Path, kind: str) -> None:
     learner = get_learner("caa", layers="1-2", coefficient=0.5)
-    SIMS(lm, get_oracle("length:4"), learner, config(compose), progress=False).fit(PROMPTS, out)
+    oracle = CharsOracle() if kind == "cs" else get_oracle("length:4")
+    SIMS(lm, oracle, learner, config(kind), progress=False).fit(PROMPTS, out)
 
 
 def artefacts(root: Path) -> dict[str, object]:
@@ -114,7 +153,7 @@ class SimulatedCrash(BaseException):
 
 @dataclass
 class Reference:
-    compose: bool
+    kind: str
     root: Path
     commits: list[str]  # the target of each commit, relative to the run's parent
     files: dict[str, object]
@@ -142,19 +181,17 @@ def lm(tiny_model_dir, fast):
 
 
 @pytest.fixture(scope="module")
-def references(lm, tmp_path_factory) -> dict[bool, Reference]:
-    """The uninterrupted runs (replace and compose), each recording its commits."""
-    return {
-        compose: _reference(lm, tmp_path_factory.mktemp("reference"), compose) for compose in (False, True)
-    }
+def references(lm, tmp_path_factory) -> dict[str, Reference]:
+    """The uninterrupted runs, each recording its commits."""
+    return {kind: _reference(lm, tmp_path_factory.mktemp("reference"), kind) for kind in KINDS}
 
 
-@pytest.fixture(params=[False, True], ids=["replace", "compose"])
+@pytest.fixture(params=KINDS)
 def reference(request, references) -> Reference:
     return references[request.param]
 
 
-def _reference(lm, base: Path, compose: bool) -> Reference:
+def _reference(lm, base: Path, kind: str) -> Reference:
     commits: list[str] = []
 
     def count(phase: str, target: Path) -> None:
@@ -162,15 +199,38 @@ def _reference(lm, base: Path, compose: bool) -> Reference:
             commits.append(str(target.relative_to(base)))
 
     with commit_hook(count):
-        run(lm, base / "run", compose)
+        run(lm, base / "run", kind)
     root = base / "run"
     rows = RunDir(root).history()
-    # The case is only worth its time if both fits were kept and calibrated.
+    # The case is only worth its time if both fits were kept and (guarded) calibrated.
     assert [row.fit is not None for row in rows] == [True, True, False]
     assert all((root / f"iter_{t}" / "steering" / "steering_config.json").is_file() for t in (1, 2))
     final = Policy.load(root / "final")
-    assert len(final) == (2 if compose else 1) and not final.is_unsteered  # final/step_<i>/ composed
-    return Reference(compose, root, commits, artefacts(root), final)
+    assert len(final) == (2 if kind == "compose" else 1) and not final.is_unsteered  # final/step_<i>/
+    if kind == "cs":
+        _check_cs_reference(root, commits)
+    return Reference(kind, root, commits, artefacts(root), final)
+
+
+def _check_cs_reference(root: Path, commits: list[str]) -> None:
+    """Each iteration commits its bank beside the samples before them and moves it to
+    bank.jsonl after them; the bank evicts, skips a prompt and trains on older entries."""
+    for t in range(3):
+        step = [c for c in commits if c.startswith(f"run/iter_{t}/") or c == "run/bank.jsonl"]
+        sampled = step.index(f"run/iter_{t}/samples.jsonl")
+        assert step[sampled - 2 : sampled + 2] == [
+            f"run/iter_{t}/bank.pending.jsonl",
+            f"run/iter_{t}/train_pairs.jsonl",
+            f"run/iter_{t}/samples.jsonl",
+            "run/bank.jsonl",
+        ]
+    run_dir = RunDir(root)
+    assert not list(root.glob("iter_*/bank.pending.jsonl"))
+    rows = run_dir.history()
+    assert [row.fit.carried_over for row in rows[:2]] == [False, False]  # both fits learned
+    assert [row.judging.bank_size for row in rows] == [2, 3, 3]  # capacity 3: iteration 1 evicts
+    assert any(s.label == "skipped" for t in range(3) for s in run_dir.read_samples(t))
+    assert any(p.iteration < t for t in (1, 2) for p in run_dir.read_pairs(t))  # older entries
 
 
 def crash_at(index: int, when: str):
@@ -207,9 +267,9 @@ def test_every_commit_point_resumes_to_the_same_artefacts(lm, reference, tmp_pat
         for when in ("before", "after"):
             out = tmp_path / f"{index}-{when}" / "run"
             with commit_hook(crash_at(index, when)), pytest.raises(SimulatedCrash):
-                run(lm, out, ref.compose)
+                run(lm, out, ref.kind)
             check_reader_view(out, ref)
-            run(lm, out, ref.compose)  # resume (a fresh run if the crash came first)
+            run(lm, out, ref.kind)  # resume (a fresh run if the crash came first)
             if artefacts(out) != ref.files:
                 failures.append(f"{when} commit {index} ({target})")
     assert not failures, failures
@@ -223,9 +283,9 @@ def test_crash_while_replacing_final(lm, reference, tmp_path):
             out = tmp_path / f"{index}-{when}"
             shutil.copytree(ref.root, out)
             with commit_hook(crash_at(index, when)), pytest.raises(SimulatedCrash):
-                run(lm, out, ref.compose)
+                run(lm, out, ref.kind)
             check_reader_view(out, ref)
-            run(lm, out, ref.compose)
+            run(lm, out, ref.kind)
             assert artefacts(out) == ref.files, (index, when)
 
 
@@ -240,7 +300,7 @@ KILLER = textwrap.dedent("""
     # One child per kill, forked before any torch work: the imports are paid once and
     # each child is really SIGKILLed, right before the rename of commit `index`.
     status = {{}}
-    for index, compose, out in {cases!r}:
+    for index, kind, out in {cases!r}:
         pid = os.fork()
         if pid == 0:
             torch.set_num_threads(1)
@@ -255,7 +315,7 @@ KILLER = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGKILL)
 
             with commit_hook(kill):
-                t.run(lm, t.Path(out), compose)
+                t.run(lm, t.Path(out), kind)
             os._exit(0)
         status[out] = os.waitpid(pid, 0)[1]
     print(json.dumps(status))
@@ -263,18 +323,18 @@ KILLER = textwrap.dedent("""
 
 
 def test_sigkill_inside_a_commit_resumes_to_the_same_artefacts(lm, references, tiny_model_dir, tmp_path):
-    plain, composed = references[False], references[True]
+    plain, composed, cs = references["replace"], references["compose"], references["cs"]
     # The run directory itself, a staged steering folder (fitted/), the guard's policy
-    # t + 1 (the save whose kill used to wedge every resume), a composed final/.
+    # t + 1 (the save whose kill used to wedge every resume), a composed final/, SIMS-CS's
+    # samples with the new bank committed beside them but not yet in bank.jsonl.
     picks = [
         (0, plain),
         (plain.commits.index("run/iter_0/fitted"), plain),
         (plain.commits.index("run/iter_1/steering"), plain),
         (len(composed.commits) - 1, composed),
+        (cs.commits.index("run/iter_1/samples.jsonl"), cs),
     ]
-    cases = [
-        (index, ref.compose, str(tmp_path / f"kill-{i}" / "run")) for i, (index, ref) in enumerate(picks)
-    ]
+    cases = [(index, ref.kind, str(tmp_path / f"kill-{i}" / "run")) for i, (index, ref) in enumerate(picks)]
     script = KILLER.format(tests=str(Path(__file__).parent), cases=cases, model=str(tiny_model_dir))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -285,32 +345,32 @@ def test_sigkill_inside_a_commit_resumes_to_the_same_artefacts(lm, references, t
         left = [p for p in root.parent.rglob("*") if is_temporary(p.name)]
         assert left, f"a kill before commit {index} leaves its temporary"
         check_reader_view(root, ref)
-        run(lm, root, ref.compose)
+        run(lm, root, ref.kind)
         assert artefacts(root) == ref.files, index
         assert not [p for p in root.parent.rglob("*") if is_temporary(p.name)]  # swept
 
 
 def test_second_writer_is_refused_naming_the_holder(lm, references, tmp_path):
-    reference = references[False]
+    reference = references["replace"]
     out = tmp_path / "run"
     shutil.copytree(reference.root, out)
 
     def resume_inside(phase: str, target: Path) -> None:
         if phase == "before":
             with pytest.raises(SimsError, match=rf"being written by another process \(pid {os.getpid()}\)"):
-                run(lm, out, reference.compose)
+                run(lm, out, reference.kind)
             raise SimulatedCrash
 
     with commit_hook(resume_inside), pytest.raises(SimulatedCrash):
-        run(lm, out, reference.compose)
-    run(lm, out, reference.compose)  # the lock was released with the first writer
+        run(lm, out, reference.kind)
+    run(lm, out, reference.kind)  # the lock was released with the first writer
 
 
 def test_half_written_policy_folder_is_redone_not_trusted(lm, references, tmp_path):
     """A steering folder without its config (what a kill inside the old, file-by-file
     save left) is not a finished step: the resume saves it again instead of failing on
     every resume with "not a steering folder"."""
-    ref = references[False]
+    ref = references["replace"]
     out = tmp_path / "run"
     shutil.copytree(ref.root, out)
     for path in ("iter_0/summary.json", "iter_1", "iter_2", "summary.json", "outcome.json", "final"):
@@ -318,5 +378,5 @@ def test_half_written_policy_folder_is_redone_not_trusted(lm, references, tmp_pa
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     (out / "iter_1" / "steering").mkdir(parents=True)
     (out / "iter_1" / "steering" / "steering.safetensors").write_bytes(b"half")
-    run(lm, out, ref.compose)
+    run(lm, out, ref.kind)
     assert artefacts(out) == ref.files

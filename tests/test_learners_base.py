@@ -13,6 +13,7 @@ def test_builtin_learners_state_what_activations_they_need():
     needs = {name: type(get_learner(name)).needs for name in learner_names()}
     assert needs == {
         "actadd": "none",
+        "bipo": "texts",
         "caa": "summaries",
         "hpr": "tokens",
         "iti": "heads",

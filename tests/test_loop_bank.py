@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsteer.io import write_jsonl
+from simsteer.io import commit_hook, write_jsonl
 from simsteer.learners import get_learner
 from simsteer.loop.bank import BankConfig, BankEntry, ResponseBank, contrast_reward
-from simsteer.loop.config import SIMSConfig
+from simsteer.loop.config import SIMSConfig, draw_prompts
 from simsteer.loop.guard import GuardConfig
 from simsteer.loop.rundir import RunDir
 from simsteer.loop.sims import SIMS
@@ -153,3 +153,56 @@ def test_cs_bank_survives_resume(tiny_lm, tmp_path):
     assert [p["reward"] for p in pairs[::2]] == pytest.approx(rewards[:3])  # top-3 by r, old ones too
     assert [p["label"] for p in pairs] == ["positive", "negative"] * 3
     assert result.history[1].judging.train_pairs == 3 and result.history[1].judging.bank_size >= 4
+
+
+class RefusingOracle(Oracle):
+    """Longer answers win; a prompt in ``refuse`` cannot be judged (an unreadable verdict)."""
+
+    name = "refusing"
+
+    def __init__(self):
+        self.refuse: set[str] = set()
+
+    def judge(self, prompts, responses):
+        out = []
+        for p, rs in zip(prompts, responses, strict=True):
+            s = np.array([float(len(r)) for r in rs])
+            pref = 1.0 / (1.0 + np.exp(-(s[:, None] - s[None, :])))
+            out.append(Judgment(pref, scores=s, parsed=p not in self.refuse))
+        return out
+
+
+def test_cs_redone_sampling_starts_from_the_bank_before_it(tiny_lm, tmp_path):
+    """Killed after iteration 1's bank was committed but before its samples: the redone step
+    is judged again (an unreadable verdict is asked again and may now differ) and must start
+    from the bank before iteration 1, not from the first attempt's, which had already
+    evicted an older entry for a prompt the redo cannot judge."""
+    config = dataclasses.replace(BASE, iterations=1, prompts_per_iteration=2, variant="cs")
+    config = dataclasses.replace(config, bank=BankConfig(capacity=3))
+    out = tmp_path / "run"
+    run = RunDir(out)
+    oracle = RefusingOracle()
+    learner = get_learner("caa", layers="1-2", coefficient=0.5)
+    saved = {}
+
+    class Kill(Exception):
+        pass
+
+    def kill(phase: str, target: Path) -> None:
+        if phase == "before" and target == run.samples(1):
+            raise Kill
+
+    def snapshot(step: str, t: int) -> None:
+        if step == "summary" and t == 0:
+            saved["bank"] = run.read_bank().entries
+
+    with commit_hook(kill), pytest.raises(Kill):
+        SIMS(tiny_lm, oracle, learner, config, progress=False, callback=snapshot).fit(PROMPTS, out)
+    assert len(saved["bank"]) == 2  # iteration 1's two entries evict one of these
+    batch = draw_prompts(run.read_prompts(run.prompts), 1, 2, config.seed)
+    oracle.refuse = {batch[0].text}
+    SIMS(tiny_lm, oracle, learner, config, progress=False).fit(PROMPTS, out)
+    bank = run.read_bank().entries
+    assert [e for e in bank if e.iteration == 0] == list(saved["bank"])
+    assert [e.prompt_id for e in bank if e.iteration == 1] == [batch[1].id]
+    assert not list(out.glob("iter_*/bank.pending.jsonl"))

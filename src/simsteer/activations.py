@@ -11,6 +11,7 @@ answers to a learner's input, shared by the SIMS loop and the MS baseline.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,9 @@ from .tokens import TokenRow, encode_pairs, teacher_forced
 
 SUMMARIES = ("mean", "last")
 #: What a learner can need (``Learner.needs``): the summaries only, also per-token or
-#: per-head activations, or nothing at all ("mean"/"last" are old names of "summaries").
-NEEDS = ("summaries", *SUMMARIES, "tokens", "heads", "none")
+#: per-head activations, also the (prompt, response) texts (learners that run the model
+#: themselves, BiPO), or nothing at all ("mean"/"last" are old names of "summaries").
+NEEDS = ("summaries", *SUMMARIES, "tokens", "heads", "texts", "none")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class PreferenceActivations:
             the attention output projection at each sequence's last token (learners
             with ``needs = "heads"``, e.g. ITI); ``None`` when not collected.
         num_heads: attention heads per layer (with the head activations).
+        positive_texts / negative_texts: per response, its ``(prompt, response)`` texts
+            (learners with ``needs = "texts"``, e.g. BiPO); ``None`` when not collected.
     """
 
     layers: list[int]
@@ -69,6 +73,8 @@ class PreferenceActivations:
     positive_heads: torch.Tensor | None = None
     negative_heads: torch.Tensor | None = None
     num_heads: int = 0
+    positive_texts: list[tuple[str, str]] | None = None
+    negative_texts: list[tuple[str, str]] | None = None
 
     def __post_init__(self) -> None:
         if self.positive.shape[1:] != self.negative.shape[1:]:
@@ -80,6 +86,8 @@ class PreferenceActivations:
             ("negative_tokens", len(self.negative)),
             ("positive_heads", len(self.positive)),
             ("negative_heads", len(self.negative)),
+            ("positive_texts", len(self.positive)),
+            ("negative_texts", len(self.negative)),
         ):
             extra = getattr(self, name)
             if extra is not None and len(extra) != rows:
@@ -272,6 +280,9 @@ def collect_extra_activations(
             "negative_heads": heads[num_positive:],
             "num_heads": num_attention_heads(lm.model),
         }
+    if kind == "texts":  # no forward: the learner runs the model on the texts itself
+        texts = list(zip(prompts, responses, strict=True))
+        return {"positive_texts": texts[:num_positive], "negative_texts": texts[num_positive:]}
     if kind == "summaries" or kind in SUMMARIES:
         return {}
     raise SimsError(f"unknown learner activation kind {kind!r}")
@@ -297,7 +308,8 @@ def collect_preference_activations(
 
     Args:
         needs: the learner's ``needs``: ``"summaries"`` (summaries only),
-            ``"tokens"``, ``"heads"``, or ``"none"`` (no forward at all: empty data).
+            ``"tokens"``, ``"heads"``, ``"texts"``, or ``"none"`` (no forward at all:
+            empty data).
         prompts / responses: the answers, the ``num_positive`` first ones D+, the rest D-.
         groups: prompt group of each answer (for pairing learners), aligned with them.
         layers: model layers to read.
@@ -354,3 +366,15 @@ def collect_preference_activations(
         **extra,  # type: ignore[arg-type]
     )
     return data, acts.num_tokens
+
+
+def texts_tensor(texts: list[tuple[str, str]]) -> torch.Tensor:
+    """``(prompt, response)`` texts as one uint8 tensor of UTF-8 JSON, so that they are
+    saved with the activations (safetensors holds tensors only); :func:`tensor_texts`
+    reads them back."""
+    return torch.frombuffer(bytearray(json.dumps(texts).encode()), dtype=torch.uint8).clone()
+
+
+def tensor_texts(tensor: torch.Tensor) -> list[tuple[str, str]]:
+    """The ``(prompt, response)`` texts :func:`texts_tensor` stored."""
+    return [(p, r) for p, r in json.loads(tensor.numpy().tobytes().decode())]

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +44,9 @@ POSITIONS = ("all", "prompt", "generated", "last")
 SITES = ("residual", "attn_heads")
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
+# Returns, before each forward, the [batch] bool rows an edit applies to (None = all):
+# how one batch carries rows with different steerings (the engine's row groups).
+RowSelector = Callable[[], "torch.Tensor | None"]
 
 # Index of each token of the current forward in its own sequence, padding not counted
 # ([batch, new_tokens]); set by the position tracker of the innermost active steer().
@@ -106,9 +109,8 @@ class PositionTracker:
 
     positions: str
     prompt_end: torch.Tensor | None = None
+    rows: RowSelector | None = None
     mask: torch.Tensor | None = None  # [batch, seq] bool for the current forward; None = all
-    _prompt_len: int = 0
-    _calls: int = field(default=0, repr=False)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids")
@@ -125,12 +127,9 @@ class PositionTracker:
             past = attn.shape[1] - new
             valid = attn[:, past:].bool()
         else:
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
             valid = torch.ones(batch, new, dtype=torch.bool, device=ref.device)
-        if past == 0:
-            self._prompt_len = new
-        self._calls += 1
         if isinstance(attn, torch.Tensor) and attn.dim() == 2 and attn.shape[1] >= new:
             index = (attn.long().cumsum(1) - 1)[:, past:]
         else:
@@ -145,10 +144,16 @@ class PositionTracker:
         else:
             if self.prompt_end is not None:
                 end = self.prompt_end.to(ref.device).view(-1, 1)
+                in_prompt = absolute.view(1, -1) < end
             else:
-                end = torch.full((batch, 1), self._prompt_len, device=ref.device)
-            in_prompt = absolute.view(1, -1) < end
+                # Generation: the prefill (past == 0) is the prompt, every later forward
+                # decodes generated tokens.
+                in_prompt = torch.full((1, new), past == 0, device=ref.device)
             keep = valid & (in_prompt if self.positions == "prompt" else ~in_prompt)
+        if self.rows is not None:
+            selected = self.rows()
+            if selected is not None:
+                keep = keep & selected.to(ref.device).view(-1, 1)
         self.mask = None if bool(keep.all()) else keep
 
 
@@ -185,6 +190,7 @@ def steer(
     positions: str = "all",
     prompt_end: torch.Tensor | None = None,
     layers_path: str | None = None,
+    rows: RowSelector | None = None,
 ) -> Iterator[PositionTracker]:
     """Apply ``edits[layer](hidden) -> hidden`` to decoder layers inside the block.
 
@@ -199,6 +205,7 @@ def steer(
         positions: one of :data:`POSITIONS`.
         prompt_end: for teacher-forced forwards, per-row absolute index of the first
             response token (needed by ``"prompt"`` / ``"generated"``).
+        rows: called before each forward; the ``[batch]`` bool rows to edit (None = all).
 
     Example:
         >>> with steer(lm.model, {10: lambda h: h + v}):
@@ -217,7 +224,7 @@ def steer(
             targets.append((find_attn_output(layers[index]), edit.fn, True))
         else:
             targets.append((layers[index], edit.fn, False))
-    tracker = PositionTracker(positions=positions, prompt_end=prompt_end)
+    tracker = PositionTracker(positions=positions, prompt_end=prompt_end, rows=rows)
     with ExitStack() as stack:
         reset = _TOKEN_INDEX.set(None)
         stack.callback(_TOKEN_INDEX.reset, reset)

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from .errors import SimsError
+from .functions import AddVector
+from .hooks import RowSelector
 from .io import staged_dir
 from .steering import CONFIG_NAME, Steering, check_replaceable
 
@@ -120,6 +122,7 @@ class Policy(Sequence[Steering]):
         strength: float | None = None,
         positions: str | None = None,
         prompt_end: torch.Tensor | None = None,
+        rows: RowSelector | None = None,
     ) -> Iterator[None]:
         """Apply every steering, in order, inside the block; hooks are always removed.
 
@@ -128,13 +131,42 @@ class Policy(Sequence[Steering]):
             strength: multiplier on each steering's own strength.
             positions: override every steering's positions.
             prompt_end: for teacher-forced forwards, where each row's response starts.
+            rows: steer only the rows it selects before each forward.
         """
         with ExitStack() as stack:
             for steering in self.steerings:
                 stack.enter_context(
-                    steering.applied(model, strength=strength, positions=positions, prompt_end=prompt_end)
+                    steering.applied(
+                        model, strength=strength, positions=positions, prompt_end=prompt_end, rows=rows
+                    )
                 )
             yield
+
+    def additive_vectors(self) -> dict[int, torch.Tensor]:
+        """The policy as one constant vector per layer added to the layer's output at
+        every position, when it is that (the form llama.cpp control vectors and a baked
+        MLP bias can hold); raise :class:`SimsError` saying why it is not.
+
+        Additive edits at all positions commute, so a stack of them is their sum. The
+        vectors are float32, with each steering's strength applied.
+        """
+        vectors: dict[int, torch.Tensor] = {}
+        for steering in self.steerings:
+            for layer, fn in steering.functions.items():
+                if not isinstance(fn, AddVector) or fn.site != "residual":
+                    raise SimsError(
+                        f"layer {layer} of the {steering.learner} steering is a {fn.kind!r} function, "
+                        "not a constant vector added to the layer output; only CAA/ActAdd-style "
+                        "additive policies fit these formats (save others as steering folders)"
+                    )
+                if steering.positions != "all":
+                    raise SimsError(
+                        f"the {steering.learner} steering applies at {steering.positions!r} positions; "
+                        "these formats add their vector at every position (positions 'all' only)"
+                    )
+                delta = fn.vector.detach().float() * float(steering.strength)
+                vectors[layer] = vectors[layer] + delta if layer in vectors else delta.clone()
+        return dict(sorted(vectors.items()))
 
     # -- persistence -----------------------------------------------------------------
     def save(

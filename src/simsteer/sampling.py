@@ -1,7 +1,10 @@
-"""Sampling K responses per prompt from a (possibly steered) model, batched with left
-padding. A fixed seed gives identical responses on CPU: every batch draws from its own
-seed, derived from the run seed and the batch's position, inside a forked RNG so the
-caller's random state is untouched.
+"""Sampling K responses per prompt from a (possibly steered) model.
+
+Decoding runs on :mod:`simsteer.engine` (continuous batching, one prefill per prompt);
+models it cannot run fall back to static batches through ``model.generate``. Either way
+every (prompt, sample) draws from its own random stream (:mod:`simsteer.decoding`), so a
+seed gives the same responses for any batch size or split of the prompts, and the
+caller's global random state is never touched.
 
 Defaults: top-k 50 with top-p off, since top-p sorts the whole vocabulary every step
 (about 25% slower on CPU) while top-k is nearly free.
@@ -10,13 +13,18 @@ Defaults: top-k 50 with top-p off, since top-p sorts the whole vocabulary every 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from .decoding import choose_tokens, stream_id, uniforms
+from .engine import DecodeSettings, Engine, Job, supports
 from .errors import SimsError
+from .llamacpp import ENGINES, LlamaCppBackend, choose_engine
 from .models import LoadedModel
 from .steering import Steering
 from .tokens import encode_prompt, eos_token_ids, left_pad
@@ -32,6 +40,8 @@ class SamplingConfig:
         top_p: nucleus threshold (1.0 = off).
         max_new_tokens: response length cap.
         batch_size: sequences decoded together.
+        engine: ``"torch"``; ``"llamacpp"`` (a GGUF model with an additive policy,
+            :mod:`simsteer.llamacpp`); ``"auto"``: llama.cpp when it can, else torch.
     """
 
     temperature: float = 0.8
@@ -39,6 +49,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 48
     batch_size: int = 64
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -51,6 +62,8 @@ class SamplingConfig:
             raise SimsError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise SimsError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise SimsError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
     @property
     def greedy(self) -> bool:
@@ -74,13 +87,20 @@ def generate(
     steering: Steering | Sequence[Steering] | None = None,
     seed: int = 0,
     progress: bool | str = False,
+    keys: Sequence[int] | None = None,
 ) -> list[list[Generation]]:
     """Draw ``num_samples`` responses for each prompt.
+
+    Sample ``s`` of prompt ``i`` draws from the random stream of ``(seed, keys[i], s)``,
+    so it is the same for any batch size and any split of the prompts (give each prompt
+    the same key in every split).
 
     Args:
         prompts: user prompts (the chat template is applied here).
         steering: applied during decoding when given (a list is stacked in order).
+        seed: the run's seed.
         progress: show a progress bar (a string is used as its label).
+        keys: one integer per prompt naming its random streams (default: its index).
 
     Returns:
         one list of ``num_samples`` generations per prompt, in prompt order.
@@ -88,47 +108,80 @@ def generate(
     config = config or SamplingConfig()
     if num_samples < 1:
         raise SimsError(f"the number of samples per prompt must be >= 1, got {num_samples}")
+    keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
+    if len(keys) != len(prompts):
+        raise SimsError(f"{len(keys)} stream keys for {len(prompts)} prompts")
     tok = lm.tokenizer
     encoded = [encode_prompt(tok, p) for p in prompts]
-    # Each (prompt, sample) is one sequence; longest first packs batches tightly and
-    # the stable sort keeps the order (and so the seeds) deterministic.
-    jobs = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
-    jobs.sort(key=lambda job: -len(encoded[job[0]]))
+    jobs = [Job(i, s, stream_id(seed, keys[i], s)) for i in range(len(prompts)) for s in range(num_samples)]
     eos = eos_token_ids(lm.model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     results: list[list[Generation | None]] = [[None] * num_samples for _ in prompts]
     label = progress if isinstance(progress, str) else "sampling"
     bar = tqdm(total=len(jobs), desc=label, unit="seq", disable=not progress, leave=False)
     stack = [steering] if isinstance(steering, Steering) else list(steering or [])
+    settings = DecodeSettings(
+        config.temperature, config.top_k, config.top_p, config.max_new_tokens, config.batch_size
+    )
+
+    def finish(job: Job, tokens: list[int]) -> None:
+        results[job.prompt][job.sample] = _to_generation(tok, tokens, eos)
+        bar.update(1)
+
+    engine = choose_engine(config.engine, lm, stack)
     with contextlib.ExitStack() as ctx, torch.inference_mode(), bar:
-        for s in stack:
-            ctx.enter_context(s.applied(lm.model))
-        for b, start in enumerate(range(0, len(jobs), config.batch_size)):
-            batch = jobs[start : start + config.batch_size]
-            ids, mask = left_pad([encoded[i] for i, _ in batch], pad)
-            ids, mask = ids.to(lm.device), mask.to(lm.device)
-            kwargs = dict(
-                max_new_tokens=config.max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-            if config.greedy:
-                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if engine == "llamacpp":  # the policy runs as llama.cpp's control vector
+            backend = ctx.enter_context(LlamaCppBackend.for_model(lm, stack))
+            backend.run(encoded, jobs, settings, finish, eos)
+        else:
+            for s in stack:
+                ctx.enter_context(s.applied(lm.model))
+            if supports(lm.model):
+                Engine(lm.model, eos, pad).run(encoded, jobs, settings, finish)
             else:
-                kwargs.update(
-                    do_sample=True,
-                    temperature=config.temperature,
-                    top_k=config.top_k or None,
-                    top_p=config.top_p,
-                )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 1_000_003 + b)
-                out = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            new = out[:, ids.shape[1] :].tolist()
-            for (i, s), row in zip(batch, new, strict=True):
-                results[i][s] = _to_generation(tok, row, eos)
-            bar.update(len(batch))
+                _generate_static(lm.model, encoded, jobs, settings, eos, pad, finish)
     return [[g for g in row if g is not None] for row in results]
+
+
+class _StreamDraws(LogitsProcessor):
+    """Makes ``model.generate``'s greedy step pick the token drawn from each row's own
+    random stream (the fallback for models the engine does not run)."""
+
+    def __init__(self, rows: list[Job], prompt_width: int, settings: DecodeSettings) -> None:
+        self.rows, self.width, self.settings = rows, prompt_width, settings
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.width
+        draws = uniforms([j.stream for j in self.rows], [step] * len(self.rows))
+        s = self.settings
+        chosen = choose_tokens(scores, draws, s.temperature, s.top_k, s.top_p)
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(1, chosen.unsqueeze(1), 0.0)
+
+
+def _generate_static(model, encoded, jobs, settings: DecodeSettings, eos, pad, finish) -> None:
+    """Static batches through ``model.generate`` (longest prompts first)."""
+    order = sorted(jobs, key=lambda j: -len(encoded[j.prompt]))
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start : start + settings.batch_size]
+        ids, mask = left_pad([encoded[j.prompt] for j in batch], pad)
+        device = next(model.parameters()).device
+        processors = [] if settings.temperature == 0 else [_StreamDraws(batch, ids.shape[1], settings)]
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            do_sample=False,
+            temperature=None,
+            top_k=None,
+            top_p=None,
+            logits_processor=LogitsProcessorList(processors),
+        )
+        for job, row in zip(batch, out[:, ids.shape[1] :].tolist(), strict=True):
+            cut = next((j for j, t in enumerate(row) if t in eos), None)
+            finish(job, row if cut is None else row[: cut + 1])
 
 
 def _to_generation(tokenizer, row: list[int], eos: list[int]) -> Generation:

@@ -34,7 +34,7 @@ from torch import nn
 
 from .errors import SimsError
 from .functions import SteeringFunction, function_kind
-from .hooks import POSITIONS, Edit, check_positions, steer
+from .hooks import POSITIONS, Edit, RowSelector, check_positions, steer
 from .io import atomic_write_bytes, is_temporary, staged_dir, write_json
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Steering", "SteeringFunction", "function_kind"]
@@ -223,6 +223,7 @@ class Steering:
         strength: float | None = None,
         positions: str | None = None,
         prompt_end: torch.Tensor | None = None,
+        rows: RowSelector | None = None,
     ) -> Iterator[None]:
         """Install the functions on ``model`` inside the block; hooks are always removed.
 
@@ -231,6 +232,7 @@ class Steering:
             strength: multiplier on the saved strength (CAA coefficient, HPR angle, ...).
             positions: override the saved positions (see :mod:`simsteer.hooks`).
             prompt_end: for teacher-forced forwards, where each row's response starts.
+            rows: steer only the rows it selects before each forward (see :func:`steer`).
         """
         self.check_model(model)
         scale = self.strength * (1.0 if strength is None else strength)
@@ -239,7 +241,7 @@ class Steering:
             i: Edit(partial(f.to(device=ref.device).edit, strength=scale), site=f.site)
             for i, f in self.functions.items()
         }
-        with steer(model, edits, positions or self.positions, prompt_end=prompt_end):
+        with steer(model, edits, positions or self.positions, prompt_end=prompt_end, rows=rows):
             yield
 
     # -- persistence ---------------------------------------------------------------

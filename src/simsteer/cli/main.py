@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from ..errors import SimsError
 from .baseline import add_parser as add_baseline
 from .evaluate import add_parser as add_evaluate
+from .export import add_parser as add_export
 from .generate import add_parser as add_generate
 from .info import add_parser as add_info
 from .leaderboards import add_parser as add_leaderboards
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep(sub, runner=main)  # each grid point is one in-process `sims run`
     add_leaderboards(sub)
     add_serve(sub)
+    add_export(sub)
     return parser
 
 

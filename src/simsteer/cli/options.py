@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import SimsError
 from ..hooks import check_positions
+from ..llamacpp import ENGINES
 from ..loop.bank import BankConfig
 from ..loop.config import SIMSConfig
 from ..loop.guard import GuardConfig
@@ -207,6 +208,14 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
     group.add_argument("--top-p", type=number, default=base.top_p, help="1 = off (default %(default)s)")
     group.add_argument("--max-new-tokens", type=integer, default=base.max_new_tokens)
     group.add_argument("--batch-size", type=integer, default=base.batch_size)
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=base.engine,
+        help="llamacpp: llama.cpp on the model's GGUF file with the policy as a control vector "
+        "(additive policies; pip install 'simsteer[llamacpp]'); auto: llamacpp when it can "
+        "(default %(default)s)",
+    )
     group.add_argument("--seed", type=seed, default=SIMSConfig().seed)
 
 
@@ -316,6 +325,7 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        engine=args.engine,
     )
 
 

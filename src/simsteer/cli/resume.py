@@ -126,7 +126,7 @@ def _settings() -> dict[str, Compare]:
             "seed",
         )
     }
-    for dest in ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size"):
+    for dest in ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size", "engine"):
         table[dest] = _field(lambda s, d=dest: getattr(s.sims.sampling, d))
     for dest in ("fluency_budget", "repetition_margin", "strength_grid", "calibration_prompts", "patience"):
         table[dest] = _field(lambda s, d=dest: getattr(s.sims.guard, d))

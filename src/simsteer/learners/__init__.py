@@ -15,6 +15,7 @@ from .base import (
     learner_names,
     register_learner,
 )
+from .bipo import BiPO, BiPOConfig
 from .caa import CAA, CAAConfig
 from .hpr import HPR, HPRConfig
 from .iti import ITI, ITIConfig
@@ -30,6 +31,8 @@ __all__ = [
     "ActAdd",
     "ActAddConfig",
     "AddVector",
+    "BiPO",
+    "BiPOConfig",
     "CAAConfig",
     "HPRConfig",
     "HeadShift",

@@ -64,7 +64,9 @@ class Learner(ABC):
         config_class: the options dataclass (``-L key=value``).
         needs: the activations this learner needs: ``"summaries"`` (one summary per
             response only), ``"tokens"`` (also per-token activations, HPR), ``"heads"``
-            (also per-head attention outputs, ITI) or ``"none"`` (no activations: the
+            (also per-head attention outputs, ITI), ``"texts"`` (also each response's
+            (prompt, response) texts, for learners that run the model themselves after
+            :meth:`prepare`, BiPO) or ``"none"`` (no activations: the
             learner works from its own inputs, e.g. ActAdd's prompt pair). This is not
             the response summary (mean over tokens or last token): the loop's config
             (``SIMSConfig.summary``) chooses that, the same for every learner.

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from ..activations import tensor_texts, texts_tensor
 from ..io import atomic_write_bytes
 from ..learners.base import PreferenceActivations
 
@@ -36,6 +37,9 @@ def save_preference_activations(path: Path, data: PreferenceActivations, num_tok
     for name in ("positive_heads", "negative_heads"):
         if getattr(data, name) is not None:
             tensors[name] = getattr(data, name).contiguous()
+    for name in ("positive_texts", "negative_texts"):  # (prompt, response) texts, BiPO
+        if getattr(data, name) is not None:
+            tensors[name] = texts_tensor(getattr(data, name))
     if data.num_heads:
         tensors["num_heads"] = torch.tensor([data.num_heads], dtype=torch.long)
     # Serialised in memory and committed by one rename (no fixed temporary name that two
@@ -53,6 +57,9 @@ def load_preference_activations(path: Path) -> tuple[PreferenceActivations, int]
     for name in ("positive_heads", "negative_heads"):
         if name in t:
             extra[name] = t[name]
+    for name in ("positive_texts", "negative_texts"):
+        if name in t:
+            extra[name] = tensor_texts(t[name])
     if "num_heads" in t:
         extra["num_heads"] = int(t["num_heads"][0])
     data = PreferenceActivations(

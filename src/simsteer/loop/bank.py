@@ -4,14 +4,16 @@ Each entry holds the prompt, the K responses, the oracle's preference matrix and
 contrast reward ``r = max_k P(y_k > pi) - max_k P(y_k < pi)`` (best win rate minus worst
 loss rate). The bank is a value: :meth:`ResponseBank.add` returns a new bank. The loop
 keeps it in ``RUN/bank.jsonl`` (:meth:`simsteer.loop.rundir.RunDir.read_bank`), so
-``--resume`` picks it up; an entry is keyed by (iteration, prompt id), so a step that is
-redone after a crash replaces its entries instead of adding them twice.
+``--resume`` picks it up; that file only moves on once an iteration's samples are
+committed, so a step redone after a crash starts from the bank before it. An entry is
+keyed by (iteration, prompt id): adding a step's entries again replaces them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -78,6 +80,50 @@ class BankEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> BankEntry:
+        """A row of ``bank.jsonl``, checked: a hand-edited or damaged row raises
+        ``KeyError`` (a missing field) or ``TypeError`` naming the field, never an entry
+        that fails later (a NaN reward, a preference matrix of the wrong size).
+
+        Args:
+            data: the parsed JSON row.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"a row must be a JSON object, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        for name in names:
+            if name not in data:
+                raise KeyError(name)
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise TypeError(f"unknown field {unknown[0]!r}")
+        if not _is_int(data["iteration"]) or data["iteration"] < 0:
+            raise TypeError(f"field 'iteration' must be an integer >= 0, got {data['iteration']!r}")
+        for name in ("prompt_id", "prompt"):
+            if not isinstance(data[name], str):
+                raise TypeError(f"field {name!r} must be text, got {data[name]!r}")
+        responses = data["responses"]
+        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+            raise TypeError(f"field 'responses' must be a non-empty list of texts, got {responses!r}")
+        k = len(responses)
+        rows = data["preference"]
+        if not isinstance(rows, list) or [len(r) if isinstance(r, list) else None for r in rows] != [k] * k:
+            raise TypeError(f"field 'preference' must be {k} x {k} (one row and column per response)")
+        if not all(_is_number(p) and 0.0 <= p <= 1.0 for row in rows for p in row):
+            raise TypeError("field 'preference' must hold probabilities (finite numbers in [0, 1])")
+        if not _is_number(data["reward"]):
+            raise TypeError(f"field 'reward' must be a finite number, got {data['reward']!r}")
+        return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def contrast_reward(preference: np.ndarray) -> float:
@@ -153,4 +199,5 @@ class ResponseBank:
 
     @classmethod
     def from_json(cls, rows: Sequence[dict[str, Any]], config: BankConfig | None = None) -> ResponseBank:
-        return cls(tuple(BankEntry(**r) for r in rows), config or BankConfig())
+        """The bank of the rows of ``bank.jsonl`` (each checked by :meth:`BankEntry.from_json`)."""
+        return cls(tuple(BankEntry.from_json(r) for r in rows), config or BankConfig())

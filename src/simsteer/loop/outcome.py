@@ -3,7 +3,8 @@ unsteered model, paired per prompt, with a bootstrap interval, next to the fluen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,63 @@ def run_outcome(
             "loop_share_delta": f1.loop_share - f0.loop_share,
         }
     return out
+
+
+#: The sections of ``outcome.json`` besides ``final_policy`` and ``stopped``: each entry is
+#: a finite number, ``prompts`` an integer and ``ci95`` two of them.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "held_out": ("prompts", "base_score", "final_score", "improvement", "ci95"),
+    "fluency": ("perplexity_ratio", "repetition_delta", "loop_share_delta"),
+}
+
+
+def check_outcome(data: Any) -> dict[str, Any]:
+    """``data`` if it has the shape :func:`run_outcome` gives, else ``KeyError`` (a missing
+    entry) or ``TypeError`` naming the entry (a hand-edited or damaged ``outcome.json``).
+
+    Args:
+        data: the parsed ``outcome.json``.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"outcome must be a JSON object, got {type(data).__name__}")
+    for key in ("final_policy", "stopped"):
+        if key not in data:
+            raise KeyError(key)
+    if not _is_int(data["final_policy"]) or data["final_policy"] < 0:
+        raise TypeError(f"field 'final_policy' must be an integer >= 0, got {data['final_policy']!r}")
+    if data["stopped"] is not None and not isinstance(data["stopped"], str):
+        raise TypeError(f"field 'stopped' must be text or null, got {data['stopped']!r}")
+    unknown = sorted(set(data) - {"final_policy", "stopped", *SECTIONS})
+    if unknown:
+        raise TypeError(f"unknown field {unknown[0]!r}")
+    for section, names in SECTIONS.items():
+        if section not in data:
+            continue
+        entries = data[section]
+        if not isinstance(entries, dict):
+            raise TypeError(f"field {section!r} must be an object, got {entries!r}")
+        for name in names:
+            if name not in entries:
+                raise KeyError(f"{section}.{name}")
+            value = entries[name]
+            test, expected = _ENTRY_TYPES.get(name, (_is_number, "a finite number"))
+            if not test(value):
+                raise TypeError(f"field '{section}.{name}' must be {expected}, got {value!r}")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_ENTRY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompts": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "ci95": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)), "two finite numbers"),
+}
 
 
 #: Above this perplexity ratio (final policy / unsteered, on the held-out answers) the

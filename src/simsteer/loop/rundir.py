@@ -12,6 +12,8 @@ as done when its artefact exists, which is what ``--resume`` relies on.
       iter_<t>/eval.jsonl         greedy answers of policy t to the held-out prompts
       iter_<t>/samples.jsonl      K samples per prompt with scores, win rates, labels
       iter_<t>/train_pairs.jsonl  SIMS-CS: the bank's D+ / D- pairs trained on
+      iter_<t>/bank.pending.jsonl SIMS-CS: the bank after iteration t, only until it
+                                  replaces bank.jsonl (after samples.jsonl is committed)
       iter_<t>/activations.safetensors   D+ / D- summaries learned from
       iter_<t>/fitted/            the learner's raw output at iteration t
       iter_<t>/calibration.jsonl  the guard's frontier: strength -> score, fluency
@@ -20,7 +22,7 @@ as done when its artefact exists, which is what ``--resume`` relies on.
       iter_<t>/summary.json       the iteration's row of the summary table
       summary.json                all rows, written at the end
       outcome.json                final policy vs unsteered on the held-out prompts
-      bank.jsonl                  SIMS-CS: the response bank
+      bank.jsonl                  SIMS-CS: the response bank after the last sampled iteration
       final/                      the last policy's steering
 
 The rows are typed (:mod:`simsteer.loop.records`); the ``read_*`` methods, :meth:`RunDir.spec`,
@@ -33,7 +35,11 @@ Crash safety: every file and folder above is committed by one rename
 (:mod:`simsteer.io`); the initial files (the prompt files and ``config.json``) are committed
 together, as the run directory itself. A step is done when its committed artefact is
 there: a file, or a complete steering folder. A killed writer leaves only hidden
-temporaries, swept when the run is resumed.
+temporaries, swept when the run is resumed. The one step with two files outside one
+folder, SIMS-CS's sampling (``samples.jsonl`` marks it done; ``bank.jsonl`` is shared by
+all iterations), commits the new bank as ``iter_<t>/bank.pending.jsonl`` before the
+samples and moves it to ``bank.jsonl`` after them, so that ``bank.jsonl`` is never ahead
+of the committed samples and a redone step starts from the same bank.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ from ..errors import SimsError
 from ..io import exclusive_lock, is_temporary, read_json, read_jsonl, staged_dir, sweep_temporaries
 from ..prompts import Prompt
 from ..steering import CONFIG_NAME, WEIGHTS_NAME
-from .bank import BankConfig, ResponseBank
+from .bank import BankConfig, BankEntry, ResponseBank
+from .outcome import check_outcome
 from .records import CalibrationPoint, EvalRecord, IterationRecord, Measurement, SampleRecord, TrainingPair
 from .spec import RunSpec
 
@@ -132,6 +139,9 @@ class RunDir:
     def pairs(self, t: int) -> Path:
         return self.iteration(t) / "train_pairs.jsonl"
 
+    def pending_bank(self, t: int) -> Path:
+        return self.iteration(t) / "bank.pending.jsonl"
+
     def iteration_summary(self, t: int) -> Path:
         return self.iteration(t) / "summary.json"
 
@@ -193,10 +203,15 @@ class RunDir:
         """Iteration t's SIMS-CS pairs, ``None`` if it wrote none (the other variants)."""
         return _rows(self.pairs(t), TrainingPair.from_json) if self.pairs(t).is_file() else None
 
-    def read_bank(self, config: BankConfig | None = None) -> ResponseBank:
-        """The SIMS-CS response bank (empty if there is none yet)."""
-        rows = read_jsonl(self.bank) if self.bank.is_file() else []
-        return _parse(self.bank, lambda r: ResponseBank.from_json(r, config), rows)
+    def read_bank(self, config: BankConfig | None = None, pending: int | None = None) -> ResponseBank:
+        """The SIMS-CS response bank (empty if there is none yet); every row is checked.
+
+        Args:
+            config: the bank's options.
+            pending: read iteration ``pending``'s bank that is not in ``bank.jsonl`` yet.
+        """
+        path = self.bank if pending is None else self.pending_bank(pending)
+        return ResponseBank(tuple(_rows(path, BankEntry.from_json)), config or BankConfig())
 
     def read_calibration(self, t: int) -> list[CalibrationPoint]:
         """The guard's points measured so far for iteration t's fit."""
@@ -208,8 +223,11 @@ class RunDir:
         return _parse(self.calibration_base, Measurement.from_json, read_json(self.calibration_base))
 
     def read_outcome(self) -> dict[str, Any] | None:
-        """``outcome.json`` (see :func:`simsteer.loop.outcome.format_outcome`), if written."""
-        return read_json(self.outcome) if self.outcome.is_file() else None
+        """``outcome.json`` (see :func:`simsteer.loop.outcome.format_outcome`), if written;
+        checked by :func:`~simsteer.loop.outcome.check_outcome`."""
+        if not self.outcome.is_file():
+            return None
+        return _parse(self.outcome, check_outcome, read_json(self.outcome))
 
 
 @contextmanager
@@ -288,14 +306,17 @@ def _alive(pid: int) -> bool:
 
 
 def _rows(path: Path, parse: Callable[[Any], Any]) -> list[Any]:
-    return [_parse(path, parse, row) for row in read_jsonl(path)] if path.is_file() else []
+    if not path.is_file():
+        return []
+    return [_parse(path, parse, row, f" row {i}") for i, row in enumerate(read_jsonl(path), 1)]
 
 
-def _parse(path: Path, parse: Callable[[Any], Any], data: Any) -> Any:
-    """``parse(data)``; a row this version cannot read is one clear error naming the file."""
+def _parse(path: Path, parse: Callable[[Any], Any], data: Any, where: str = "") -> Any:
+    """``parse(data)``; a row this version cannot read is one clear error naming the file
+    (and ``where`` in it, the row of a JSONL file) and the field."""
     try:
         return parse(data)
     except (KeyError, TypeError) as exc:
         raise SimsError(
-            f"{path} was not written by this simsteer version ({type(exc).__name__}: {exc})"
+            f"{path}{where} was not written by this simsteer version ({type(exc).__name__}: {exc})"
         ) from None

@@ -12,8 +12,9 @@ Each iteration t works on policy pi_t (pi_0 is the unsteered model):
 The last iteration (t = T) only evaluates and samples, so the table has a row for
 every policy. Every step's artefact is written atomically into the run directory and a
 finished step is never redone on ``resume``. :class:`SIMS` is the only code that writes a
-run directory: selection, calibration and the outcome are pure steps that return typed
-records (:mod:`simsteer.loop.records`), and the loop saves them.
+run directory: what each step computes is a pure function (:mod:`simsteer.loop.steps`,
+selection, calibration, the outcome) that returns typed records
+(:mod:`simsteer.loop.records`), and the loop saves them.
 """
 
 from __future__ import annotations
@@ -26,37 +27,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from .._version import __version__
 from ..activations import collect_preference_activations
 from ..errors import SimsError
-from ..fluency import fluency_report
-from ..io import atomic_write_bytes, write_json, write_jsonl
+from ..io import atomic_write_bytes, fsync_dir, write_json, write_jsonl
 from ..learners.base import Learner, PreferenceActivations
 from ..models import LoadedModel, parse_layers
-from ..oracles.base import Oracle, ScoreOracle
+from ..oracles.base import Oracle
 from ..policy import Policy
 from ..prompts import Prompt
-from ..sampling import SamplingConfig, generate
 from ..steering import Steering
 from .activation_store import load_preference_activations, save_preference_activations
-from .config import PromptSplit, SIMSConfig, draw_prompts, split_prompts
+from .config import PromptSplit, SIMSConfig, split_prompts
 from .guard import FluencyGuard, render_frontier
 from .outcome import run_outcome
-from .records import (
-    CalibrationPoint,
-    CalibrationRecord,
-    EvalRecord,
-    FitRecord,
-    FluencyRecord,
-    IterationRecord,
-    SampleRecord,
-)
+from .records import CalibrationPoint, CalibrationRecord, EvalRecord, FitRecord, IterationRecord
 from .rundir import RunDir, create_run, resume_run
-from .selection import Selection, select_samples
-from .spec import ModelSpec, RunSpec
+from .selection import Selection
+from .spec import RunSpec
+from .steps import fit_steering, fluency, held_out_answers, iteration_row, run_spec, sample_and_select
 from .table import TABLE_HEADER, format_row
 
 log = logging.getLogger(__name__)
@@ -130,7 +120,8 @@ class SIMS:
                 differing field is named with both values).
         """
         run = RunDir(Path(run_dir))
-        with self._open(run, prompts, eval_prompts, self._spec(prompt_sources, extra)) as split:
+        spec = run_spec(self.lm, self.oracle, self.learner, self.layers, self.config, prompt_sources, extra)
+        with self._open(run, prompts, eval_prompts, spec) as split:
             return self._loop(run, split)
 
     def _loop(self, run: RunDir, split: PromptSplit) -> SIMSResult:
@@ -204,15 +195,12 @@ class SIMS:
 
         clock = time.perf_counter()
         evals = self._step_eval(run, t, split.eval, policy)
-        eval_scores = [r.score for r in evals if r.score is not None]
-        eval_fluency = self._fluency(evals)
+        eval_fluency = fluency(self.lm, evals)
         seconds["eval"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         selection = self._step_sample(run, t, split.train, policy)
         seconds["sample_and_rank"] = time.perf_counter() - clock
-        samples = selection.samples
-        sample_scores = [r.score for r in samples if r.score is not None]
 
         tokens_forward = fit = calibration = stop = None
         if not last:
@@ -228,27 +216,9 @@ class SIMS:
                 seconds["calibrate"] = time.perf_counter() - clock
                 earlier = [row.calibration for row in history if row.calibration is not None]
                 stop = self.guard.stop_reason(calibration, earlier)
-        row = IterationRecord(
-            iteration=t,
-            policy=f"iter_{t}" if t else "unsteered",
-            strength=policy[-1].strength if policy else 0.0,
-            eval_score=float(np.mean(eval_scores)) if eval_scores else None,
-            eval_fluency=eval_fluency,
-            sample_score=float(np.mean(sample_scores)) if sample_scores else None,
-            sample_fluency=self._fluency(samples),
-            num_prompts=len({r.prompt_id for r in samples}),
-            num_positive=sum(r.label == "positive" for r in samples),
-            num_negative=sum(r.label == "negative" for r in samples),
-            tokens_generated=sum(r.num_tokens for r in samples) + sum(r.num_tokens for r in evals),
-            mean_response_tokens=float(np.mean([r.num_tokens for r in samples])),
-            judging=selection.judging_stats(),
-            tokens_forward=tokens_forward,
-            fit=fit,
-            calibration=calibration,
-            stop=stop,
-            seconds={k: round(v, 2) for k, v in seconds.items()},
-            seconds_total=round(sum(seconds.values()), 2),
-        )
+        sample_fluency = fluency(self.lm, selection.samples)
+        steps = (tokens_forward, fit, calibration, stop, seconds)
+        row = iteration_row(t, policy, evals, eval_fluency, selection, sample_fluency, *steps)
         write_json(run.iteration_summary(t), row.to_json())
         self._notify("summary", t)
         return row
@@ -260,67 +230,48 @@ class SIMS:
             return []
         if run.eval(t).is_file():
             return run.read_eval(t)
-        greedy = SamplingConfig(
-            temperature=0.0,
-            max_new_tokens=self.config.sampling.max_new_tokens,
-            batch_size=self.config.sampling.batch_size,
+        rows = held_out_answers(
+            self.lm, self.oracle, self.config, t, held_out, policy, progress=self._bar(f"iter {t} eval")
         )
-        gens = generate(
-            self.lm, [p.text for p in held_out], 1, greedy, policy, progress=self._bar(f"iter {t} eval")
-        )
-        texts = [g[0].text for g in gens]
-        scores = (
-            self.oracle.score([p.text for p in held_out], texts)
-            if isinstance(self.oracle, ScoreOracle)
-            else [None] * len(texts)
-        )
-        rows = [
-            EvalRecord(
-                iteration=t,
-                prompt_id=p.id,
-                prompt=p.text,
-                response=g[0].text,
-                num_tokens=g[0].num_tokens,
-                finished=g[0].finished,
-                score=None if s is None else float(s),
-            )
-            for p, g, s in zip(held_out, gens, scores, strict=True)
-        ]
         write_jsonl(run.eval(t), [r.to_json() for r in rows])
         self._notify("eval", t)
         return rows
 
     def _step_sample(self, run: RunDir, t: int, train: list[Prompt], policy: list[Steering]) -> Selection:
+        """Sample, judge and select; for ``cs`` also the bank after iteration t.
+
+        ``samples.jsonl`` marks the step done, so it is committed last. A ``cs`` bank is
+        first committed beside it (``iter_<t>/bank.pending.jsonl``) and only replaces
+        ``RUN/bank.jsonl`` once the samples are in: until then ``RUN/bank.jsonl`` is the
+        bank before iteration t, which a redone step starts from again.
+        """
         if run.samples(t).is_file():
             # Resumed: the samples, and for cs the pairs and the bank, are on disk.
             pairs = run.read_pairs(t)
-            bank = run.read_bank(self.config.bank) if pairs is not None else None
-            return Selection(run.read_samples(t), pairs, bank)
+            if pairs is None:
+                return Selection(run.read_samples(t), None, None)
+            self._promote_bank(run, t)
+            return Selection(run.read_samples(t), pairs, run.read_bank(self.config.bank))
         cfg = self.config
-        batch = draw_prompts(train, t, cfg.prompts_per_iteration, cfg.seed)
-        gens = generate(
-            self.lm,
-            [p.text for p in batch],
-            cfg.samples_per_prompt,
-            cfg.sampling,
-            policy,
-            seed=cfg.seed * 1009 + t,
-            progress=self._bar(f"iter {t} sample"),
+        bank = run.read_bank(cfg.bank) if cfg.variant == "cs" else None
+        selection = sample_and_select(
+            self.lm, self.oracle, cfg, t, train, policy, bank, progress=self._bar(f"iter {t} sample")
         )
-        judgments = self.oracle.judge([p.text for p in batch], [[g.text for g in gs] for gs in gens])
-        bank = None
-        if cfg.variant == "cs":
-            bank = run.read_bank(cfg.bank)
-            if cfg.bank.rescore and len(bank):
-                bank = bank.rescored(t, self.oracle)
-        # The variant (sims / pr / cs) decides the labels; cs also updates the bank.
-        selection = select_samples(cfg, t, batch, gens, judgments, bank)
         if selection.bank is not None and selection.pairs is not None:
-            write_jsonl(run.bank, selection.bank.to_json())
+            write_jsonl(run.pending_bank(t), selection.bank.to_json())
             write_jsonl(run.pairs(t), [p.to_json() for p in selection.pairs])
         write_jsonl(run.samples(t), [r.to_json() for r in selection.samples])
+        self._promote_bank(run, t)
         self._notify("sample", t)
         return selection
+
+    def _promote_bank(self, run: RunDir, t: int) -> None:
+        """Make iteration t's committed bank ``RUN/bank.jsonl`` (a no-op once it is)."""
+        pending = run.pending_bank(t)
+        if pending.is_file():
+            atomic_write_bytes(run.bank, pending.read_bytes())
+            pending.unlink()  # a kill before this: the same bytes are promoted again
+            fsync_dir(pending.parent)
 
     def _step_collect(
         self, run: RunDir, t: int, selection: Selection
@@ -365,19 +316,7 @@ class SIMS:
         if run.has_steering(target):
             saved = Steering.load(target)
             return FitRecord(self.learner.name, bool(saved.metadata.get("carried_over", False)))
-        if data is None:
-            if not policy:
-                # Nothing learned yet: an empty steering is the unsteered model.
-                steering = Steering({}, self.learner.name, self.lm.fingerprint())
-            else:
-                steering = policy[-1]
-            steering = steering.with_metadata(carried_over=True)
-        else:
-            clock = time.perf_counter()
-            steering = self.learner.fit(data, self.lm.fingerprint())
-            steering = steering.with_metadata(
-                iteration=t + 1, fit_seconds=round(time.perf_counter() - clock, 3)
-            )
+        steering = fit_steering(self.lm, self.learner, t, data, policy)
         steering.save(target)
         self._notify("fit", t)
         return FitRecord(self.learner.name, data is None)
@@ -417,17 +356,6 @@ class SIMS:
         self._notify("calibrate", t)
         return calibration
 
-    def _fluency(self, rows: Sequence[SampleRecord] | Sequence[EvalRecord]) -> FluencyRecord | None:
-        if not rows:
-            return None
-        report = fluency_report(
-            self.lm,
-            [r.prompt for r in rows],
-            [r.response for r in rows],
-            [r.num_tokens for r in rows],
-        )
-        return FluencyRecord.from_json(report.to_dict())
-
     # -- helpers -----------------------------------------------------------------
     def _policy(self, run: RunDir, t: int) -> list[Steering]:
         """pi_t as a stack of steerings (one element unless composing)."""
@@ -445,23 +373,15 @@ class SIMS:
                 f"{run.root} was started with other loop settings; resume it with the same ones "
                 f"({'; '.join(diffs)})"
             )
+        if spec.sims.variant == "cs":
+            # A damaged bank is refused now, before the resume writes anything.
+            run.read_bank()
+            for t in range(spec.sims.iterations + 1):
+                run.read_bank(pending=t)
         return PromptSplit(
             run.read_prompts(run.prompts),
             run.read_prompts(run.eval_prompts),
             run.read_prompts(run.calibration_prompts),
-        )
-
-    def _spec(self, prompt_sources: dict[str, Any] | None, extra: dict[str, Any] | None) -> RunSpec:
-        """What ``config.json`` records of this run (see :class:`RunSpec`)."""
-        return RunSpec(
-            model=ModelSpec.of(self.lm),
-            oracle=self.oracle.describe(),
-            learner={"name": self.learner.name, **self.learner.hyperparameters()},
-            layers=self.layers,
-            sims=self.config,
-            prompts=dict(prompt_sources or {}),
-            simsteer_version=__version__,
-            extra=dict(extra or {}),
         )
 
     def _bar(self, label: str) -> bool | str:

@@ -1,12 +1,18 @@
 """The generation engine behind ``sims serve``: one worker thread owns the model and
-decodes queued requests together.
+decodes every request on :class:`simsteer.engine.Engine`, with continuous batching.
 
-Requests that arrive within ``wait_s`` of each other and share a steering, strength,
-temperature and top-p are decoded as one left-padded batch (up to ``max_batch``). Each
-row stops on its own (end-of-sequence token, its ``max_tokens``, a stop string) through a
-per-row stopping criterion, and every new piece of text is handed to the request's
-``emit`` callback as it is decoded, which is what streaming sends. The model is only
-ever touched by the worker thread, so steering hooks never mix between requests.
+A request's rows join the running batch as soon as a row is free (after ``wait_s`` when
+the worker was idle, so that requests arriving together share a prefill), and leave it
+when they end (end-of-sequence token, their ``max_tokens``, a stop string, or a client
+that went away), while the other rows keep decoding. Rows with different steerings,
+strengths, temperatures and top-p share the batch: each (steering, strength) pair's hooks
+edit only its own rows. Every new piece of text is handed to the request's ``emit``
+callback as it is decoded, which is what streaming sends. The model is only ever touched
+by the worker thread.
+
+Sampling draws from per-row random streams (:mod:`simsteer.decoding`): a request with a
+``seed`` gets the same answer whenever it arrives and whatever else is running; without
+one, rows take the server seed and their arrival number.
 
 The queue is bounded (``max_queue`` waiting rows; :meth:`BatchEngine.submit` raises
 :class:`QueueFull` rather than queue more), and a cancelled row (its client went away)
@@ -15,21 +21,22 @@ is dropped from the queue or stops decoding at the next token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
+import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
+from ..decoding import stream_id
+from ..engine import DecodeSettings, Engine, Job
 from ..models import LoadedModel
+from ..policy import Policy
 from ..steering import Steering
-from ..tokens import eos_token_ids, left_pad
+from ..tokens import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,12 @@ Emit = Callable[[str, str], None]
 
 @dataclass
 class GenerationRequest:
-    """One completion to decode (an ``n > 1`` request submits n of them)."""
+    """One completion to decode (an ``n > 1`` request submits n of them).
+
+    Attributes:
+        seed: makes the row's samples reproducible (with ``sample``, its index among
+            the request's ``n`` rows); None = the server seed and the arrival number.
+    """
 
     ids: list[int]
     max_tokens: int
@@ -50,6 +62,8 @@ class GenerationRequest:
     steering: str | None = None
     strength: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int | None = None
+    sample: int = 0
     completion_tokens: int = field(default=0, init=False)
     cancelled: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
@@ -74,68 +88,13 @@ def _emit(req: GenerationRequest, kind: str, payload: str) -> None:
         req.cancel()
 
 
-class _Rows(BaseStreamer, StoppingCriteria):
-    """Turns each decoding step's tokens into text deltas and per-row stop flags."""
+@dataclass
+class _Live:
+    """A row in the running batch: its request and what was sent of its text."""
 
-    def __init__(self, tokenizer, requests: list[GenerationRequest], eos: list[int]) -> None:
-        self.tok, self.requests, self.eos = tokenizer, requests, set(eos)
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.sent = [""] * len(requests)
-        self.done = [False] * len(requests)
-        self.cancelled = 0
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.view(-1).tolist()):
-            if self.done[row] or self._dropped(row):
-                continue
-            req = self.requests[row]
-            if token in self.eos:
-                self._finish(row, "stop")
-                continue
-            self.tokens[row].append(token)
-            req.completion_tokens = len(self.tokens[row])
-            text = self.tok.decode(self.tokens[row], skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in req.stop if s) if i >= 0), default=-1)
-            if cut >= 0:
-                self._send(row, text[:cut])
-                self._finish(row, "stop")
-            elif not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self._send(row, text)
-            if not self.done[row] and len(self.tokens[row]) >= req.max_tokens:
-                self._send(row, self.tok.decode(self.tokens[row], skip_special_tokens=True))
-                self._finish(row, "length")
-
-    def end(self) -> None:
-        for row in range(len(self.requests)):
-            if not self.done[row] and not self._dropped(row):
-                self._finish(row, "length")
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        for row in range(len(self.requests)):  # a row cancelled since put() stops now
-            if not self.done[row]:
-                self._dropped(row)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    def _dropped(self, row: int) -> bool:
-        """Mark a cancelled row done without a word to its (gone) client."""
-        if not self.requests[row].cancelled.is_set():
-            return False
-        self.done[row] = True
-        self.cancelled += 1
-        return True
-
-    def _send(self, row: int, text: str) -> None:
-        if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
-            _emit(self.requests[row], "delta", text[len(self.sent[row]) :])
-            self.sent[row] = text
-
-    def _finish(self, row: int, reason: str) -> None:
-        self.done[row] = True
-        _emit(self.requests[row], "done", reason)
+    req: GenerationRequest
+    sent: str = ""
+    reason: str | None = None  # set when a stop string ended the row
 
 
 class BatchEngine:
@@ -145,14 +104,14 @@ class BatchEngine:
         lm: the frozen model.
         steerings: named policies a request may pick (each a stack of steerings).
         max_batch: most sequences decoded together.
-        wait_s: how long the worker waits for more requests before decoding.
-        seed: seeds the sampling of each batch (batch i uses ``seed + i``).
+        wait_s: how long an idle worker waits for more requests before decoding.
+        seed: the random streams of rows whose request names no seed.
         max_queue: most rows waiting to be decoded (rows being decoded do not count).
 
     Attributes:
-        batches: forward batches decoded so far.
+        batches: admissions so far (groups of rows prefilled together).
         rows_cancelled: rows dropped after their client went away (queued or mid-decode).
-        active: the rows of the batch being decoded now (empty when idle).
+        active: the rows being decoded now (empty when idle).
     """
 
     def __init__(
@@ -175,6 +134,9 @@ class BatchEngine:
         self.batches = 0
         self.rows_cancelled = 0
         self.active: list[GenerationRequest] = []
+        self._live: dict[int, _Live] = {}
+        self._prompts: dict[int, list[int]] = {}
+        self._arrivals = 0
         self._pending: deque[GenerationRequest] = deque()
         self._ready = threading.Condition()
         self._stop = threading.Event()
@@ -225,71 +187,99 @@ class BatchEngine:
             self.rows_cancelled += 1
         return None
 
-    def _next(self, timeout: float) -> GenerationRequest | None:
-        with self._ready:
-            req = self._pop()
-            if req is None and timeout > 0 and not self._stop.is_set():
-                self._ready.wait(timeout)
-                req = self._pop()
-            return req
-
     def _loop(self) -> None:
+        engine = Engine(self.lm.model, self.eos, self.pad)
+        defaults = DecodeSettings(1.0, 0, 1.0, 1, self.max_batch)
         while not self._stop.is_set():
-            first = self._next(0.1)
-            if first is None:
-                continue
-            pending = [first]
-            deadline = time.monotonic() + self.wait_s
-            while len(pending) < self.max_batch:
-                req = self._next(deadline - time.monotonic())
-                if req is None:
-                    if time.monotonic() >= deadline:
-                        break
-                    continue
-                pending.append(req)
-            groups: dict[tuple, list[GenerationRequest]] = {}
-            for req in pending:
-                groups.setdefault(req.key(), []).append(req)
-            for group in groups.values():
-                live = [r for r in group if not r.cancelled.is_set()]  # went away while waiting
-                with self._ready:
-                    self.rows_cancelled += len(group) - len(live)
-                if live:
-                    self._decode(live)
+            try:
+                with torch.inference_mode():
+                    engine.run(
+                        self._prompts, [], defaults, self._finish, self._token, self._more, self._steer
+                    )
+            except Exception as exc:  # one bad batch must not take the server down
+                log.exception("generation failed")
+                for live in self._live.values():
+                    if not live.req.cancelled.is_set():
+                        _emit(live.req, "error", f"{type(exc).__name__}: {exc}")
+                self._live.clear()
+                self._prompts.clear()
+                self.active = []
 
-    def _decode(self, group: list[GenerationRequest]) -> None:
-        rows = _Rows(self.lm.tokenizer, group, self.eos)
-        first = group[0]
-        self.active = group
-        try:
-            ids, mask = left_pad([r.ids for r in group], self.pad)
-            kwargs: dict = dict(max_new_tokens=max(r.max_tokens for r in group), pad_token_id=self.pad)
-            if first.temperature == 0:
-                kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            else:
-                kwargs.update(do_sample=True, temperature=first.temperature, top_k=None, top_p=first.top_p)
-            stack = self.steerings.get(first.steering, []) if first.steering else []
-            with contextlib.ExitStack() as ctx, torch.inference_mode(), torch.random.fork_rng(devices=[]):
-                for steering in stack:
-                    ctx.enter_context(steering.applied(self.lm.model, strength=first.strength))
-                torch.manual_seed(self.seed + self.batches)
-                self.batches += 1
-                self.lm.model.generate(
-                    input_ids=ids.to(self.lm.device),
-                    attention_mask=mask.to(self.lm.device),
-                    eos_token_id=self.eos,
-                    streamer=rows,
-                    stopping_criteria=StoppingCriteriaList([rows]),
-                    **kwargs,
-                )
-            rows.end()
-        except Exception as exc:  # one bad batch must not take the server down
-            log.exception("generation failed")
-            for row, req in enumerate(group):
-                if not rows.done[row]:
-                    rows.done[row] = True
-                    _emit(req, "error", f"{type(exc).__name__}: {exc}")
-        finally:
+    def _more(self, free: int, idle: bool) -> list[Job] | None:
+        """Queued rows for the engine's free slots (blocks briefly when idle)."""
+        if self._stop.is_set():
+            return None
+        with self._ready:
+            if idle and not self._pending:
+                self._ready.wait(0.1)
+                if not self._pending:
+                    return None if self._stop.is_set() else []
+        if idle and self.wait_s > 0:
+            time.sleep(self.wait_s)  # let requests arriving together share a prefill
+        jobs = []
+        with self._ready:
+            while len(jobs) < free:
+                req = self._pop()
+                if req is None:
+                    break
+                jobs.append(self._job(req))
+        if jobs:
+            self.batches += 1
+            self.active = [live.req for live in self._live.values()]
+        return jobs
+
+    def _job(self, req: GenerationRequest) -> Job:
+        self._arrivals += 1
+        key = self._arrivals
+        if req.seed is None:
+            stream = stream_id(self.seed, key, 0)
+        else:
+            stream = stream_id(req.seed, zlib.crc32(repr(req.ids).encode()), req.sample)
+        self._prompts[key] = list(req.ids)
+        self._live[key] = _Live(req)
+        group = (req.steering, req.strength) if req.steering else None
+        settings = DecodeSettings(req.temperature, 0, req.top_p, req.max_tokens, self.max_batch)
+        return Job(key, 0, stream, group=group, settings=settings)
+
+    def _steer(self, group: Hashable, rows):
+        name, strength = group
+        return Policy(self.steerings.get(name, [])).applied(self.lm.model, strength=strength, rows=rows)
+
+    def _token(self, job: Job, tokens: list[int]) -> bool:
+        live = self._live[job.prompt]
+        req = live.req
+        if req.cancelled.is_set():
+            return False
+        if tokens[-1] in self.eos:
+            return True  # the engine ends the row; _finish says "stop"
+        req.completion_tokens = len(tokens)
+        text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in req.stop if s) if i >= 0), default=-1)
+        if cut >= 0:
+            self._send(live, text[:cut])
+            live.reason = "stop"
+            return False
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self._send(live, text)
+        return True
+
+    def _finish(self, job: Job, tokens: list[int]) -> None:
+        live = self._live.pop(job.prompt)
+        self._prompts.pop(job.prompt, None)
+        self.active = [r.req for r in self._live.values()]
+        req = live.req
+        if req.cancelled.is_set():
             with self._ready:
-                self.rows_cancelled += rows.cancelled
-            self.active = []
+                self.rows_cancelled += 1
+            return
+        if live.reason is None:
+            ended = bool(tokens) and tokens[-1] in self.eos
+            if not ended:
+                self._send(live, self.lm.tokenizer.decode(tokens, skip_special_tokens=True))
+            live.reason = "stop" if ended else "length"
+        _emit(req, "done", live.reason)
+
+    def _send(self, live: _Live, text: str) -> None:
+        if text.startswith(live.sent) and len(text) > len(live.sent):
+            _emit(live.req, "delta", text[len(live.sent) :])
+            live.sent = text

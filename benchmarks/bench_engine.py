@@ -1,0 +1,296 @@
+"""Benchmark of the generation engine (issue: a fast engine), as ratios measured in one run.
+
+Each measurement runs in its own subprocess (its own peak RSS, no warm-up leaking into the
+next), one after another: run it alone, two torch processes on 2 cores slow each other 3-5x.
+
+Prints:
+- loop sampling (the default run's shape: 16 prompts x K=4, 48 new tokens, temperature
+  0.8, top-k 50, batch 64) with a CAA steering: the engine vs the previous engine (static
+  batches through ``model.generate``, kept as the fallback path) vs llama.cpp single
+  stream (llama-cpp-python, greedy, same GGUF file), and steered/unsteered;
+- a realistic prompt mix (AlpacaEval + UltraFeedback prompts of 20-700 tokens, greedy,
+  128 new tokens): engine vs previous engine, peak RSS of each;
+- one SIMS iteration, N=32, K=4, 128 new tokens: seconds, and activation collection's share;
+- the engine's own profile: prefill/decode forwards, idle-row share (padding waste).
+
+Usage: .venv/bin/python benchmarks/bench_engine.py [--quick] [--mix-prompts 48]
+(the mix needs ../shared/data or --mix-file FILE, one JSON object with a "prompt" per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+MIX_FILES = [
+    SHARED / "alpaca_eval" / "alpaca_eval_normalized.jsonl",
+    SHARED / "ultrafeedback" / "ultrafeedback_prompts_normalized.jsonl",
+]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _steering(lm):
+    """The default run's policy when one is on disk, else a CAA-shaped random one."""
+    import torch
+
+    from simsteer.functions import AddVector
+    from simsteer.models import parse_layers
+    from simsteer.policy import Policy, load_policy
+    from simsteer.steering import Steering
+
+    saved = HERE.parent / "runs" / "sims" / "final"
+    if saved.is_dir():
+        return load_policy(saved)
+    torch.manual_seed(0)
+    layers = parse_layers("middle", lm.num_layers)
+    return Policy(
+        [
+            Steering(
+                {i: AddVector(torch.randn(lm.hidden_size) * 0.35) for i in layers}, "caa", lm.fingerprint()
+            )
+        ]
+    )
+
+
+def _run_paths(lm, prompts, k, settings, policy, paths):
+    """Seconds and generated tokens of each path in ``paths`` ("engine", "static")."""
+    import torch
+
+    from simsteer.decoding import stream_id
+    from simsteer.engine import Engine, Job
+    from simsteer.sampling import _generate_static
+    from simsteer.tokens import encode_prompt, eos_token_ids
+
+    enc = [encode_prompt(lm.tokenizer, p) for p in prompts]
+    jobs = [Job(i, s, stream_id(0, i, s)) for i in range(len(prompts)) for s in range(k)]
+    eos = eos_token_ids(lm.model, lm.tokenizer)
+    pad = lm.tokenizer.pad_token_id
+    out = {}
+    for name in paths:
+        tokens = [0]
+
+        def done(job, toks, tokens=tokens):
+            tokens[0] += len(toks)
+
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            if policy is not None:
+                stack.enter_context(policy.applied(lm.model))
+            start = time.perf_counter()
+            if name == "engine":
+                stats = Engine(lm.model, eos, pad).run(enc, jobs, settings, done)
+            else:
+                stats = None
+                _generate_static(lm.model, enc, jobs, settings, eos, pad, done)
+            seconds = time.perf_counter() - start
+        out[name] = {"seconds": seconds, "tokens": tokens[0]}
+        if stats is not None:
+            out[name]["stats"] = stats.__dict__
+    return out
+
+
+def phase_loop(args) -> dict:
+    from simsteer.models import load_model
+    from simsteer.prompts import load_prompts
+    from simsteer.sampling import DecodeSettings
+
+    lm = load_model(device="cpu", dtype=args.dtype)
+    prompts = [p.text for p in load_prompts()][: 8 if args.quick else 16]
+    settings = DecodeSettings(0.8, 50, 1.0, 48, 64)
+    policy = _steering(lm)
+    steered = _run_paths(lm, prompts, 4, settings, policy, ["engine", "static"])
+    plain = _run_paths(lm, prompts, 4, settings, None, ["engine"])
+    return {"steered": steered, "plain": plain, "dtype": str(lm.dtype), "rss_mb": _rss_mb()}
+
+
+def phase_llamacpp(args) -> dict:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install 'simsteer[llamacpp]')"}
+    import torch
+
+    from simsteer.models import embedded_gguf_path, load_model
+    from simsteer.prompts import load_prompts
+    from simsteer.tokens import encode_prompt
+
+    lm = load_model(device="cpu", dtype="fp32")  # only for the tokenizer
+    prompts = [p.text for p in load_prompts()][: 8 if args.quick else 16]
+    llm = Llama(str(embedded_gguf_path()), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
+    tokens = 0
+    start = time.perf_counter()
+    for p in prompts:
+        out = llm.create_completion(encode_prompt(lm.tokenizer, p), max_tokens=48, temperature=0.0)
+        tokens += out["usage"]["completion_tokens"]
+    return {"seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+def _mix_prompts(args) -> list[str]:
+    files = [Path(args.mix_file)] if args.mix_file else [f for f in MIX_FILES if f.is_file()]
+    rows = []
+    for f in files:
+        for line in f.read_text("utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows.append(row.get("prompt") or row.get("instruction") or "")
+    return [r for r in rows if r]
+
+
+def phase_mix(args) -> dict:
+    from simsteer.models import load_model
+    from simsteer.sampling import DecodeSettings
+    from simsteer.tokens import encode_prompt
+
+    texts = _mix_prompts(args)
+    if not texts:
+        return {"skipped": "no prompt-mix file (../shared/data missing; give --mix-file)"}
+    lm = load_model(device="cpu", dtype=args.dtype)
+    # Spread over 20-700 prompt tokens: sort by length, take evenly spaced ones.
+    lengths = [(len(encode_prompt(lm.tokenizer, t)), t) for t in texts]
+    pool = sorted((n, t) for n, t in lengths if 20 <= n <= 700)
+    count = min(args.mix_prompts, len(pool))
+    chosen = [pool[round(i * (len(pool) - 1) / max(1, count - 1))][1] for i in range(count)]
+    settings = DecodeSettings(0.0, 0, 1.0, 128, 64)
+    res = _run_paths(lm, chosen, 1, settings, None, [args.path])
+    res["prompt_tokens"] = [min(n for n, _ in pool), max(n for n, _ in pool)]
+    res["prompts"] = count
+    res["rss_mb"] = _rss_mb()
+    return res
+
+
+def phase_iteration(args) -> dict:
+    from simsteer import SIMS, SamplingConfig, SIMSConfig, get_learner, get_oracle, load_prompts
+    from simsteer.loop.guard import GuardConfig
+    from simsteer.models import load_model
+
+    lm = load_model(device="cpu", dtype=args.dtype)
+    import tempfile
+
+    n = 8 if args.quick else 32
+    config = SIMSConfig(
+        iterations=1,
+        prompts_per_iteration=n,
+        samples_per_prompt=4,
+        eval_prompts=0,
+        sampling=SamplingConfig(max_new_tokens=128),
+        guard=GuardConfig(fluency_budget=None),
+    )
+    with tempfile.TemporaryDirectory() as out:
+        sims = SIMS(lm, get_oracle("sentiment"), get_learner("caa"), config, progress=False)
+        row = sims.fit([p.text for p in load_prompts()], Path(out) / "run").history[0]
+    return {
+        "seconds": row.seconds_total,
+        "parts": dict(row.seconds),
+        "tokens": row.tokens_generated,
+        "n": n,
+        "rss_mb": _rss_mb(),
+    }
+
+
+PHASES = {"loop": phase_loop, "llamacpp": phase_llamacpp, "mix": phase_mix, "iteration": phase_iteration}
+
+
+def _sub(phase: str, args, extra: list[str] = ()) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--dtype",
+        args.dtype,
+        "--mix-prompts",
+        str(args.mix_prompts),
+    ]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--mix-file", args.mix_file] if args.mix_file else []
+    cmd += list(extra)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {
+            "skipped": "failed: "
+            + (done.stderr.strip().splitlines()[-1] if done.stderr.strip() else str(done.returncode))
+        }
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
+    parser.add_argument("--dtype", default="fp32", help="torch dtype for the engines (default fp32)")
+    parser.add_argument("--mix-prompts", type=int, default=48, help="prompts in the realistic mix")
+    parser.add_argument("--mix-file", default=None)
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="engine", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return
+
+    tps = lambda r: r["tokens"] / r["seconds"]  # noqa: E731
+    loop = _sub("loop", args)
+    llama = _sub("llamacpp", args)
+    eng, old = loop["steered"]["engine"], loop["steered"]["static"]
+    plain = loop["plain"]["engine"]
+    st = eng["stats"]
+    print(f"loop sampling ({loop['dtype']}, 16 prompts x 4 samples, 48 tokens, CAA steering)")
+    print(f"  engine            {tps(eng):7.1f} tok/s  ({eng['tokens']} tokens, {eng['seconds']:.1f} s)")
+    print(
+        f"  previous engine   {tps(old):7.1f} tok/s  -> engine/previous "
+        f"{tps(eng) / tps(old):.2f}x (target >= 3x)"
+    )
+    if "skipped" in llama:
+        print(f"  llama.cpp         {llama['skipped']}")
+    else:
+        print(
+            f"  llama.cpp 1-stream{tps(llama):7.1f} tok/s (greedy, same GGUF) -> engine/llama.cpp "
+            f"{tps(eng) / tps(llama):.2f}x (target >= 2.5x)"
+        )
+    print(f"  unsteered engine  {tps(plain):7.1f} tok/s  -> steered/unsteered {tps(eng) / tps(plain):.3f}")
+    print(
+        f"  profile: {st['prefills']} prefills ({st['prompt_tokens']} prompt tokens), "
+        f"{st['steps']} decode steps, "
+        f"idle rows {100 * (1 - st['live_row_steps'] / max(1, st['row_steps'])):.0f}% of row-steps, "
+        f"max {st['max_columns']} cache columns"
+    )
+    mix_new = _sub("mix", args, ["--path", "engine"])
+    if "skipped" in mix_new:
+        print(f"prompt mix: {mix_new['skipped']}")
+    else:
+        mix_old = _sub("mix", args, ["--path", "static"])
+        a, b = mix_new["engine"], mix_old["static"]
+        print(
+            f"prompt mix ({mix_new['prompts']} prompts of "
+            f"{mix_new['prompt_tokens'][0]}-{mix_new['prompt_tokens'][1]} "
+            f"tokens, greedy, 128 new tokens, batch 64)"
+        )
+        print(f"  engine            {tps(a):7.1f} tok/s, peak RSS {mix_new['rss_mb']:.0f} MB")
+        print(
+            f"  previous engine   {tps(b):7.1f} tok/s, peak RSS {mix_old['rss_mb']:.0f} MB -> "
+            f"{tps(a) / tps(b):.2f}x (target >= 4x, RSS <= 2048 MB)"
+        )
+    it = _sub("iteration", args)
+    if "skipped" in it:
+        print(f"iteration: {it['skipped']}")
+    else:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in it["parts"].items())
+        act = sum(v for k, v in it["parts"].items() if "activ" in k or "collect" in k)
+        print(
+            f"iteration N={it['n']}, K=4, 128 tokens: {it['seconds']:.1f} s (target <= 60 s; {parts}); "
+            f"activation collection {100 * act / it['seconds']:.0f}% (target <= 10%); "
+            f"peak RSS {it['rss_mb']:.0f} MB"
+        )
+    print("server: not measured (the server is not on the new engine yet)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
