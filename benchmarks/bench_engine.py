@@ -289,7 +289,7 @@ def main() -> None:
             f"activation collection {100 * act / it['seconds']:.0f}% (target <= 10%); "
             f"peak RSS {it['rss_mb']:.0f} MB"
         )
-    print("server: not measured (the server is not on the new engine yet)")
+    print("server: not measured by this script yet (benchmarks/bench_serve.py measures the server)")
 
 
 if __name__ == "__main__":
