@@ -38,6 +38,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .decoding import choose_tokens, uniforms
+from .tokens import left_pad
 
 # Padded prompt tokens prefilled in one forward (bounds the prefill's activation memory).
 PREFILL_TOKENS = 8192
@@ -428,14 +429,9 @@ class Engine:
         first_logits: dict[tuple, torch.Tensor] = {}
         sources: dict[tuple, tuple[KVStore, int]] = {}
         for group in _prefill_groups(unique, prompts):
-            width = max(len(prompts[p]) for p, _ in group)
-            ids = torch.full((len(group), width), self.pad, dtype=torch.long)
-            pmask = torch.zeros((len(group), width), dtype=torch.long)
-            for r, (p, _) in enumerate(group):
-                seq = prompts[p]
-                ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                pmask[r, width - len(seq) :] = 1
+            ids, pmask = left_pad([list(prompts[p]) for p, _ in group], self.pad)
             ids, pmask = ids.to(self.device), pmask.to(self.device)
+            width = ids.shape[1]
             pstore = KVStore(len(group), width)
             self._forward_groups = [g for _, g in group]
             logits = self._forward(

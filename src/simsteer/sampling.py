@@ -162,10 +162,10 @@ class _StreamDraws(LogitsProcessor):
 def _generate_static(model, encoded, jobs, settings: DecodeSettings, eos, pad, finish) -> None:
     """Static batches through ``model.generate`` (longest prompts first)."""
     order = sorted(jobs, key=lambda j: -len(encoded[j.prompt]))
+    device = next(model.parameters()).device
     for start in range(0, len(order), settings.batch_size):
         batch = order[start : start + settings.batch_size]
         ids, mask = left_pad([encoded[j.prompt] for j in batch], pad)
-        device = next(model.parameters()).device
         processors = [] if settings.temperature == 0 else [_StreamDraws(batch, ids.shape[1], settings)]
         out = model.generate(
             input_ids=ids.to(device),

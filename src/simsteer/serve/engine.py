@@ -67,9 +67,6 @@ class GenerationRequest:
     completion_tokens: int = field(default=0, init=False)
     cancelled: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
-    def key(self) -> tuple:
-        return (self.steering, self.strength, self.temperature, self.top_p)
-
     def cancel(self) -> None:
         """Stop decoding this row (its client went away); safe from any thread."""
         self.cancelled.set()
