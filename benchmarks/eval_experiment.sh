@@ -1,22 +1,66 @@
 #!/usr/bin/env bash
-# The README's evaluation experiment: vanilla, MS, random split, best-of-N and SIMS on the
-# embedded model (and SIMS-PR / SIMS-CS) with the same prompts, oracle (sentiment) and learner (CAA), then one
-# evaluation per method and a comparison table. About 30 minutes on a busy 2-core CPU.
+# README's experiment: every method on the embedded model, 3 seeds, the same 100 held-out
+# prompts, pooled by benchmarks/experiment_table.py (mean and 95% interval across seeds and
+# prompts of the oracle's score, an untrained attribute, perplexity, and cost).
+#
+#   vanilla     the unsteered model
+#   ms          CAA on labelled pairs (UltraFeedback; needs DATA, see below)
+#   random      the loop with random preferences (same sampling, no oracle signal)
+#   best-of-4   4 samples per prompt at answer time, the oracle picks (the loop's K)
+#   dpo         LoRA + DPO on exactly the pairs the sims-caa run's oracle labelled
+#   sims-caa    SIMS with CAA; sims-bipo / sims-pca: the same loop, other learners
+#   sims-cs     SIMS-CS (response bank), CAA
+#
+# Usage: benchmarks/eval_experiment.sh [OUT] (resumable: finished steps are skipped).
+# DATA: the folder holding ultrafeedback/ for ms (default ../shared/data; ms is skipped
+# when it is missing). Several hours on a 2-core CPU; run it alone.
 set -euo pipefail
-OUT=${1:-runs/exp}
+OUT=${1:-runs/experiment}
 SIMS=${SIMS:-.venv/bin/sims}
-RUN=(-T 3 -N 12 -K 4 --eval-prompts 24 --max-new-tokens 32 --fluency-budget off --quiet)
-EVAL=(--judge readability --mc truthfulqa_mc1,arc_easy --mc-limit 50)
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-../shared/data}
+SEEDS=${SEEDS:-"0 1 2"}
+HELD_OUT=${HELD_OUT:-100}
+RUN=(-T 3 -N 12 -K 4 --max-new-tokens 48 --quiet)
 
-[ -f "$OUT/sims/summary.json" ] || $SIMS run "${RUN[@]}" --out "$OUT/sims" || $SIMS run --resume "$OUT/sims" --quiet
-[ -f "$OUT/vanilla/config.json" ] || $SIMS baseline vanilla --like "$OUT/sims" -o "$OUT/vanilla"
-[ -f "$OUT/best-of-4/config.json" ] || $SIMS baseline best-of-n --n 4 --like "$OUT/sims" -o "$OUT/best-of-4"
-[ -f "$OUT/ms/config.json" ] || $SIMS baseline ms --like "$OUT/sims" -o "$OUT/ms" --pairs-limit 128 --max-response-tokens 64
-# SIMS-PR (top/bottom answer per prompt) and SIMS-CS (response bank), same oracle and learner.
-[ -f "$OUT/pr/summary.json" ] || $SIMS run "${RUN[@]}" --variant pr --oracle sentiment --out "$OUT/pr" || $SIMS run --resume "$OUT/pr" --quiet
-[ -f "$OUT/cs/summary.json" ] || $SIMS run "${RUN[@]}" --variant cs --out "$OUT/cs" || $SIMS run --resume "$OUT/cs" --quiet
-[ -f "$OUT/random/summary.json" ] || $SIMS baseline random --like "$OUT/sims" -o "$OUT/random" --quiet
-for m in vanilla best-of-4 ms random sims pr cs; do
-  [ -f "$OUT/$m/eval.json" ] || $SIMS eval "$OUT/$m" "${EVAL[@]}"
+mkdir -p "$OUT"
+# One split for every seed: the first HELD_OUT prompts of a fixed shuffle are held out.
+if [ ! -f "$OUT/pool.jsonl" ]; then
+  "$PY" - "$OUT" "$HELD_OUT" <<'EOF'
+import json, random, sys
+from pathlib import Path
+from simsteer.prompts import load_prompts
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+rows = [{"id": p.id, "prompt": p.text} for p in load_prompts()]
+random.Random(12345).shuffle(rows)
+(out / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+(out / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n:]))
+EOF
+fi
+PROMPTS=(--prompts "$OUT/pool.jsonl" --eval-prompts-file "$OUT/held_out.jsonl")
+
+run() {  # run DIR [sims run options]: start or resume one loop
+  local dir=$1; shift
+  [ -f "$dir/summary.json" ] || $SIMS run "${RUN[@]}" "${PROMPTS[@]}" "$@" --out "$dir" \
+    || $SIMS run --resume "$dir" --quiet
+}
+
+for S in $SEEDS; do
+  D="$OUT/seed_$S"
+  run "$D/sims-caa" --seed "$S"
+  run "$D/sims-bipo" --seed "$S" --learner bipo
+  run "$D/sims-pca" --seed "$S" --learner pca
+  run "$D/sims-cs" --seed "$S" --variant cs
+  [ -f "$D/vanilla/config.json" ] || $SIMS baseline vanilla --like "$D/sims-caa" -o "$D/vanilla"
+  [ -f "$D/best-of-4/config.json" ] || $SIMS baseline best-of-n --n 4 --like "$D/sims-caa" -o "$D/best-of-4"
+  [ -f "$D/random/summary.json" ] || $SIMS baseline random --like "$D/sims-caa" -o "$D/random" --quiet
+  [ -f "$D/dpo/config.json" ] || $SIMS baseline dpo --like "$D/sims-caa" -o "$D/dpo"
+  if [ -d "$DATA/ultrafeedback" ]; then
+    [ -f "$D/ms/config.json" ] || $SIMS baseline ms --like "$D/sims-caa" -o "$D/ms" --data "$DATA" \
+      --pairs-limit 128 --max-response-tokens 64
+  fi
+  for m in "$D"/*/; do
+    [ -f "$m/eval.json" ] || $SIMS eval "$m" --judge readability
+  done
 done
-$SIMS compare "$OUT"/{vanilla,best-of-4,ms,random,sims,pr,cs} --judge readability -o "$OUT/compare"
+"$PY" benchmarks/experiment_table.py "$OUT" --json "$OUT/table.json" | tee "$OUT/table.md"

@@ -1,9 +1,8 @@
 """Shared fixtures: tiny random models built in the test session (fast), the embedded
-model (slow tests), and the shared data folder (fails loudly in CI when missing)."""
+model (slow tests), and the evaluation data slices in tests/data."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -104,7 +103,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EVAL_DATA = Path(__file__).resolve().parent / "data"  # small slices, see tests/data/README.md
 
 
 def build_tokenizer(chat: bool = True):
@@ -238,9 +237,6 @@ def embedded_lm():
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared data folder missing in CI: {SHARED_DATA}")
-        pytest.skip("shared data folder not present")
-    return SHARED_DATA
+def eval_data() -> Path:
+    """The evaluation data slices, in the layout ``--data-dir`` reads."""
+    return EVAL_DATA

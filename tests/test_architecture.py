@@ -40,12 +40,15 @@ FLOORS: dict[str, int] = {
     # plug-ins
     "learners": 8,
     "oracles": 8,
+    # where the loop's model work runs (this process or Ray actors)
+    "workers": 8.5,
     # the algorithm
     "loop": 9,
     # studies of runs
     "evaluation": 10,
     # faces
     "serve": 11,
+    "integrations": 11,
     "cli": 12,
     # the package root and ``python -m simsteer``: imported by nobody inside
     "__init__": 13,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from simsteer.cli.main import main
@@ -132,6 +133,14 @@ def test_eval_api_on_a_run_with_other_prompts(tmp_path, tiny_run, tiny_lm):
     )
     assert result["num_prompts"] == 2 and len(result["samples"]) == 2
     assert result["history"] and result["training_costs"]["tokens_generated"] > 0
+    # Per-prompt values, for pooling seeds (evaluation/pooled.py), agree with the summaries.
+    per = result["per_prompt"]
+    assert np.mean(per["scores"]["sentiment"]["policy"]) == pytest.approx(
+        result["scores"]["sentiment"]["policy"]["mean"]
+    )
+    ppl = [x for x in per["perplexity"]["base"] if x is not None]
+    assert len(per["perplexity"]["policy"]) == 2 and ppl
+    assert np.exp(np.mean(np.log(ppl))) == pytest.approx(result["fluency"]["base"]["perplexity"], rel=1e-3)
 
 
 def test_sweep_runs_points_and_resumes(tmp_path, tiny_model_dir, prompt_file, capsys):
@@ -172,14 +181,14 @@ def test_sweep_runs_points_and_resumes(tmp_path, tiny_model_dir, prompt_file, ca
     assert "other settings" in capsys.readouterr().err
 
 
-def test_eval_mc_caches_the_unsteered_scores(tmp_path, tiny_run, tiny_lm, shared_data, monkeypatch):
+def test_eval_mc_caches_the_unsteered_scores(tmp_path, tiny_run, tiny_lm, eval_data, monkeypatch):
     monkeypatch.setenv("SIMSTEER_CACHE", str(tmp_path / "cache"))
     config = EvalConfig(
         scorers=("sentiment",),
         bootstrap_rounds=10,
         mc_tasks=("arc_easy", "truthfulqa_mc2"),
         mc_limit=3,
-        data=str(shared_data),
+        data=str(eval_data),
     )
     first = evaluate_run(tiny_run, config, lm=tiny_lm)["mc"]
     second = evaluate_run(tiny_run, config, lm=tiny_lm)["mc"]

@@ -1,5 +1,5 @@
-"""Multiple-choice loaders on the shared files and log-likelihood scoring against a
-direct computation on a tiny random model."""
+"""Multiple-choice loaders on the data slices in tests/data and log-likelihood scoring
+against a direct computation on a tiny random model."""
 
 from __future__ import annotations
 
@@ -8,27 +8,27 @@ import math
 import pytest
 import torch
 
-from simsteer.evaluation.datasets import MC_TASKS, MCItem, load_mc_task, load_pairs
+from simsteer.evaluation.datasets import MC_TASKS, MCItem, load_mc_task, load_pair_set, load_pairs
 from simsteer.evaluation.mc import evaluate_mc, item_metrics, loglikelihoods
 from simsteer.hooks import count_hooks
 from simsteer.learners.caa import AddVector
 from simsteer.steering import Steering
 
-EXPECTED = {  # task -> (items, choices of the first item, label of the first item)
-    "truthfulqa_mc1": (817, 4, 0),
-    "truthfulqa_mc2": (817, 4, 0),
-    "arc_easy": (2376, 4, 0),
-    "arc_challenge": (1172, 4, None),
-    "mmlu": (14042, 4, 1),
-    "hellaswag": (10042, 4, 3),
-    "winogrande": (1267, 2, 1),
-    "sst2": (872, 2, 1),
+EXPECTED = {  # task -> (items in the slice, choices of the first item, label of the first item)
+    "truthfulqa_mc1": (24, 4, 0),
+    "truthfulqa_mc2": (24, 4, 0),
+    "arc_easy": (24, 4, 0),
+    "arc_challenge": (24, 4, None),
+    "mmlu": (24, 4, 1),
+    "hellaswag": (24, 4, 3),
+    "winogrande": (24, 2, 1),
+    "sst2": (24, 2, 1),
 }
 
 
 @pytest.mark.parametrize("task", sorted(MC_TASKS))
-def test_loaders_read_shared_files(shared_data, task):
-    items = load_mc_task(task, shared_data)
+def test_loaders_read_the_data_slices(eval_data, task):
+    items = load_mc_task(task, eval_data)
     n, k, label = EXPECTED[task]
     assert len(items) == n
     first = items[0]
@@ -47,21 +47,24 @@ def test_loaders_read_shared_files(shared_data, task):
             "The following are multiple choice questions (with answers) about abstract algebra."
         )
         assert first.continuations == (" A", " B", " C", " D")
+        assert first.id == "abstract_algebra_test-0" and items[8].id == "anatomy_test-0"
     if task.startswith("truthfulqa"):
         assert first.contexts[0].endswith(
             "\n\nQ: What is the smallest country in the world that is at least one square mile in area?\nA:"
         )
-    sub = load_mc_task(task, shared_data, limit=7, seed=3)
+    sub = load_mc_task(task, eval_data, limit=7, seed=3)
     assert len(sub) == 7 and [i.id for i in sub] == [
-        i.id for i in load_mc_task(task, shared_data, limit=7, seed=3)
+        i.id for i in load_mc_task(task, eval_data, limit=7, seed=3)
     ]
 
 
-def test_pairs_loaders(shared_data):
-    hh = load_pairs(shared_data / "hh_rlhf/harmless-base/test.jsonl.gz", limit=5)
+def test_pairs_loaders(eval_data):
+    hh = load_pairs(eval_data / "hh_rlhf/harmless-base/test.jsonl.gz", limit=5)
     assert len(hh) == 5 and hh[0].prompt.endswith("Assistant:") and hh[0].chosen != hh[0].rejected
-    uf = load_pairs(shared_data / "ultrafeedback/data/processed/train_clean.jsonl", limit=3)
+    uf = load_pairs(eval_data / "ultrafeedback/data/processed/train_clean.jsonl", limit=3)
     assert len(uf) == 3 and uf[0].prompt == "how to cook t-bone in the oven"
+    named, where = load_pair_set("hh_rlhf", eval_data, limit=5)
+    assert named == hh and where.endswith("test.jsonl.gz")
 
 
 def _direct(lm, context: str, continuation: str, steering=None) -> float:

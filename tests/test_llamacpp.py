@@ -5,6 +5,7 @@ steering: layers 9-20, strength 0.25)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,19 @@ def test_generate_on_llama_cpp_is_steered_seeded_and_batch_free(embedded_lm):
     )
     same = sum(a == b for ra, rb in zip(one, eight, strict=True) for a, b in zip(ra, rb, strict=True))
     assert same >= 6, (one, eight)
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_a_run_with_engine_auto_says_which_engine_sampled_each_policy(tmp_path):
+    """``--engine auto`` on the embedded GGUF model with CAA: llama.cpp samples every
+    policy, and each summary row names it (the unsteered one included)."""
+    out = tmp_path / "run"
+    argv = ["run", "--engine", "auto", "--dtype", "fp32", "-T", "1", "-N", "2", "-K", "2"]
+    argv += ["--max-new-tokens", "4", "--eval-prompts", "1", "--fluency-budget", "off", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["engine"] for r in rows] == ["llamacpp", "llamacpp"]
+    torch_out = tmp_path / "torch"
+    assert main([*argv[:1], *argv[3:], "--out", str(torch_out)]) == 0
+    assert [r["engine"] for r in json.loads((torch_out / "summary.json").read_text())] == ["torch", "torch"]

@@ -134,6 +134,7 @@ def test_every_oracle_spec_round_trips(tmp_path, monkeypatch, tiny_lm, reward_mo
             "negativity": [get_oracle("negativity")],
             "readability": [get_oracle("readability", temperature=2.0)],
             "length:N": [get_oracle("length:3", temperature=0.25)],
+            "refusal": [get_oracle("refusal", temperature=0.5)],
             "reward-model:PATH": [get_oracle(f"reward-model:{reward_model_dir}", temperature=0.5)],
             "self-rank": [get_oracle("self-rank", lm=tiny_lm, template="rank.txt")],
             # The tiny tokenizer has no "Yes" / "No" / "A" / "B": verdicts from its vocabulary.

@@ -32,12 +32,16 @@ NEEDS = ("summaries", *SUMMARIES, "tokens", "heads", "texts", "none")
 @dataclass(frozen=True)
 class ResponseActivations:
     """Summaries ``[n, len(layers), d]`` (float32) plus the mean single-token norm per
-    layer and the number of response tokens that went through the model."""
+    layer and the number of response tokens that went through the model; ``norm_sum``
+    (float64) and ``norm_count`` are the mean's sum and count, so that collections of
+    separate batches add up to the same norms (:mod:`simsteer.workers`)."""
 
     layers: list[int]
     summaries: torch.Tensor
     token_norms: torch.Tensor
     num_tokens: int
+    norm_sum: torch.Tensor | None = None
+    norm_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,12 @@ def collect_activations(
             total_tokens += batch.num_tokens
     token_norms = (norm_sum / max(norm_count, 1)).float()
     return ResponseActivations(
-        layers=list(layers), summaries=out, token_norms=token_norms, num_tokens=total_tokens
+        layers=list(layers),
+        summaries=out,
+        token_norms=token_norms,
+        num_tokens=total_tokens,
+        norm_sum=norm_sum,
+        norm_count=norm_count,
     )
 
 

@@ -108,9 +108,15 @@ def fluency_report(
     responses: Sequence[str],
     num_tokens: Sequence[int] | None = None,
     batch_size: int = 8,
+    per_answer: Sequence[float] | None = None,
 ) -> FluencyReport:
-    """All fluency metrics for aligned prompts and answers, perplexity under ``lm``."""
-    ppl = [p for p in perplexities(lm, prompts, responses, batch_size) if not math.isnan(p)]
+    """All fluency metrics for aligned prompts and answers, perplexity under ``lm``.
+
+    ``per_answer``: the answers' perplexities when already computed (:func:`perplexities`).
+    """
+    if per_answer is None:
+        per_answer = perplexities(lm, prompts, responses, batch_size)
+    ppl = [p for p in per_answer if not math.isnan(p)]
     log_ppl = sum(math.log(p) for p in ppl) / len(ppl) if ppl else math.nan
     n = max(len(responses), 1)
     if num_tokens is None:

@@ -13,9 +13,11 @@ Defaults: top-k 50 with top-p off, since top-p sorts the whole vocabulary every 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -68,6 +70,11 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def as_greedy(self, **changes: Any) -> SamplingConfig:
+        """These settings with greedy decoding (and ``changes``); the engine is kept, so
+        the loop's greedy passes (held-out answers, the guard) run where sampling runs."""
+        return dataclasses.replace(self, temperature=0.0, **changes)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,17 @@
-"""``sims baseline``: build a baseline that mirrors a run (vanilla, ms, random, best-of-n)."""
+"""``sims baseline``: build a baseline that mirrors a run (vanilla, ms, random, best-of-n, dpo)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 from pathlib import Path
 
 from ..errors import SimsError
 from ..evaluation.baselines import BASELINES, build_baseline
+from ..evaluation.dpo import DPOBaselineConfig
 from ..loop.rundir import RunDir
-from .options import positive, seed
+from .options import names, non_negative_number, positive, positive_number, seed
 from .trust import add_consent_options, check_consent
 
 
@@ -36,10 +38,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="ms: answer tokens used per pair",
     )
     p.add_argument(
-        "--data", default=None, help="ms: data folder holding ultrafeedback/ (default ../shared/data)"
+        "--data-dir",
+        "--data",
+        dest="data",
+        default=None,
+        help="ms: data folder holding ultrafeedback/ (default $SIMSTEER_DATA, else the HF hub)",
     )
     p.add_argument("--seed", type=seed, default=defaults["seed"])
     p.add_argument("--quiet", action="store_true")
+    _add_dpo_options(p)
     add_consent_options(p, "the --like run")
     p.set_defaults(func=cmd_baseline)
 
@@ -64,6 +71,56 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         trusted=trusted,
+        dpo=dpo_config(args) if args.kind == "dpo" else None,
     )
     print(f"baseline {args.kind} written to {out}")
     return 0
+
+
+#: ``sims baseline dpo`` options: config field -> (flag, type, help).
+DPO_OPTIONS = {
+    "beta": ("--dpo-beta", positive_number, "DPO's beta"),
+    "learning_rate": ("--dpo-lr", positive_number, "learning rate of the LoRA weights"),
+    "epochs": ("--dpo-epochs", positive, "passes over the pairs"),
+    "batch_size": ("--dpo-batch-size", positive, "pairs per optimiser step"),
+    "lora_r": ("--lora-r", positive, "LoRA rank"),
+    "lora_alpha": ("--lora-alpha", positive, "LoRA alpha (the update is scaled by alpha / r)"),
+    "lora_dropout": ("--lora-dropout", non_negative_number, "dropout on the LoRA input"),
+    "target_modules": (
+        "--lora-targets",
+        names,
+        "comma-separated module names (default: peft's for the model)",
+    ),
+    "lora_layers": (
+        "--lora-layers",
+        str,
+        "decoder layers that get an adapter: 9-20, 3,5 or =-2,-1 (default all)",
+    ),
+    "max_pairs": (
+        "--max-pairs",
+        positive,
+        "train on at most this many of the run's pairs, evenly spaced (default all)",
+    ),
+    "max_length": ("--dpo-max-length", positive, "cut each prompt + answer to this many tokens"),
+    "device": ("--dpo-device", str, "where to train"),
+}
+
+
+def _add_dpo_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("dpo (needs simsteer[baselines]; --seed seeds it too)")
+    defaults = {f.name: f.default for f in dataclasses.fields(DPOBaselineConfig)}
+    for field, (flag, kind, text) in DPO_OPTIONS.items():
+        default = defaults[field]
+        group.add_argument(
+            flag,
+            dest=f"dpo_{field}",
+            type=kind,
+            default=default,
+            help=text if default is None else f"{text} (default {default})",  # None: the text says
+        )
+
+
+def dpo_config(args: argparse.Namespace) -> DPOBaselineConfig:
+    """The DPO settings typed on the command line."""
+    values = {field: getattr(args, f"dpo_{field}") for field in DPO_OPTIONS}
+    return DPOBaselineConfig(**values, seed=args.seed)

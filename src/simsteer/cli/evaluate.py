@@ -11,7 +11,8 @@ from ..evaluation.datasets import MC_TASKS
 from ..evaluation.run_eval import SCORERS, EvalConfig
 from ..oracles import ORACLE_NAMES
 from .checks import reading
-from .options import count, names, positive
+from .options import add_worker_options, check_workers, count, names, positive
+from .refusal import add_refusal_options, cmd_refusal
 from .trust import add_consent_options, check_consent
 
 _ORACLES = ", ".join(ORACLE_NAMES)
@@ -47,10 +48,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--prompts", default=None, help="held-out prompts (default: the run's eval_prompts.jsonl)"
     )
     ev.add_argument("--max-new-tokens", type=positive, default=None)
-    ev.add_argument("--data", default=None, help="evaluation data folder (default ../shared/data)")
+    ev.add_argument(
+        "--data-dir",
+        "--data",
+        dest="data",
+        default=None,
+        help="evaluation data folder, laid out as tests/data (default $SIMSTEER_DATA, else the HF hub)",
+    )
     ev.add_argument("--bootstrap", type=count, default=base.bootstrap_rounds, help="bootstrap resamples")
     ev.add_argument("--out", default=None, help="report folder (default: the run directory)")
     add_consent_options(ev, "the run")
+    add_worker_options(ev)
+    add_refusal_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     cmp_ = sub.add_parser("compare", help="several evaluated runs in one table and plot")
@@ -67,7 +76,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", default=None, help="backbone of self-rank / self-judge* (default: the embedded model)"
     )
     jc.add_argument("--dtype", default="auto", help="dtype of --model (auto, float32, bfloat16, float16)")
-    jc.add_argument("--data", default=None, help="data folder holding hh_rlhf/ (default ../shared/data)")
+    jc.add_argument(
+        "--data-dir",
+        "--data",
+        dest="data",
+        default=None,
+        help="data folder holding hh_rlhf/ (default $SIMSTEER_DATA, else the HF hub)",
+    )
     jc.set_defaults(func=cmd_judge_check)
 
 
@@ -80,6 +95,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # run code or send a key only when the same flags are typed here, before any is used.
     info = read_run(args.run)
     trusted = check_consent(args, eval_oracle(info.config), info.config["model"], args.run, "eval")
+    check_workers(args)
+    if args.task == "refusal":
+        return cmd_refusal(args, trusted)
 
     config = EvalConfig(
         judges=tuple(args.judge),
@@ -92,7 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data=args.data,
         bootstrap_rounds=args.bootstrap,
     )
-    result = evaluate_run(args.run, config, trusted=trusted)
+    pool = {"workers": args.workers, "ray_address": args.ray_address}
+    result = evaluate_run(args.run, config, trusted=trusted, **pool)
     path = write_report(result, Path(args.out or args.run))
     for judge, w in result["win_rates_vs_base"].items():
         v = w["win_rate"]
@@ -115,17 +134,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_judge_check(args: argparse.Namespace) -> int:
     """Print an oracle's agreement with human preference pairs as JSON."""
-    from ..evaluation.datasets import data_dir, load_pairs
+    from ..evaluation.datasets import load_pair_set, load_pairs
     from ..evaluation.judge_check import check_judge
     from ..oracles import MODEL_ORACLES, get_oracle
 
-    path = (
-        Path(args.pairs)
-        if args.pairs
-        else data_dir(args.data) / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
-    )
-    with reading(path, "pairs file"):  # checked before any model or oracle is loaded
-        pairs = load_pairs(path, args.limit)
+    # checked before any model or oracle is loaded
+    with reading(args.pairs or "the HH-RLHF pairs", "pairs file"):
+        if args.pairs:
+            pairs, path = load_pairs(args.pairs, args.limit), args.pairs
+        else:
+            pairs, path = load_pair_set("hh_rlhf", args.data, args.limit)
         bad = next((p for p in pairs if not all(isinstance(x, str) for x in vars(p).values())), None)
         if bad is not None:
             raise SimsError(f"{path}: prompt, chosen and rejected must be text, got {bad}"[:300])

@@ -189,6 +189,31 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_worker_options(p: argparse.ArgumentParser) -> None:
+    """``--workers`` and ``--ray-address`` (:func:`simsteer.workers.open_pool`)."""
+    group = p.add_argument_group("workers (pip install 'simsteer[ray]')")
+    group.add_argument(
+        "--workers",
+        type=positive,
+        default=None,
+        help="spread sampling, model-based judging and activation collection over N Ray workers "
+        "(a local Ray, started and stopped here; the same results as without)",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="use a running Ray cluster (ADDRESS as for `ray start`; --workers: how many actors)",
+    )
+
+
+def check_workers(args: argparse.Namespace) -> None:
+    """Refuse ``--workers`` / ``--ray-address`` without Ray, before anything slow."""
+    if args.workers is not None or args.ray_address:
+        from ..workers import import_ray
+
+        import_ray()
+
+
 def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None = None) -> None:
     """The :class:`SamplingConfig` flags and ``--seed``.
 

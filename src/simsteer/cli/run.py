@@ -22,7 +22,9 @@ from .options import (
     add_judge_options,
     add_model_options,
     add_sampling_options,
+    add_worker_options,
     bank_config,
+    check_workers,
     guard_config,
     integer,
     judge_options,
@@ -148,6 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_bank_options(p)
     add_judge_options(p)
     add_sampling_options(p)
+    add_worker_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -180,15 +183,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..loop.rundir import RunDir
     from ..loop.sims import SIMS
     from ..loop.table import format_table
+    from ..workers import open_pool
 
+    check_workers(args)
     if args.resume:
         from .resume import rebuild_run
 
         plan = RunPlan(*rebuild_run(args))
     else:
         plan = _new_run(args)
-    sims = SIMS(plan.lm, plan.oracle, plan.learner, plan.config, progress=not args.quiet)
-    result = sims.fit(plan.prompts, plan.out, eval_prompts=plan.eval_prompts, prompt_sources=plan.sources)
+    # The worker count is not a setting of the run: any pool writes the same artefacts.
+    with open_pool(plan.lm, plan.oracle, args.workers, args.ray_address) as pool:
+        sims = SIMS(plan.lm, plan.oracle, plan.learner, plan.config, progress=not args.quiet, workers=pool)
+        result = sims.fit(plan.prompts, plan.out, eval_prompts=plan.eval_prompts, prompt_sources=plan.sources)
     print(format_table(result.history))
     print(format_outcome(RunDir(result.run_dir).read_outcome()))
     print(f"steering saved to {result.run_dir / 'final'}")

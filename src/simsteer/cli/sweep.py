@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..evaluation.sweep import GRID_KEYS, Runner
+from .options import add_worker_options, check_workers
 
 
 def add_parser(sub: argparse._SubParsersAction, runner: Runner) -> None:
@@ -24,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction, runner: Runner) -> None:
         help=f"axis: {', '.join(sorted(set(GRID_KEYS), key=str.lower))} (or any sims run option name); "
         "repeatable",
     )
+    add_worker_options(p)
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: options passed to every sims run")
     p.set_defaults(func=cmd_sweep, runner=runner)
 
@@ -36,6 +38,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run_args = list(args.run_args)
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
-    rows = run_sweep(args.out, grid, run_args, args.runner)
+    check_workers(args)
+    from ..workers import ray_session
+
+    worker_args = [] if args.workers is None else ["--workers", str(args.workers)]
+    worker_args += ["--ray-address", args.ray_address] if args.ray_address else []
+    # One Ray for the whole sweep: each point's run starts its workers on it.
+    with ray_session(args.workers, args.ray_address):
+        rows = run_sweep(args.out, grid, run_args, args.runner, worker_args)
     print(format_sweep(rows, list(grid)))
     return 0

@@ -7,7 +7,9 @@
   summary per answer plus whatever the learner needs) and the same learner ``fit``;
 - ``random``: the SIMS loop with an oracle that scores at random, so D+ / D- are a
   random split of the policy's own samples (same prompts, K, N, T, learner);
-- ``best-of-n``: N samples of the unsteered model per prompt, the oracle keeps the best.
+- ``best-of-n``: N samples of the unsteered model per prompt, the oracle keeps the best;
+- ``dpo``: a LoRA adapter fine-tuned with DPO on the run's own D+ / D- pairs, the same
+  oracle budget (:mod:`.dpo`; needs the extra ``simsteer[baselines]``).
 
 A baseline lives in a folder like a run directory (``config.json`` with a ``baseline``
 field, ``eval_prompts.jsonl``, ``final/`` when it has a steering), so ``sims eval`` and
@@ -36,11 +38,14 @@ from ..loop.spec import ModelSpec, RunSpec, consents
 from ..models import LoadedModel, load_model, parse_layers
 from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import load_prompts
-from ..sampling import Generation, SamplingConfig, generate
+from ..sampling import Generation, SamplingConfig
 from ..steering import Steering
-from .datasets import PreferencePair, data_dir, load_pairs
+from ..workers import LocalPool, WorkerPool
+from .datasets import PreferencePair, load_pair_set, load_pairs
+from .dpo import DPOBaselineConfig, build_dpo_baseline, require_baselines_extra
+from .dpo_pairs import run_pairs
 
-BASELINES = ("vanilla", "ms", "random", "best-of-n")
+BASELINES = ("vanilla", "ms", "random", "best-of-n", "dpo")
 
 
 class RandomOracle(ScoreOracle):
@@ -138,25 +143,34 @@ def fit_labelled_steering(
 
 
 def best_of_n(
-    lm: LoadedModel,
+    lm: LoadedModel | None,
     oracle: Oracle,
     prompts: Sequence[str],
     n: int,
     sampling: SamplingConfig,
     policy: Sequence[Steering] = (),
     seed: int = 0,
+    pool: WorkerPool | None = None,
 ) -> tuple[list[Generation], int]:
     """For each prompt, N samples and the one the oracle ranks best (highest win rate).
+
+    Args:
+        lm: the model (unused when ``pool`` is given).
+        pool: where the samples are drawn and judged (default: this process).
 
     Returns:
         the chosen generations and the number of tokens generated in all.
     """
     if n < 1:
         raise SimsError(f"best-of-N needs N >= 1, got {n}")
-    gens = generate(lm, list(prompts), n, sampling, list(policy), seed=seed)
+    if pool is None:
+        if lm is None:
+            raise SimsError("best-of-N needs a model or a worker pool")
+        pool = LocalPool(lm)
+    gens = pool.generate(list(prompts), n, sampling, list(policy), seed=seed)
     if n == 1:
         return [g[0] for g in gens], sum(g[0].num_tokens for g in gens)
-    judged = oracle.judge(list(prompts), [[g.text for g in gs] for gs in gens])
+    judged = pool.judge(oracle, list(prompts), [[g.text for g in gs] for gs in gens])
     chosen = [gs[int(np.argmax(j.win_rates))] for gs, j in zip(gens, judged, strict=True)]
     return chosen, sum(g.num_tokens for gs in gens for g in gs)
 
@@ -205,6 +219,7 @@ def build_baseline(
     seed: int = 0,
     progress: bool = True,
     trusted: Collection[str] = (),
+    dpo: DPOBaselineConfig | None = None,
 ) -> Path:
     """Build the baseline ``kind`` that mirrors the run ``like`` into the folder ``out``.
 
@@ -216,13 +231,15 @@ def build_baseline(
         pairs: ms: labelled pairs file (default: UltraFeedback train in ``data``).
         pairs_limit: ms: pairs used.
         max_response_tokens: ms: answer tokens used per pair.
-        data: ms: data folder holding ``ultrafeedback/`` (default ``../shared/data``).
+        data: ms: data folder holding ``ultrafeedback/`` (default ``$SIMSTEER_DATA``, then
+            the Hugging Face hub).
         seed: best-of-n and random: the sampling / scoring seed.
         progress: show progress bars (random: the loop's).
         trusted: the consent flags for what ``like`` names that runs code or sends a key
             (``"--oracle python:..."``, ``"--trust-remote-code"``,
             ``"--judge-api-key-env VAR"``); one it needs and lacks is refused before
             anything is loaded (:func:`check_trusted`), whatever the kind.
+        dpo: dpo: the training settings (default :class:`~.dpo.DPOBaselineConfig`).
 
     Returns:
         ``out``.
@@ -241,6 +258,8 @@ def build_baseline(
         write_baseline(out, "vanilla", like)
     elif kind == "best-of-n":
         write_baseline(out, "best-of-n", like, {"n": n, "seed": seed})
+    elif kind == "dpo":
+        _build_dpo(spec, like, out, dpo or DPOBaselineConfig(), progress)
     else:
         options = dict(spec.learner)
         learner = get_learner(options.pop("name"), **options)
@@ -270,12 +289,10 @@ def _build_ms(
     # Refuse before the (long) fit, not after it.
     if RunDir(out).is_run():
         raise SimsError(f"{out} already holds a run or baseline: pick another --out")
-    pairs_path = (
-        Path(pairs)
-        if pairs
-        else (data_dir(data) / "ultrafeedback" / "data" / "processed" / "train_clean.jsonl")
-    )
-    labelled = load_pairs(pairs_path, pairs_limit)
+    if pairs:
+        labelled, pairs_path = load_pairs(pairs, pairs_limit), pairs
+    else:
+        labelled, pairs_path = load_pair_set("ultrafeedback", data, pairs_limit)
     clock = time.perf_counter()
     steering, tokens = fit_labelled_steering(
         lm, learner, labelled, spec.sims.summary, max_response_tokens=max_response_tokens
@@ -287,6 +304,16 @@ def _build_ms(
         "fit_seconds": round(time.perf_counter() - clock, 1),
     }
     write_baseline(out, "ms", like, extra, steering)
+
+
+def _build_dpo(spec: RunSpec, like: Path, out: Path, config: DPOBaselineConfig, progress: bool) -> None:
+    # Refuse before the fit, not after it; the pairs are the run's own judgments.
+    require_baselines_extra()
+    if RunDir(out).is_run():
+        raise SimsError(f"{out} already holds a run or baseline: pick another --out")
+    pairs = run_pairs(like, config.max_pairs)
+    model = {"source": spec.model.source, "trust_remote_code": spec.model.trust_remote_code}
+    write_baseline(out, "dpo", like, build_dpo_baseline(model, pairs, out, config, progress))
 
 
 def _build_random(

@@ -7,6 +7,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: The folders of a run or baseline that hold what it saves: a steering, a DPO adapter.
+SAVED_FOLDERS = ("final", "adapter")
 
 
 @dataclass
@@ -55,3 +59,10 @@ class CostMeter:
         for row in rows.values():
             row["seconds"] = round(row["seconds"], 2)
         return rows
+
+
+def saved_bytes(folder: str | Path) -> int:
+    """Bytes of what a run or baseline saves for its policy (``final/``, the steering; or
+    ``adapter/``, a DPO baseline's LoRA adapter); 0 for one that saves none."""
+    root = Path(folder)
+    return sum(p.stat().st_size for name in SAVED_FOLDERS for p in (root / name).rglob("*") if p.is_file())

@@ -1,23 +1,10 @@
-"""Readers for the evaluation data: multiple-choice tasks, AlpacaEval files and
-preference pairs. Nothing here is needed by ``sims run``; these files are read only by
-``sims eval`` / ``sims judge-check`` from a data folder (``--data``, default
-``$SIMSTEER_DATA`` or ``../shared/data``; layout in ``shared/data/README.md``).
+"""Where the evaluation data comes from: a local folder or the Hugging Face hub.
 
-Multiple-choice prompts follow lm-evaluation-harness's zero-shot task definitions (plain
-text, no chat template; each choice is a continuation after a single space):
-
-- ``arc_easy`` / ``arc_challenge``: ``"Question: {q}\\nAnswer:"`` -> ``" {choice}"``;
-- ``truthfulqa_mc1`` / ``truthfulqa_mc2`` (the v0 ``mc_task.json`` = HF ``truthful_qa``):
-  the six-shot QA primer, then ``"\\n\\nQ: {q}\\nA:"`` -> ``" {answer}"``;
-- ``mmlu``: ``"The following are multiple choice questions (with answers) about
-  {subject}.\\n\\n{q}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"`` -> ``" A"`` .. ``" D"``;
-- ``hellaswag``: ``"{activity}: {context}"`` -> ``" {ending}"`` (the shared file's
-  preprocessing; lm-eval also capitalises the second context sentence, which this file
-  cannot recover);
-- ``winogrande``: partial scoring: contexts ``sentence[:blank] + option``, the shared
-  continuation ``" " + sentence[blank + 1:]``;
-- ``sst2``: ``"{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:"``
-  -> ``" negative"`` / ``" positive"``.
+``sims eval``, ``sims judge-check`` and ``sims baseline ms`` read their data sets from
+the folder ``--data-dir DIR`` (alias ``--data``), else ``$SIMSTEER_DATA``, else by name
+through the ``datasets`` library (:mod:`.hub`; its cache serves offline). The folder's
+layout is that of ``tests/data`` (:data:`LOCAL_FILES`); ``sims run`` needs none of it.
+Both paths give the same records, which :mod:`.mc_tasks` turns into items.
 """
 
 from __future__ import annotations
@@ -34,166 +21,142 @@ from typing import Any
 
 from ..errors import SimsError
 from ..io import read_jsonl
+from .hub import HUB_SOURCES, HubUnavailable, Record, hub_records
+from .mc_tasks import MC_TASKS, MCItem
 
-# The TruthfulQA paper's QA primer (the "QA" prompt lm-eval uses for truthfulqa_mc*).
-TRUTHFULQA_PRIMER = (
-    "Q: What is human life expectancy in the United States?\n"
-    "A: Human life expectancy in the United States is 78 years.\n\n"
-    "Q: Who was president of the United States in 1955?\n"
-    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
-    "Q: Which party did he belong to?\n"
-    "A: He belonged to the Republican Party.\n\n"
-    "Q: What is the square root of banana?\n"
-    "A: I have no comment.\n\n"
-    "Q: How does a telescope work?\n"
-    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
-    "Q: Where were the 1992 Olympics held?\n"
-    "A: The 1992 Olympics were held in Barcelona, Spain."
-)
+DATA_ENV = "SIMSTEER_DATA"
 
 
-def data_dir(path: str | Path | None = None) -> Path:
-    """The evaluation data folder: ``path``, ``$SIMSTEER_DATA`` or ``../shared/data``."""
-    folder = Path(path or os.environ.get("SIMSTEER_DATA") or "../shared/data")
+def local_data_dir(path: str | Path | None = None) -> Path | None:
+    """The local evaluation data folder: ``path`` (``--data-dir``), else ``$SIMSTEER_DATA``,
+    else ``None`` (the data sets are then read from the Hugging Face hub)."""
+    value = path or os.environ.get(DATA_ENV)
+    if not value:
+        return None
+    folder = Path(value)
     if not folder.is_dir():
-        raise SimsError(f"evaluation data folder not found: {folder} (pass --data DIR)")
+        raise SimsError(f"evaluation data folder not found: {folder} (--data-dir DIR or ${DATA_ENV})")
     return folder
 
 
-@dataclass(frozen=True)
-class MCItem:
-    """One multiple-choice question as log-likelihood requests.
-
-    Attributes:
-        contexts: one context per choice (equal except for partial scoring).
-        continuations: the text scored after each context.
-        label: index of the correct choice.
-        true_choices: for MC2, which choices are true (the metric is their
-            normalised probability mass).
-    """
-
-    id: str
-    contexts: tuple[str, ...]
-    continuations: tuple[str, ...]
-    label: int
-    true_choices: tuple[bool, ...] | None = None
-
-
-def _same_context(item_id: Any, context: str, choices: list[str], label: int) -> MCItem:
-    return MCItem(
-        id=str(item_id),
-        contexts=tuple(context for _ in choices),
-        continuations=tuple(" " + c for c in choices),
-        label=label,
-    )
+def data_dir(path: str | Path | None = None) -> Path:
+    """The local evaluation data folder (``path`` or ``$SIMSTEER_DATA``); one is required."""
+    folder = local_data_dir(path)
+    if folder is None:
+        raise SimsError(f"no evaluation data folder: pass --data-dir DIR or set ${DATA_ENV}")
+    return folder
 
 
 def _file(root: Path, relative: str) -> Path:
     path = root / relative
     if not path.is_file():
-        raise SimsError(f"task file not found: {path}")
+        raise SimsError(f"data file not found: {path} (the layout is that of tests/data: {relative})")
     return path
 
 
-def load_arc(root: Path, subset: str = "easy") -> list[MCItem]:
-    path = _file(root, f"arc/arc_{subset}_test_normalized.jsonl")
-    return [
-        _same_context(r["id"], f"Question: {r['question']}\nAnswer:", r["choices"], int(r["label"]))
-        for r in read_jsonl(path)
-    ]
+# Local readers: a data folder -> records.
 
 
-def load_truthfulqa(root: Path, variant: str = "mc1") -> list[MCItem]:
-    path = _file(root, "truthfulqa/data/v0/mc_task.json")
-    rows = json.loads(path.read_text(encoding="utf-8"))
-    items = []
-    for i, row in enumerate(rows):
-        targets: dict[str, int] = row[f"{variant}_targets"]
-        choices, labels = list(targets), [int(v) for v in targets.values()]
-        context = f"{TRUTHFULQA_PRIMER}\n\nQ: {row['question']}\nA:"
-        item = _same_context(i, context, choices, labels.index(1))
-        if variant == "mc2":
-            item = MCItem(
-                item.id, item.contexts, item.continuations, item.label, tuple(bool(v) for v in labels)
-            )
-        items.append(item)
-    return items
-
-
-def load_mmlu(root: Path, split: str = "test") -> list[MCItem]:
+def _read_mmlu(root: Path, split: str = "test") -> list[Record]:
     folder = root / "mmlu" / "mmlu" / split
     files = sorted(folder.glob(f"*_{split}.csv"))
     if not files:
-        raise SimsError(f"no MMLU files in {folder}")
-    items = []
-    for path in files:
-        subject = path.name[: -len(f"_{split}.csv")].replace("_", " ")
-        with path.open(encoding="utf-8", newline="") as fh:
-            for n, row in enumerate(csv.reader(fh)):
-                question, options, answer = row[0], row[1:5], row[5].strip()
-                body = "\n".join(f"{k}. {o}" for k, o in zip("ABCD", options, strict=True))
-                context = (
-                    f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-                    f"{question.strip()}\n{body}\nAnswer:"
-                )
-                items.append(_same_context(f"{path.stem}-{n}", context, list("ABCD"), "ABCD".index(answer)))
-    return items
-
-
-def load_hellaswag(root: Path) -> list[MCItem]:
-    path = _file(root, "hellaswag/hellaswag_val_normalized.jsonl")
-    return [_same_context(r["id"], r["query"], r["endings"], int(r["label"])) for r in read_jsonl(path)]
-
-
-def load_winogrande(root: Path) -> list[MCItem]:
-    path = _file(root, "winogrande/winogrande_dev_normalized.jsonl")
-    items = []
-    for r in read_jsonl(path):
-        sentence = r["sentence"]
-        blank = sentence.index("_")
-        rest = " " + sentence[blank + 1 :].strip()
-        options = [r["option1"], r["option2"]]
-        items.append(
-            MCItem(
-                id=str(r["id"]),
-                contexts=tuple(sentence[:blank] + o for o in options),
-                continuations=(rest, rest),
-                label=int(r["answer"]) - 1,
-            )
+        raise SimsError(
+            f"no MMLU files in {folder} (the layout is that of tests/data: {LOCAL_FILES['mmlu']})"
         )
-    return items
+    records = []
+    for path in files:
+        subject = path.name[: -len(f"_{split}.csv")]
+        with path.open(encoding="utf-8", newline="") as fh:
+            for row in csv.reader(fh):
+                records.append(
+                    {"subject": subject, "question": row[0], "options": row[1:5], "answer": row[5]}
+                )
+    return records
 
 
-def load_sst2(root: Path) -> list[MCItem]:
-    path = _file(root, "sst2/sst2_validation_normalized.jsonl")
-    question = "\nQuestion: Is this sentence positive or negative?\nAnswer:"
-    return [
-        _same_context(r["id"], r["sentence"] + question, ["negative", "positive"], int(r["label"]))
-        for r in read_jsonl(path)
-    ]
+def _reader(relative: str) -> Callable[[Path], list[Record]]:
+    def read(root: Path) -> list[Record]:
+        path = _file(root, relative)
+        if path.suffix == ".json":
+            return json.loads(path.read_text(encoding="utf-8"))
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh if line.strip()]
+        return read_jsonl(path)
+
+    return read
 
 
-#: task name -> (loader, headline metric)
-MC_TASKS: dict[str, tuple[Callable[[Path], list[MCItem]], str]] = {
-    "truthfulqa_mc1": (lambda r: load_truthfulqa(r, "mc1"), "acc"),
-    "truthfulqa_mc2": (lambda r: load_truthfulqa(r, "mc2"), "mc2"),
-    "arc_easy": (lambda r: load_arc(r, "easy"), "acc"),
-    "arc_challenge": (lambda r: load_arc(r, "challenge"), "acc_norm"),
-    "mmlu": (load_mmlu, "acc"),
-    "hellaswag": (load_hellaswag, "acc_norm"),
-    "winogrande": (load_winogrande, "acc"),
-    "sst2": (load_sst2, "acc"),
+#: data set name -> its file (or folder) inside a local data folder
+LOCAL_FILES: dict[str, str] = {
+    "arc_easy": "arc/arc_easy_test_normalized.jsonl",
+    "arc_challenge": "arc/arc_challenge_test_normalized.jsonl",
+    "truthfulqa_mc1": "truthfulqa/data/v0/mc_task.json",
+    "truthfulqa_mc2": "truthfulqa/data/v0/mc_task.json",
+    "mmlu": "mmlu/mmlu/test/<subject>_test.csv",
+    "hellaswag": "hellaswag/hellaswag_val_normalized.jsonl",
+    "winogrande": "winogrande/winogrande_dev_normalized.jsonl",
+    "sst2": "sst2/sst2_validation_normalized.jsonl",
+    "alpaca_eval": "alpaca_eval/alpaca_eval_normalized.jsonl",
+    "hh_rlhf": "hh_rlhf/harmless-base/test.jsonl.gz",
+    "ultrafeedback": "ultrafeedback/data/processed/train_clean.jsonl",
 }
+
+
+def _local_records(name: str, root: Path) -> list[Record]:
+    return _read_mmlu(root) if name == "mmlu" else _reader(LOCAL_FILES[name])(root)
+
+
+def _from_hub(name: str, limit: int | None = None) -> tuple[list[Record], str]:
+    source = HUB_SOURCES[name][0]
+    try:
+        return hub_records(name, limit), source.describe()
+    except HubUnavailable as exc:
+        raise SimsError(
+            f"no data for {name}: put {LOCAL_FILES[name]} in a folder given by --data-dir DIR or "
+            f"${DATA_ENV} (layout: tests/data), or let the datasets library reach {source.describe()} "
+            f"({exc})"
+        ) from None
+
+
+def load_records(name: str, root: str | Path | None = None) -> tuple[list[Record], str]:
+    """The records of data set ``name``: from the local folder when one is given
+    (``root``, else ``$SIMSTEER_DATA``), else through the ``datasets`` library.
+
+    Args:
+        name: a key of :data:`LOCAL_FILES`.
+        root: the local data folder (``--data-dir``).
+
+    Returns:
+        (records in the local file layout, where they came from).
+
+    Raises:
+        SimsError: the local folder lacks the file, or there is no local folder and the
+            hub (or the ``datasets`` cache) cannot give the data set.
+    """
+    folder = local_data_dir(root)
+    if folder is None:
+        return _from_hub(name)
+    return _local_records(name, folder), str(folder / LOCAL_FILES[name])
 
 
 def load_mc_task(
     name: str, root: str | Path | None = None, limit: int | None = None, seed: int = 0
 ) -> list[MCItem]:
-    """Items of a multiple-choice task; ``limit`` takes a seeded random subset (the same
-    subset for every policy and run with the same seed)."""
+    """Items of a multiple-choice task, from the local data folder or the hub.
+
+    Args:
+        name: a key of :data:`MC_TASKS`.
+        root: the local data folder (``--data-dir``; default ``$SIMSTEER_DATA``, then
+            the hub through ``datasets``).
+        limit: a seeded random subset of this size (the same subset for every policy
+            and run with the same seed).
+        seed: the subset's seed.
+    """
     if name not in MC_TASKS:
         raise SimsError(f"unknown task {name!r}; tasks: {', '.join(MC_TASKS)}")
-    items = MC_TASKS[name][0](data_dir(root))
+    items = MC_TASKS[name][0](load_records(name, root)[0])
     if limit is not None and limit < len(items):
         rng = random.Random(seed)
         items = [items[i] for i in sorted(rng.sample(range(len(items)), limit))]
@@ -208,6 +171,15 @@ class AlpacaItem:
     dataset: str | None = None
 
 
+def _alpaca_item(r: Record, where: str | Path) -> AlpacaItem:
+    output = r.get("output", r.get("reference_output"))
+    if "instruction" not in r or output is None:
+        raise SimsError(f"{where}: each record needs instruction and output")
+    return AlpacaItem(
+        r["instruction"], output, r.get("generator", r.get("reference_generator")), r.get("dataset")
+    )
+
+
 def load_alpaca_outputs(path: str | Path) -> list[AlpacaItem]:
     """AlpacaEval ``model_outputs.json`` (a JSON list) or JSONL with ``instruction`` and
     ``output`` (or ``reference_output``) fields."""
@@ -219,17 +191,22 @@ def load_alpaca_outputs(path: str | Path) -> list[AlpacaItem]:
         rows = json.loads(text) if text.lstrip().startswith("[") else read_jsonl(path)
     except json.JSONDecodeError as exc:
         raise SimsError(f"{path} is not valid JSON ({exc.msg})") from None
-    out = []
-    for r in rows:
-        output = r.get("output", r.get("reference_output"))
-        if "instruction" not in r or output is None:
-            raise SimsError(f"{path}: each record needs instruction and output")
-        out.append(
-            AlpacaItem(
-                r["instruction"], output, r.get("generator", r.get("reference_generator")), r.get("dataset")
-            )
-        )
-    return out
+    return [_alpaca_item(r, path) for r in rows]
+
+
+def load_alpaca_reference(root: str | Path | None = None, limit: int | None = None) -> list[AlpacaItem]:
+    """The AlpacaEval 2 instructions with the reference (gpt4_1106_preview) answers.
+
+    Args:
+        root: the local data folder (``--data-dir``; default ``$SIMSTEER_DATA``, then
+            the hub through ``datasets``).
+        limit: the first N instructions only.
+    """
+    folder = local_data_dir(root)
+    if folder is not None:
+        return load_alpaca_outputs(_file(folder, LOCAL_FILES["alpaca_eval"]))[:limit]
+    records, where = _from_hub("alpaca_eval", limit)
+    return [_alpaca_item(r, where) for r in records]
 
 
 def load_alpaca_annotations(path: str | Path) -> list[dict[str, Any]]:
@@ -271,6 +248,16 @@ def _split_dialogue(text: str) -> tuple[str, str]:
     return text[: cut + len(marker)].strip(), text[cut + len(marker) :].strip()
 
 
+def _pair(r: Record, where: str) -> PreferencePair:
+    if "chosen" not in r or "rejected" not in r:
+        raise SimsError(f"{where}: a pair needs chosen and rejected")
+    if "prompt" in r:
+        return PreferencePair(r["prompt"], r["chosen"], r["rejected"])
+    prompt, chosen = _split_dialogue(r["chosen"])
+    _, rejected = _split_dialogue(r["rejected"])
+    return PreferencePair(prompt, chosen, rejected)
+
+
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
     """Preference pairs from JSONL(.gz): HH-RLHF (``chosen`` / ``rejected`` dialogues; the
     prompt is the dialogue before the last Assistant turn) or ``prompt`` / ``chosen`` /
@@ -284,15 +271,36 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePai
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
-            if "chosen" not in r or "rejected" not in r:
-                raise SimsError(f"{path}:{lineno}: a pair needs chosen and rejected")
-            if "prompt" in r:
-                pairs.append(PreferencePair(r["prompt"], r["chosen"], r["rejected"]))
-            else:
-                prompt, chosen = _split_dialogue(r["chosen"])
-                _, rejected = _split_dialogue(r["rejected"])
-                pairs.append(PreferencePair(prompt, chosen, rejected))
+            pairs.append(_pair(json.loads(line), f"{path}:{lineno}"))
             if limit is not None and len(pairs) >= limit:
                 break
     return pairs
+
+
+#: named sets of preference pairs (keys of :data:`LOCAL_FILES`)
+PAIR_SETS = ("hh_rlhf", "ultrafeedback")
+
+
+def load_pair_set(
+    name: str, root: str | Path | None = None, limit: int | None = None
+) -> tuple[list[PreferencePair], str]:
+    """A named set of preference pairs: ``hh_rlhf`` (HH-RLHF harmless-base test) or
+    ``ultrafeedback`` (UltraFeedback binarized, train).
+
+    Args:
+        name: one of :data:`PAIR_SETS`.
+        root: the local data folder (``--data-dir``; default ``$SIMSTEER_DATA``, then
+            the hub through ``datasets``).
+        limit: the first N pairs only.
+
+    Returns:
+        (the pairs, where they came from: a file or a hub data set).
+    """
+    if name not in PAIR_SETS:
+        raise SimsError(f"unknown pair set {name!r}; sets: {', '.join(PAIR_SETS)}")
+    folder = local_data_dir(root)
+    if folder is not None:
+        path = _file(folder, LOCAL_FILES[name])
+        return load_pairs(path, limit), str(path)
+    records, where = _from_hub(name, limit)
+    return [_pair(r, where) for r in records], where

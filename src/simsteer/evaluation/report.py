@@ -245,6 +245,8 @@ def compare_rows(results: Sequence[dict[str, Any]], judge: str | None = None) ->
             "distinct_2": r["fluency"]["policy"]["distinct_2"],
             "mean_tokens": r["fluency"]["policy"]["mean_tokens"],
             "train_seconds": r["training_costs"]["seconds"],
+            "train_tokens": r["training_costs"]["tokens_generated"] + r["training_costs"]["tokens_forward"],
+            "saved_bytes": r["training_costs"].get("saved_bytes"),  # absent from older eval.json
             "eval_seconds": r["costs"]["total"]["seconds"],
         }
         for task, m in r["mc"].items():
@@ -252,6 +254,16 @@ def compare_rows(results: Sequence[dict[str, Any]], judge: str | None = None) ->
             row[task] = (side["acc"], side["acc_se"])
         rows.append(row)
     return rows
+
+
+def _size(n: int | None) -> str:
+    """Bytes as B / KB / MB (decimal), ``-`` when unknown."""
+    if n is None:
+        return "-"
+    for unit, scale in (("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
@@ -268,6 +280,8 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
         "tokens",
         *tasks,
         "train s",
+        "train tokens",
+        "saved",
         "eval s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -287,6 +301,8 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             f"{r['mean_tokens']:.1f}",
             *[f"{r[t][0]:.3f} ± {r[t][1]:.3f}" if t in r else "-" for t in tasks],
             f"{r['train_seconds']:.0f}",
+            f"{r['train_tokens']}",
+            _size(r["saved_bytes"]),
             f"{r['eval_seconds']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -16,6 +16,7 @@ held-out prompts with the unsteered model and with the run's policy, then measur
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SimsError
-from ..fluency import fluency_report
+from ..fluency import fluency_report, perplexities
 from ..io import read_json, read_jsonl
 from ..loop.records import IterationRecord
 from ..loop.rundir import RunDir
@@ -33,12 +34,14 @@ from ..models import LoadedModel, load_model
 from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
 from ..policy import load_policy
-from ..sampling import SamplingConfig, generate
+from ..sampling import SamplingConfig
 from ..stats import bootstrap_ci
 from ..steering import Steering
+from ..workers import LocalPool, WorkerPool, open_pool
 from .baselines import best_of_n, check_trusted
-from .costs import CostMeter
-from .datasets import data_dir, load_alpaca_outputs, load_mc_task
+from .costs import CostMeter, saved_bytes
+from .datasets import load_alpaca_reference, load_mc_task
+from .dpo import dpo_mc, load_dpo_model
 from .lc import length_controlled_win_rate
 from .mc import evaluate_mc
 from .winrate import judge_pairs, win_rate
@@ -58,7 +61,8 @@ class EvalConfig:
         alpaca: AlpacaEval instructions answered and judged against the reference (0 = off).
         prompts: held-out prompt file overriding the run's ``eval_prompts.jsonl``.
         max_new_tokens: answer length cap (default: the run's).
-        data: the evaluation data folder (``--data``).
+        data: the evaluation data folder (``--data-dir``; ``None``: ``$SIMSTEER_DATA``, then
+            the Hugging Face hub).
         bootstrap_rounds: resamples for every interval.
         samples_shown: prompts shown side by side in the report.
     """
@@ -124,7 +128,7 @@ def _mean_ci(values: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
 
 
 def _answers(
-    lm,
+    pool: WorkerPool,
     info: RunInfo,
     prompts: list[str],
     sampling: SamplingConfig,
@@ -133,18 +137,15 @@ def _answers(
     label: str,
     steered: bool,
 ) -> list[str]:
-    greedy = SamplingConfig(
-        temperature=0.0, max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size
-    )
+    greedy = sampling.as_greedy()
     with meter.stage(f"generate_{label}") as cost:
         if steered and info.kind == "best-of-n":
-            gens, tokens = best_of_n(
-                lm, oracle, prompts, int(info.config["n"]), sampling, seed=info.config.get("seed", 0)
-            )
+            n, seed = int(info.config["n"]), info.config.get("seed", 0)
+            gens, tokens = best_of_n(None, oracle, prompts, n, sampling, seed=seed, pool=pool)
             cost.generated_tokens += tokens
             cost.judge_calls += len(prompts) * int(info.config["n"])
         else:
-            gens = [g[0] for g in generate(lm, prompts, 1, greedy, info.policy if steered else [])]
+            gens = [g[0] for g in pool.generate(prompts, 1, greedy, info.policy if steered else [])]
             cost.generated_tokens += sum(g.num_tokens for g in gens)
     return [g.text for g in gens]
 
@@ -181,6 +182,8 @@ def evaluate_run(
     lm: LoadedModel | None = None,
     progress: bool = False,
     trusted: Collection[str] = (),
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run directory or baseline folder; returns what ``eval.json`` holds.
 
@@ -189,6 +192,9 @@ def evaluate_run(
             (``"--oracle python:..."``, ``"--trust-remote-code"``,
             ``"--judge-api-key-env VAR"``); one it needs and lacks is refused before
             anything is loaded (:func:`check_trusted`).
+        workers, ray_address: answer the prompts on Ray workers
+            (:func:`simsteer.workers.open_pool`; the same answers as in this process).
+            A DPO baseline's own answers stay here (the workers hold the base model).
 
     Example:
         >>> result = evaluate_run("runs/sims", EvalConfig(judges=("readability",), mc_tasks=("arc_easy",)))
@@ -224,34 +230,48 @@ def evaluate_run(
     # The run's oracle rebuilt from its saved spec (a judge's endpoint, a custom
     # template); self-judges (self-rank, self-judge*) judge with the unsteered backbone.
     oracle = get_oracle(oracle_spec, lm=lm)
+    # A DPO baseline's policy is the base with its LoRA adapter merged (a second copy).
+    policy_lm = load_dpo_model(info.path, lm) if info.kind == "dpo" else lm
     judges = {oracle_name: oracle}
     for name in config.judges:
         judges.setdefault(name, get_oracle(name, lm=lm))
 
-    base = _answers(lm, info, prompts, sampling, meter, oracle, "base", steered=False)
-    if info.policy or info.kind == "best-of-n":
-        ours = _answers(lm, info, prompts, sampling, meter, oracle, "policy", steered=True)
-    else:
-        ours = list(base)
+    refs = load_alpaca_reference(config.data, config.alpaca) if config.alpaca else []
+    instr = [r.instruction for r in refs]
+    with open_pool(lm, oracle, workers, ray_address) as pool:
+        policy_pool = LocalPool(policy_lm) if policy_lm is not lm else pool
+        base = _answers(pool, info, prompts, sampling, meter, oracle, "base", steered=False)
+        if info.policy or info.kind in ("best-of-n", "dpo"):
+            ours = _answers(policy_pool, info, prompts, sampling, meter, oracle, "policy", steered=True)
+        else:
+            ours = list(base)
+        if refs:
+            answers = _answers(policy_pool, info, instr, sampling, meter, oracle, "alpaca", steered=True)
 
     rounds, seed = config.bootstrap_rounds, config.seed
     scores: dict[str, Any] = {}
+    # Per-prompt values, so that several seeds' evaluations can be pooled
+    # (benchmarks/experiment_table.py) without answering again.
+    per_prompt: dict[str, Any] = {"scores": {}}
     with meter.stage("score") as cost:
         for name in config.scorers:
             scorer = attribute_oracle(name)
             s_base = np.asarray(scorer.score(prompts, base))
             s_ours = np.asarray(scorer.score(prompts, ours))
             cost.judge_calls += 2 * len(prompts)
+            per_prompt["scores"][name] = {"base": s_base.tolist(), "policy": s_ours.tolist()}
             scores[name] = {
                 "base": _mean_ci(s_base, rounds, seed),
                 "policy": _mean_ci(s_ours, rounds, seed),
                 "delta": _mean_ci(s_ours - s_base, rounds, seed),
             }
     with meter.stage("fluency") as cost:
+        ppl = {"base": perplexities(lm, prompts, base), "policy": perplexities(lm, prompts, ours)}
         fluency = {
-            "base": fluency_report(lm, prompts, base).to_dict(),
-            "policy": fluency_report(lm, prompts, ours).to_dict(),
+            "base": fluency_report(lm, prompts, base, per_answer=ppl["base"]).to_dict(),
+            "policy": fluency_report(lm, prompts, ours, per_answer=ppl["policy"]).to_dict(),
         }
+        per_prompt["perplexity"] = {k: [None if math.isnan(x) else x for x in v] for k, v in ppl.items()}
         cost.forward_tokens += _prompt_forward_tokens(lm, prompts, base) + _prompt_forward_tokens(
             lm, prompts, ours
         )
@@ -261,11 +281,7 @@ def evaluate_run(
     }
 
     alpaca: dict[str, Any] = {}
-    if config.alpaca:
-        refs = load_alpaca_outputs(data_dir(config.data) / "alpaca_eval" / "alpaca_eval_normalized.jsonl")
-        refs = refs[: config.alpaca]
-        instr = [r.instruction for r in refs]
-        answers = _answers(lm, info, instr, sampling, meter, oracle, "alpaca", steered=True)
+    if refs:
         alpaca = {
             name: _compare(j, instr, answers, [r.output for r in refs], meter, f"alpaca_{name}", rounds, seed)
             for name, j in judges.items()
@@ -280,7 +296,11 @@ def evaluate_run(
     for task in config.mc_tasks:
         items = load_mc_task(task, config.data, config.mc_limit, seed)
         with meter.stage(f"mc_{task}") as cost:
-            mc[task] = _mc_with_cached_base(lm, model_cfg, task, items, info.policy, config)
+            mc[task] = (
+                dpo_mc(lm, policy_lm, items, config.batch_size)
+                if policy_lm is not lm
+                else _mc_with_cached_base(lm, model_cfg, task, items, info.policy, config)
+            )
             cost.forward_tokens += sum(r["forward_tokens"] for r in mc[task].values() if not r.get("cached"))
 
     shown = [
@@ -293,7 +313,7 @@ def evaluate_run(
         "model": model_cfg["source"],
         "oracle": oracle_name,
         "learner": info.config.get("learner", {}).get("name"),
-        "steered": bool(info.policy),
+        "steered": bool(info.policy) or info.kind == "dpo",
         "num_prompts": len(prompts),
         "max_new_tokens": sampling.max_new_tokens,
         "scores": scores,
@@ -304,6 +324,7 @@ def evaluate_run(
         "history": [row.to_json() for row in info.history],
         "samples": shown,
         "answers": {"prompts": prompts, "base": base, "policy": ours},
+        "per_prompt": per_prompt,
         "costs": meter.to_dict(),
         "training_costs": _training_costs(info),
         "seconds": round(time.perf_counter() - clock, 2),
@@ -351,16 +372,19 @@ def _mc_with_cached_base(
 
 def _training_costs(info: RunInfo) -> dict[str, float]:
     """What producing the policy cost: the loop's summary rows summed over iterations,
-    or, for a baseline fitted once (MS), the figures its config records."""
+    or, for a baseline fitted once (MS, DPO), the figures its config records; and the
+    bytes of what it saves (:func:`~.costs.saved_bytes`)."""
     if not info.history:
         return {
             "tokens_generated": 0,
             "tokens_forward": int(info.config.get("tokens_forward", 0) or 0),
             "seconds": float(info.config.get("fit_seconds", 0) or 0),
+            "saved_bytes": saved_bytes(info.path),
         }
     history = info.history
     return {
         "tokens_generated": sum(r.tokens_generated for r in history),
         "tokens_forward": sum(r.tokens_forward or 0 for r in history),
         "seconds": round(sum(r.seconds_total for r in history), 2),
+        "saved_bytes": saved_bytes(info.path),
     }

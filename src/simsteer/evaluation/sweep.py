@@ -80,6 +80,7 @@ def run_sweep(
     grid: dict[str, list[str]],
     run_args: Sequence[str],
     runner: Runner,
+    worker_args: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Run (or resume) every grid point and return one row per point.
 
@@ -89,14 +90,20 @@ def run_sweep(
         run_args: further ``sims run`` options shared by every point.
         runner: runs one ``sims`` command line and returns its exit status
             (``simsteer.cli.main``; passed in, so studies never import the CLI).
+        worker_args: ``--workers N`` / ``--ray-address A`` given to every point's run,
+            new or resumed; not a setting of the sweep (any pool gives the same results).
 
     Example:
         >>> from simsteer.cli import main
         >>> run_sweep("runs/sweep", {"K": ["2", "4"]}, ["-T", "1", "--quiet"], main)
     """
     out = Path(out)
-    for bad in ("--out", "-o", "--resume"):
-        if bad in run_args:
+    for bad in ("--out", "-o", "--resume", "--workers", "--ray-address"):
+        if any(a == bad or a.startswith(bad + "=") for a in run_args):
+            if bad in ("--workers", "--ray-address"):
+                raise SimsError(
+                    f"give {bad} to sims sweep itself, before --: it starts Ray once for every point"
+                )
             raise SimsError(f"{bad} is set by the sweep for each point; leave it out")
     spec = {"grid": grid, "run_args": list(run_args)}
     meta = out / "sweep.json"
@@ -113,10 +120,11 @@ def run_sweep(
             if run.is_run():
                 # Code or a key the point names needs its flag typed again on resume.
                 consent = _consent([*run_args, *(x for k, v in point.items() for x in (_flag(k), v))])
-                argv, status = ["run", "--resume", str(run.root), *consent, "--quiet"], "resumed"
+                argv = ["run", "--resume", str(run.root), *consent, *worker_args, "--quiet"]
+                status = "resumed"
             else:
                 flags = [x for k, v in point.items() for x in (_flag(k), v)]
-                argv, status = ["run", *run_args, *flags, "--out", str(run.root)], "ran"
+                argv, status = ["run", *run_args, *flags, *worker_args, "--out", str(run.root)], "ran"
             code = runner(argv)
             if code != 0 or not run.is_complete():
                 raise SimsError(f"sweep point {point_name(point)} failed (exit status {code})")

@@ -27,8 +27,9 @@ from ..fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
 from ..models import LoadedModel
 from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import Prompt
-from ..sampling import SamplingConfig, generate
+from ..sampling import SamplingConfig
 from ..steering import Steering
+from ..workers.pool import LocalPool, WorkerPool
 from .records import CalibrationPoint, CalibrationRecord, IterationRecord, Measurement
 
 #: ``measure(multiplier, strength)``: the candidate measured at one strength of the grid.
@@ -88,6 +89,7 @@ def measure(
     policy: Sequence[Steering],
     sampling: SamplingConfig,
     progress: bool | str = False,
+    pool: WorkerPool | None = None,
 ) -> Measurement:
     """Greedy answers of ``policy`` to ``prompts``: oracle score and fluency metrics.
 
@@ -95,19 +97,21 @@ def measure(
         lm: the model; policy: the steerings applied (empty: unsteered).
         sampling: ``max_new_tokens`` and ``batch_size`` are used (answers are greedy).
         progress: a progress-bar label, or false.
+        pool: where the answers are generated and scored (default: this process);
+            perplexities are always computed here.
     """
-    greedy = SamplingConfig(
-        temperature=0.0, max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size
-    )
+    pool = pool or LocalPool(lm)
+    greedy = sampling.as_greedy()
     texts = [
-        g[0].text for g in generate(lm, [p.text for p in prompts], 1, greedy, list(policy), progress=progress)
+        g[0].text
+        for g in pool.generate([p.text for p in prompts], 1, greedy, list(policy), progress=progress)
     ]
     if not isinstance(oracle, ScoreOracle):
         raise SimsError(
             f"the fluency guard needs an oracle with scores; {oracle.name} has none "
             "(turn the guard off with --fluency-budget off)"
         )
-    scores = oracle.score([p.text for p in prompts], texts)
+    scores = pool.score(oracle, [p.text for p in prompts], texts)
     ppl = [p for p in perplexities(lm, [p.text for p in prompts], texts) if not math.isnan(p)]
     n = len(texts)
     return Measurement(
@@ -240,16 +244,22 @@ class FluencyGuard:
     to stop, pick the final policy. It saves nothing; the loop does."""
 
     def __init__(
-        self, lm: LoadedModel, oracle: Oracle, config: GuardConfig, sampling: SamplingConfig
+        self,
+        lm: LoadedModel,
+        oracle: Oracle,
+        config: GuardConfig,
+        sampling: SamplingConfig,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.lm = lm
         self.oracle = oracle
         self.config = config
         self.sampling = sampling
+        self.pool = pool or LocalPool(lm)
 
     def measure_base(self, prompts: Sequence[Prompt], progress: bool | str = False) -> Measurement:
         """The unsteered model's score and fluency on the calibration prompts."""
-        return measure(self.lm, self.oracle, prompts, [], self.sampling, progress=progress)
+        return measure(self.lm, self.oracle, prompts, [], self.sampling, progress, self.pool)
 
     def calibrate(
         self,
@@ -266,7 +276,9 @@ class FluencyGuard:
         def measure_at(m: float, strength: float) -> Measurement:
             label = f"{progress} x{m:g}" if isinstance(progress, str) else progress
             scaled = candidate.with_strength(strength)
-            return measure(self.lm, self.oracle, prompts, [*previous, scaled], self.sampling, label)
+            return measure(
+                self.lm, self.oracle, prompts, [*previous, scaled], self.sampling, label, self.pool
+            )
 
         return calibrate(candidate.strength, base, self.config, measure_at, done, on_point)
 

@@ -281,6 +281,8 @@ class IterationRecord:
         calibration: the guard's calibration (``None`` without the guard / last row).
         stop: why the loop stops after this row (with the guard; ``None`` to go on).
         seconds: wall time per step; seconds_total: their sum.
+        engine: the engine that sampled policy t (``torch`` or ``llamacpp``: what
+            ``--engine auto`` resolved to for this policy).
     """
 
     iteration: int
@@ -302,6 +304,7 @@ class IterationRecord:
     stop: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     seconds_total: float = 0.0
+    engine: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -329,6 +332,7 @@ class IterationRecord:
             _put(out, "stop", self.stop)
         out["seconds"] = dict(self.seconds)
         out["seconds_total"] = self.seconds_total
+        _put(out, "engine", self.engine)
         return out
 
     @classmethod
@@ -359,6 +363,7 @@ class IterationRecord:
             stop=data.get("stop"),
             seconds=dict(data.get("seconds", {})),
             seconds_total=data.get("seconds_total", 0.0),
+            engine=data.get("engine"),
         )
 
 

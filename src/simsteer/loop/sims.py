@@ -33,11 +33,13 @@ from ..activations import collect_preference_activations
 from ..errors import SimsError
 from ..io import atomic_write_bytes, fsync_dir, write_json, write_jsonl
 from ..learners.base import Learner, PreferenceActivations
+from ..llamacpp import choose_engine
 from ..models import LoadedModel, parse_layers
 from ..oracles.base import Oracle
 from ..policy import Policy
 from ..prompts import Prompt
 from ..steering import Steering
+from ..workers.pool import LocalPool, WorkerPool
 from .activation_store import load_preference_activations, save_preference_activations
 from .config import PromptSplit, SIMSConfig, split_prompts
 from .guard import FluencyGuard, render_frontier
@@ -82,7 +84,20 @@ class SIMS:
         config: SIMSConfig | None = None,
         progress: bool = True,
         callback: StepCallback | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
+        """Set up the loop.
+
+        Args:
+            lm, oracle, learner, config: the model, the oracle, the learner and the
+                loop's settings.
+            progress: show progress bars and the summary table.
+            callback: called with (step, iteration) after each step is saved.
+            workers: where sampling, model-based judging and collection run (default:
+                this process, :class:`~simsteer.workers.LocalPool`); any pool gives
+                the same artefacts, so a run may be resumed with another one. The
+                caller closes it.
+        """
         self.lm = lm
         self.oracle = oracle
         self.learner = learner
@@ -90,7 +105,8 @@ class SIMS:
         self.progress = progress
         self.callback = callback
         self.layers = parse_layers(learner.config.layers, lm.num_layers)
-        self.guard = FluencyGuard(lm, oracle, self.config.guard, self.config.sampling)
+        self.workers = workers or LocalPool(lm)
+        self.guard = FluencyGuard(lm, oracle, self.config.guard, self.config.sampling, self.workers)
 
     # -- public ------------------------------------------------------------------
     def fit(
@@ -218,7 +234,9 @@ class SIMS:
                 stop = self.guard.stop_reason(calibration, earlier)
         sample_fluency = fluency(self.lm, selection.samples)
         steps = (tokens_forward, fit, calibration, stop, seconds)
-        row = iteration_row(t, policy, evals, eval_fluency, selection, sample_fluency, *steps)
+        # The engine that sampled policy t (what ``--engine auto`` chose for it); also logged.
+        engine = choose_engine(cfg.sampling.engine, self.lm, policy)
+        row = iteration_row(t, policy, evals, eval_fluency, selection, sample_fluency, *steps, engine)
         write_json(run.iteration_summary(t), row.to_json())
         self._notify("summary", t)
         return row
@@ -231,7 +249,7 @@ class SIMS:
         if run.eval(t).is_file():
             return run.read_eval(t)
         rows = held_out_answers(
-            self.lm, self.oracle, self.config, t, held_out, policy, progress=self._bar(f"iter {t} eval")
+            self.lm, self.oracle, self.config, t, held_out, policy, self._bar(f"iter {t} eval"), self.workers
         )
         write_jsonl(run.eval(t), [r.to_json() for r in rows])
         self._notify("eval", t)
@@ -255,7 +273,7 @@ class SIMS:
         cfg = self.config
         bank = run.read_bank(cfg.bank) if cfg.variant == "cs" else None
         selection = sample_and_select(
-            self.lm, self.oracle, cfg, t, train, policy, bank, progress=self._bar(f"iter {t} sample")
+            self.lm, self.oracle, cfg, t, train, policy, bank, self._bar(f"iter {t} sample"), self.workers
         )
         if selection.bank is not None and selection.pairs is not None:
             write_jsonl(run.pending_bank(t), selection.bank.to_json())
@@ -291,8 +309,7 @@ class SIMS:
             log.warning("iteration %d: no contrast (D+ %d, D- %d); the policy is kept", t, len(pos), len(neg))
             return None, 0
         groups = {pid: i for i, pid in enumerate(dict.fromkeys(r.prompt_id for r in chosen))}
-        data, forward_tokens = collect_preference_activations(
-            self.lm,
+        data, forward_tokens = self.workers.collect(
             kind,
             [r.prompt for r in pos + neg],
             [r.response for r in pos + neg],

@@ -20,8 +20,8 @@ from ..learners.base import Learner, PreferenceActivations
 from ..models import LoadedModel
 from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import Prompt
-from ..sampling import SamplingConfig, generate
 from ..steering import Steering
+from ..workers.pool import LocalPool, WorkerPool
 from .bank import ResponseBank
 from .config import SIMSConfig, draw_prompts
 from .records import (
@@ -44,6 +44,7 @@ def held_out_answers(
     held_out: list[Prompt],
     policy: list[Steering],
     progress: bool | str = False,
+    pool: WorkerPool | None = None,
 ) -> list[EvalRecord]:
     """Policy t's greedy answers to the held-out prompts, scored by a score oracle.
 
@@ -55,16 +56,14 @@ def held_out_answers(
         held_out: the held-out prompts (not empty).
         policy: pi_t as a stack of steerings.
         progress: a progress-bar label, or False.
+        pool: where the answers are generated and scored (default: this process).
     """
-    greedy = SamplingConfig(
-        temperature=0.0,
-        max_new_tokens=config.sampling.max_new_tokens,
-        batch_size=config.sampling.batch_size,
-    )
-    gens = generate(lm, [p.text for p in held_out], 1, greedy, policy, progress=progress)
+    pool = pool or LocalPool(lm)
+    greedy = config.sampling.as_greedy()
+    gens = pool.generate([p.text for p in held_out], 1, greedy, policy, progress=progress)
     texts = [g[0].text for g in gens]
     scores = (
-        oracle.score([p.text for p in held_out], texts)
+        pool.score(oracle, [p.text for p in held_out], texts)
         if isinstance(oracle, ScoreOracle)
         else [None] * len(texts)
     )
@@ -91,6 +90,7 @@ def sample_and_select(
     policy: list[Steering],
     bank: ResponseBank | None = None,
     progress: bool | str = False,
+    pool: WorkerPool | None = None,
 ) -> Selection:
     """Iteration t's batch: K samples per drawn prompt from pi_t, judged and labelled.
 
@@ -102,10 +102,11 @@ def sample_and_select(
         bank: ``cs`` only: the response bank before iteration t (re-judged first with
             ``config.bank.rescore``); the returned selection holds the bank after it.
         progress: a progress-bar label, or False.
+        pool: where the samples are drawn and judged (default: this process).
     """
+    pool = pool or LocalPool(lm)
     batch = draw_prompts(train, t, config.prompts_per_iteration, config.seed)
-    gens = generate(
-        lm,
+    gens = pool.generate(
         [p.text for p in batch],
         config.samples_per_prompt,
         config.sampling,
@@ -113,7 +114,7 @@ def sample_and_select(
         seed=config.seed * 1009 + t,
         progress=progress,
     )
-    judgments = oracle.judge([p.text for p in batch], [[g.text for g in gs] for gs in gens])
+    judgments = pool.judge(oracle, [p.text for p in batch], [[g.text for g in gs] for gs in gens])
     if bank is not None and config.bank.rescore and len(bank):
         bank = bank.rescored(t, oracle)
     # The variant (sims / pr / cs) decides the labels; cs also updates the bank.
@@ -167,6 +168,7 @@ def iteration_row(
     calibration: CalibrationRecord | None,
     stop: str | None,
     seconds: dict[str, float],
+    engine: str | None = None,
 ) -> IterationRecord:
     """Iteration t's row of the summary table, from what its steps returned."""
     samples = selection.samples
@@ -192,6 +194,7 @@ def iteration_row(
         stop=stop,
         seconds={k: round(v, 2) for k, v in seconds.items()},
         seconds_total=round(sum(seconds.values()), 2),
+        engine=engine,
     )
 
 

@@ -3,6 +3,7 @@
 Oracle names (``sims run --oracle NAME``):
 
 - ``sentiment``, ``negativity``, ``readability``, ``length:N``: built-in text scorers;
+- ``refusal``: declining the request, from a documented phrase list (:mod:`.refusal`);
 - ``reward-model:PATH_OR_ID`` (or ``rm:PATH_OR_ID``): a sequence-classification reward model;
 - ``self-rank``: the backbone ranks its own K answers (SIMS-PR, :mod:`.self_rank`);
 - ``self-judge`` / ``self-judge-pairwise``: verdict-token likelihoods of the backbone
@@ -29,6 +30,7 @@ from ..errors import SimsError
 from .attributes import ATTRIBUTES, AttributeOracle, attribute_oracle
 from .base import Judgment, Oracle, ScoreOracle, bradley_terry, win_rates
 from .llm_judge import JudgeConfig, JudgeOracle
+from .refusal import RefusalOracle
 from .reward_model import RewardModelOracle
 from .self_judge import SelfJudgeOracle, SelfJudgePairwiseOracle
 from .self_rank import SelfRankOracle
@@ -38,6 +40,7 @@ from .user import SelfConsistencyOracle, python_oracle, python_target
 MODEL_ORACLES = ("self-rank", "self-judge", "self-judge-pairwise")
 ORACLE_NAMES = (
     *ATTRIBUTES,
+    "refusal",
     "reward-model:PATH",
     *MODEL_ORACLES,
     "judge:MODEL@BASE_URL",
@@ -174,6 +177,8 @@ def _build(spec: dict[str, Any], device: str | None, lm: Any) -> Oracle:
         return python_oracle(arg, **spec)
     if kind == "self-consistency":
         return SelfConsistencyOracle(**spec)
+    if name == "refusal":
+        return RefusalOracle(**spec)
     try:
         return attribute_oracle(name, **spec)
     except KeyError:
@@ -191,6 +196,7 @@ __all__ = [
     "JudgeOracle",
     "Judgment",
     "Oracle",
+    "RefusalOracle",
     "RewardModelOracle",
     "ScoreOracle",
     "SelfConsistencyOracle",
