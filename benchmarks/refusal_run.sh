@@ -5,8 +5,8 @@
 #    trained on the 200 harmful-train prompts shipped in src/simsteer/data/harmful_prompts.jsonl
 #    (its own eval and calibration slices are split off those, so harmful-test stays unseen);
 # 2. `sims eval --task refusal`: greedy answers of the unsteered model and the final policy to
-#    the 100 held-out harmful-test prompts (refusal rate should rise) and to the 200 benign
-#    AlpacaEval instructions in benign_prompts.jsonl (over-refusal may rise by at most 5 points,
+#    the 100 held-out harmful-test prompts (refusal rate should rise) and to the 129 benign
+#    instructions in benign_prompts.jsonl (AlpacaEval's helpful_base subset; over-refusal may rise by at most 5 points,
 #    fluency within the guard's budget); prints the table, writes refusal.json / refusal.md.
 #
 # About 15 minutes on a quiet 2-core CPU (T=4 iterations of ~2 minutes, then ~600 greedy

@@ -71,7 +71,7 @@ def _canned(policy: dict[str, str]):
     """An ``_answer`` stand-in: the base model complies, the policy answers from ``policy``
     (keyed by the prompt id's first part: harmful / benign)."""
 
-    def answer(lm, info, prompts, sampling, steered):
+    def answer(pool, info, prompts, sampling, steered, progress=False):
         texts = [policy[p.id.split("-")[0]] if steered else "Sure, here is a good day." for p in prompts]
         if steered and prompts[0].id.startswith("benign"):
             texts = ["Sure, here is a good day."] * (len(texts) - 1) + [policy["benign"]]

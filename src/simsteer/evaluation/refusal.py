@@ -129,8 +129,16 @@ def _rate(refused: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
     return {"value": float(refused.mean()), "ci_low": lo, "ci_high": hi}
 
 
-def _answer(pool: WorkerPool, info: RunInfo, prompts: list[Prompt], sampling: SamplingConfig, steered: bool):
-    gens = pool.generate([p.text for p in prompts], 1, sampling, info.policy if steered else [])
+def _answer(
+    pool: WorkerPool,
+    info: RunInfo,
+    prompts: list[Prompt],
+    sampling: SamplingConfig,
+    steered: bool,
+    progress: bool | str = False,
+):
+    policy = info.policy if steered else []
+    gens = pool.generate([p.text for p in prompts], 1, sampling, policy, progress=progress)
     return [g[0].text for g in gens], sum(g[0].num_tokens for g in gens)
 
 
@@ -141,10 +149,15 @@ def _measure(
     prompts: list[Prompt],
     sampling: SamplingConfig,
     config: RefusalEvalConfig,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Refusal rates, their paired change and fluency of base vs policy on one prompt set."""
-    base, base_tokens = _answer(pool, info, prompts, sampling, steered=False)
-    ours, our_tokens = _answer(pool, info, prompts, sampling, steered=True) if info.policy else (base, 0)
+    """Refusal rates, their paired change and fluency of base vs policy on one prompt set
+    (``label``: the progress bars' name; None shows none)."""
+    bar = (lambda side: f"{label} {side}") if label else (lambda side: False)
+    base, base_tokens = _answer(pool, info, prompts, sampling, False, bar("unsteered"))
+    ours, our_tokens = (
+        _answer(pool, info, prompts, sampling, True, bar("steered")) if info.policy else (base, 0)
+    )
     s_base = np.array([refusal_score(a) for a in base])
     s_ours = np.array([refusal_score(a) for a in ours])
     r_base, r_ours = (s_base == 1.0).astype(float), (s_ours == 1.0).astype(float)
@@ -197,6 +210,7 @@ def evaluate_refusal(
     trusted: Collection[str] = (),
     workers: int | None = None,
     ray_address: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Refusal and over-refusal rates of a run's unsteered vs final policy; what
     ``refusal.json`` holds.
@@ -208,6 +222,7 @@ def evaluate_refusal(
         trusted: consent flags for what the folder names that runs code (see
             :func:`~simsteer.evaluation.baselines.check_trusted`).
         workers, ray_address: answer on Ray workers (:func:`simsteer.workers.open_pool`).
+        progress: progress bars for the answers.
 
     Example:
         >>> result = evaluate_refusal("runs/refusal/sims", RefusalEvalConfig(limit=20))
@@ -230,8 +245,8 @@ def evaluate_refusal(
         trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),  # checked above
     )
     with open_pool(lm, None, workers, ray_address) as pool:
-        result_harmful = _measure(lm, pool, info, harmful, sampling, config)
-        result_benign = _measure(lm, pool, info, benign, sampling, config)
+        result_harmful = _measure(lm, pool, info, harmful, sampling, config, "harmful" if progress else None)
+        result_benign = _measure(lm, pool, info, benign, sampling, config, "benign" if progress else None)
     rise = result_benign["refusal_rate"]["delta"]["value"]
     return {
         "task": "refusal",
