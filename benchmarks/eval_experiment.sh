@@ -12,6 +12,7 @@
 #   sims-cs     SIMS-CS (response bank), CAA
 #
 # Usage: benchmarks/eval_experiment.sh [OUT] (resumable: finished steps are skipped).
+# Smaller, to check the commands: SEEDS=0 HELD_OUT=6 T=1 N=2 K=2 TOKENS=8 benchmarks/eval_experiment.sh /tmp/exp
 # DATA: the folder holding ultrafeedback/ for ms (default ../shared/data; ms is skipped
 # when it is missing). Several hours on a 2-core CPU; run it alone.
 set -euo pipefail
@@ -21,7 +22,8 @@ PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 SEEDS=${SEEDS:-"0 1 2"}
 HELD_OUT=${HELD_OUT:-100}
-RUN=(-T 3 -N 12 -K 4 --max-new-tokens 48 --quiet)
+RUN=(-T "${T:-3}" -N "${N:-12}" -K "${K:-4}" --max-new-tokens "${TOKENS:-48}" --quiet)
+DPO=(--dpo-epochs "${DPO_EPOCHS:-2}")  # one epoch barely moves the DPO loss on a few hundred pairs
 
 mkdir -p "$OUT"
 # One split for every seed: the first HELD_OUT prompts of a fixed shuffle are held out.
@@ -54,7 +56,7 @@ for S in $SEEDS; do
   [ -f "$D/vanilla/config.json" ] || $SIMS baseline vanilla --like "$D/sims-caa" -o "$D/vanilla"
   [ -f "$D/best-of-4/config.json" ] || $SIMS baseline best-of-n --n 4 --like "$D/sims-caa" -o "$D/best-of-4"
   [ -f "$D/random/summary.json" ] || $SIMS baseline random --like "$D/sims-caa" -o "$D/random" --quiet
-  [ -f "$D/dpo/config.json" ] || $SIMS baseline dpo --like "$D/sims-caa" -o "$D/dpo"
+  [ -f "$D/dpo/config.json" ] || $SIMS baseline dpo --like "$D/sims-caa" -o "$D/dpo" "${DPO[@]}" --quiet
   if [ -d "$DATA/ultrafeedback" ]; then
     [ -f "$D/ms/config.json" ] || $SIMS baseline ms --like "$D/sims-caa" -o "$D/ms" --data "$DATA" \
       --pairs-limit 128 --max-response-tokens 64
