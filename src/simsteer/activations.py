@@ -12,6 +12,7 @@ answers to a learner's input, shared by the SIMS loop and the MS baseline.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -297,6 +298,20 @@ def collect_extra_activations(
     raise SimsError(f"unknown learner activation kind {kind!r}")
 
 
+def check_collection(needs: str, prompts: Sequence[str], groups: Sequence[int]) -> None:
+    """Refuse an unknown ``needs``, and (unless ``"none"``) groups not aligned with the answers."""
+    if needs not in NEEDS:
+        raise SimsError(f"unknown learner activation kind {needs!r}: use one of {', '.join(NEEDS)}")
+    if needs != "none" and len(groups) != len(prompts):
+        raise ValueError("one group id per answer is needed")
+
+
+def no_preference_activations(layers: list[int], hidden_size: int) -> PreferenceActivations:
+    """The empty data of a learner that needs none (``needs = "none"``)."""
+    empty = torch.zeros(0, len(layers), hidden_size)
+    return PreferenceActivations(layers, empty, empty, [], [], torch.zeros(len(layers)))
+
+
 def collect_preference_activations(
     lm: LoadedModel,
     needs: str,
@@ -336,13 +351,9 @@ def collect_preference_activations(
         ...     lm, learner.needs, prompts, answers, n_pos, groups, [3, 4])
         >>> steering = learner.fit(data, lm.fingerprint())
     """
-    if needs not in NEEDS:
-        raise SimsError(f"unknown learner activation kind {needs!r}: use one of {', '.join(NEEDS)}")
+    check_collection(needs, prompts, groups)
     if needs == "none":
-        empty = torch.zeros(0, len(layers), lm.hidden_size)
-        return PreferenceActivations(layers, empty, empty, [], [], torch.zeros(len(layers))), 0
-    if len(groups) != len(prompts):
-        raise ValueError("one group id per answer is needed")
+        return no_preference_activations(layers, lm.hidden_size), 0
     acts = collect_activations(
         lm,
         prompts,

@@ -29,7 +29,7 @@ from .errors import SimsError
 from .llamacpp import ENGINES, LlamaCppBackend, choose_engine
 from .models import LoadedModel
 from .steering import Steering
-from .tokens import encode_prompt, eos_token_ids, left_pad
+from .tokens import encode_prompt, eos_token_ids, left_pad, pad_token_id
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ class Generation:
     finished: bool  # ended with an end-of-sequence token rather than the length cap
 
 
+def stream_keys(num_prompts: int, num_samples: int, keys: Sequence[int] | None) -> list[int]:
+    """Each prompt's random-stream key (default: its index), checked with the sample count
+    (one check for :func:`generate` and the worker pools that split its prompts)."""
+    if num_samples < 1:
+        raise SimsError(f"the number of samples per prompt must be >= 1, got {num_samples}")
+    out = list(range(num_prompts)) if keys is None else [int(k) for k in keys]
+    if len(out) != num_prompts:
+        raise SimsError(f"{len(out)} stream keys for {num_prompts} prompts")
+    return out
+
+
 def generate(
     lm: LoadedModel,
     prompts: list[str],
@@ -113,16 +124,12 @@ def generate(
         one list of ``num_samples`` generations per prompt, in prompt order.
     """
     config = config or SamplingConfig()
-    if num_samples < 1:
-        raise SimsError(f"the number of samples per prompt must be >= 1, got {num_samples}")
-    keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
-    if len(keys) != len(prompts):
-        raise SimsError(f"{len(keys)} stream keys for {len(prompts)} prompts")
+    keys = stream_keys(len(prompts), num_samples, keys)
     tok = lm.tokenizer
     encoded = [encode_prompt(tok, p) for p in prompts]
     jobs = [Job(i, s, stream_id(seed, keys[i], s)) for i in range(len(prompts)) for s in range(num_samples)]
     eos = eos_token_ids(lm.model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    pad = pad_token_id(tok, eos[0])
     results: list[list[Generation | None]] = [[None] * num_samples for _ in prompts]
     label = progress if isinstance(progress, str) else "sampling"
     bar = tqdm(total=len(jobs), desc=label, unit="seq", disable=not progress, leave=False)

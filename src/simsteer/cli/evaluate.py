@@ -110,8 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data=args.data,
         bootstrap_rounds=args.bootstrap,
     )
-    pool = {"workers": args.workers, "ray_address": args.ray_address}
-    result = evaluate_run(args.run, config, trusted=trusted, **pool)
+    workers = {"workers": args.workers, "ray_address": args.ray_address}
+    result = evaluate_run(args.run, config, trusted=trusted, **workers)
     path = write_report(result, Path(args.out or args.run))
     for judge, w in result["win_rates_vs_base"].items():
         v = w["win_rate"]

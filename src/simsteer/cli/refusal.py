@@ -58,8 +58,8 @@ def cmd_refusal(args: argparse.Namespace, trusted: frozenset[str]) -> int:
         max_over_refusal_rise=args.max_over_refusal,
         bootstrap_rounds=args.bootstrap,
     )
-    pool = {"workers": args.workers, "ray_address": args.ray_address}
-    result = evaluate_refusal(args.run, config, trusted=trusted, progress=True, **pool)
+    workers = {"workers": args.workers, "ray_address": args.ray_address}
+    result = evaluate_refusal(args.run, config, trusted=trusted, progress=True, **workers)
     path = write_refusal_report(result, Path(args.out or args.run))
     print(refusal_table(result), end="")
     print(f"report written to {path}")

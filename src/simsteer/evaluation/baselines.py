@@ -40,7 +40,7 @@ from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import load_prompts
 from ..sampling import Generation, SamplingConfig
 from ..steering import Steering
-from ..workers import LocalPool, WorkerPool
+from ..workers import WorkerPool
 from .datasets import PreferencePair, load_pair_set, load_pairs
 from .dpo import DPOBaselineConfig, build_dpo_baseline, require_baselines_extra
 from .dpo_pairs import run_pairs
@@ -143,30 +143,24 @@ def fit_labelled_steering(
 
 
 def best_of_n(
-    lm: LoadedModel | None,
+    pool: WorkerPool,
     oracle: Oracle,
     prompts: Sequence[str],
     n: int,
     sampling: SamplingConfig,
     policy: Sequence[Steering] = (),
     seed: int = 0,
-    pool: WorkerPool | None = None,
 ) -> tuple[list[Generation], int]:
     """For each prompt, N samples and the one the oracle ranks best (highest win rate).
 
     Args:
-        lm: the model (unused when ``pool`` is given).
-        pool: where the samples are drawn and judged (default: this process).
+        pool: where the samples are drawn and judged (``LocalPool(lm)``: this process).
 
     Returns:
         the chosen generations and the number of tokens generated in all.
     """
     if n < 1:
         raise SimsError(f"best-of-N needs N >= 1, got {n}")
-    if pool is None:
-        if lm is None:
-            raise SimsError("best-of-N needs a model or a worker pool")
-        pool = LocalPool(lm)
     gens = pool.generate(list(prompts), n, sampling, list(policy), seed=seed)
     if n == 1:
         return [g[0] for g in gens], sum(g[0].num_tokens for g in gens)

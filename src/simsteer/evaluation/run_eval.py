@@ -141,7 +141,7 @@ def _answers(
     with meter.stage(f"generate_{label}") as cost:
         if steered and info.kind == "best-of-n":
             n, seed = int(info.config["n"]), info.config.get("seed", 0)
-            gens, tokens = best_of_n(None, oracle, prompts, n, sampling, seed=seed, pool=pool)
+            gens, tokens = best_of_n(pool, oracle, prompts, n, sampling, seed=seed)
             cost.generated_tokens += tokens
             cost.judge_calls += len(prompts) * int(info.config["n"])
         else:

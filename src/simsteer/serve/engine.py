@@ -36,7 +36,7 @@ from ..engine import DecodeSettings, Engine, Job
 from ..models import LoadedModel
 from ..policy import Policy
 from ..steering import Steering
-from ..tokens import eos_token_ids
+from ..tokens import eos_token_ids, pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class BatchEngine:
         self.seed = seed
         self.max_queue = max_queue
         self.eos = eos_token_ids(lm.model, lm.tokenizer)
-        self.pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else self.eos[0]
+        self.pad = pad_token_id(lm.tokenizer, self.eos[0])
         self.batches = 0
         self.rows_cancelled = 0
         self.active: list[GenerationRequest] = []

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..activations import NEEDS, PreferenceActivations
+from ..activations import PreferenceActivations, check_collection, no_preference_activations
 from ..errors import SimsError
 from ..models import LoadedModel
 from ..oracles.base import Judgment, Oracle, ScoreOracle
-from ..sampling import Generation, SamplingConfig
+from ..sampling import Generation, SamplingConfig, stream_keys
 from ..steering import Steering
 from .actor import ModelWorker
 from .payload import (
@@ -201,14 +201,10 @@ class RayPool(WorkerPool):
         summary_max_tokens: int | None = None,
         progress: bool | str = False,
     ) -> tuple[PreferenceActivations, int]:
-        if needs not in NEEDS:
-            raise SimsError(f"unknown learner activation kind {needs!r}: use one of {', '.join(NEEDS)}")
-        if len(groups) != len(prompts):
-            raise ValueError("one group id per answer is needed")
+        check_collection(needs, prompts, groups)
         d, n, k = self._info["hidden_size"], len(prompts), num_positive
         if needs == "none":
-            empty = torch.zeros(0, len(layers), d)
-            return PreferenceActivations(layers, empty, empty, [], [], torch.zeros(len(layers))), 0
+            return no_preference_activations(layers, d), 0
         args = (prompts, responses, layers, batch_size, summary, progress)
         summaries = torch.zeros(n, len(layers), d)
         norm_sum = torch.zeros(len(layers), dtype=torch.float64)
@@ -296,11 +292,7 @@ class RayPool(WorkerPool):
     ) -> tuple[list[Any], list[int]]:
         """Start sampling on the workers: the shards' references and sizes."""
         config = config or SamplingConfig()
-        if num_samples < 1:
-            raise SimsError(f"the number of samples per prompt must be >= 1, got {num_samples}")
-        keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
-        if len(keys) != len(prompts):
-            raise SimsError(f"{len(keys)} stream keys for {len(prompts)} prompts")
+        keys = stream_keys(len(prompts), num_samples, keys)
         key, boxed = self._boxed_policy(policy)
         parts = shards(len(prompts), len(self.actors))
         refs = [
