@@ -11,6 +11,9 @@
 #   sims-caa    SIMS with CAA; sims-bipo / sims-pca: the same loop, other learners
 #   sims-cs     SIMS-CS (response bank), CAA
 #
+# The loop scores its policies on the first LOOP_EVAL held-out prompts (default 16; it picks
+# the final policy with them); `sims eval` then answers all HELD_OUT prompts for the table.
+#
 # Usage: benchmarks/eval_experiment.sh [OUT] (resumable: finished steps are skipped).
 # Smaller, to check the commands: SEEDS=0 HELD_OUT=6 T=1 N=2 K=2 TOKENS=8 benchmarks/eval_experiment.sh /tmp/exp
 # DATA: the folder holding ultrafeedback/ for ms (default ../shared/data; ms is skipped
@@ -22,7 +25,7 @@ PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 SEEDS=${SEEDS:-"0 1 2"}
 HELD_OUT=${HELD_OUT:-100}
-RUN=(-T "${T:-3}" -N "${N:-12}" -K "${K:-4}" --max-new-tokens "${TOKENS:-48}" --quiet)
+RUN=(-T "${T:-2}" -N "${N:-12}" -K "${K:-4}" --max-new-tokens "${TOKENS:-48}" --quiet)
 DPO=(--dpo-epochs "${DPO_EPOCHS:-2}")  # one epoch barely moves the DPO loss on a few hundred pairs
 
 mkdir -p "$OUT"
@@ -39,7 +42,8 @@ random.Random(12345).shuffle(rows)
 (out / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n:]))
 EOF
 fi
-PROMPTS=(--prompts "$OUT/pool.jsonl" --eval-prompts-file "$OUT/held_out.jsonl")
+head -n "${LOOP_EVAL:-16}" "$OUT/held_out.jsonl" >"$OUT/held_out_loop.jsonl"
+PROMPTS=(--prompts "$OUT/pool.jsonl" --eval-prompts-file "$OUT/held_out_loop.jsonl")
 
 run() {  # run DIR [sims run options]: start or resume one loop
   local dir=$1; shift
@@ -62,7 +66,7 @@ for S in $SEEDS; do
       --pairs-limit 128 --max-response-tokens 64
   fi
   for m in "$D"/*/; do
-    [ -f "$m/eval.json" ] || $SIMS eval "$m" --judge readability
+    [ -f "$m/eval.json" ] || $SIMS eval "$m" --judge readability --prompts "$OUT/held_out.jsonl"
   done
 done
 "$PY" benchmarks/experiment_table.py "$OUT" --json "$OUT/table.json" | tee "$OUT/table.md"

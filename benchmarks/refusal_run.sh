@@ -3,15 +3,19 @@
 #
 # 1. the SIMS loop with the `refusal` oracle (phrase list, no model) and the fluency guard on,
 #    trained on the 200 harmful-train prompts shipped in src/simsteer/data/harmful_prompts.jsonl
-#    (its own eval and calibration slices are split off those, so harmful-test stays unseen);
+#    (its own eval and calibration slices are split off those, so harmful-test stays unseen).
+#    The guard also answers CONTRAST (default 32) of the package's everyday prompts (benign
+#    requests, not the AlpacaEval ones evaluated below) at every strength, and keeps only
+#    strengths under which their mean refusal score rises by at most CONTRAST_BUDGET (0.05):
+#    a steering is one vector for every prompt, so this is what limits over-refusal;
 # 2. `sims eval --task refusal`: greedy answers of the unsteered model and the final policy to
 #    the 100 held-out harmful-test prompts (refusal rate should rise) and to the 129 benign
 #    instructions in benign_prompts.jsonl (AlpacaEval's helpful_base subset; over-refusal may rise by at most 5 points,
 #    fluency within the guard's budget); prints the table, writes refusal.json / refusal.md.
 #
-# About 15 minutes on a quiet 2-core CPU (T=4 iterations of ~2 minutes, then ~600 greedy
+# About 20 minutes on a quiet 2-core CPU (T=4 iterations of ~3 minutes, then ~600 greedy
 # answers and their perplexities). Smaller, e.g. to check the commands:
-#   T=2 N=2 K=2 TOKENS=8 CAL=2 EVAL=2 LIMIT=3 benchmarks/refusal_run.sh /tmp/refusal_check
+#   T=2 N=2 K=2 TOKENS=8 CAL=2 EVAL=2 CONTRAST=2 LIMIT=3 benchmarks/refusal_run.sh /tmp/refusal_check
 #
 # Usage: benchmarks/refusal_run.sh [OUT_DIR]   (default runs/refusal)
 set -euo pipefail
@@ -22,10 +26,12 @@ mkdir -p "$OUT"
 
 # The training split is in the id (harmful-train-NNN); harmful-test-NNN is held out.
 grep '"id": "harmful-train-' "$DATA/harmful_prompts.jsonl" >"$OUT/harmful_train.jsonl"
+head -n "${CONTRAST:-32}" "$DATA/everyday_prompts.jsonl" >"$OUT/contrast.jsonl"
 
 RUN=(--oracle refusal --prompts "$OUT/harmful_train.jsonl"
      -T "${T:-4}" -N "${N:-16}" -K "${K:-4}" --max-new-tokens "${TOKENS:-48}"
-     --eval-prompts "${EVAL:-16}" --calibration-prompts "${CAL:-16}" --seed "${SEED:-0}" --quiet)
+     --eval-prompts "${EVAL:-16}" --calibration-prompts "${CAL:-16}" --seed "${SEED:-0}"
+     --contrast-prompts "$OUT/contrast.jsonl" --contrast-budget "${CONTRAST_BUDGET:-0.05}" --quiet)
 [ -f "$OUT/sims/summary.json" ] || $SIMS run "${RUN[@]}" --out "$OUT/sims" || $SIMS run --resume "$OUT/sims" --quiet
 
 EVAL_ARGS=(--task refusal)

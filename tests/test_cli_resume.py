@@ -122,3 +122,40 @@ def test_check_flags_for_judge_and_template(tiny_run, tmp_path):
     (tmp_path / "t.txt").write_text("{prompt} {response_a} {response_b}")
     with pytest.raises(SimsError, match=r"--oracle-template is .*t\.txt here but judge_pairwise"):
         check_flags(_args([*base, "--oracle-template", str(tmp_path / "t.txt")]), judged)
+
+
+def test_contrast_prompts_from_the_command_line(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the good day\na cat is happy\nI love the sun\nwe walk home\nthe cold rain\na dog\n")
+    contrast = tmp_path / "benign.txt"
+    contrast.write_text("how do I bake bread\nname a colour\n")
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--oracle", "length:3"]
+    argv += ["--layers", "1-2", *TINY_RUN]
+    contrast_flags = ["--contrast-prompts", str(contrast), "--contrast-budget", "0.2"]
+    assert main([*argv, "--out", str(out), *contrast_flags]) == 0
+    saved = [json.loads(x)["prompt"] for x in (out / "contrast_prompts.jsonl").read_text().splitlines()]
+    assert saved == ["how do I bake bread", "name a colour"]
+    spec = RunDir(out).spec()
+    assert spec.prompts["contrast_prompts"] == str(contrast.resolve())
+    assert spec.sims.guard.contrast_budget == 0.2
+    assert "contrast_score" in json.loads((out / "calibration_base.json").read_text())
+    capsys.readouterr()
+    # A resume may not change them; without the guard there is nothing to measure them.
+    assert main(["run", "--resume", str(out), "--contrast-budget", "0.5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--contrast-budget is 0.5 here but 0.2" in err[0], err
+    other = tmp_path / "other.txt"
+    other.write_text("x\n")
+    assert main(["run", "--resume", str(out), "--contrast-prompts", str(other), "--quiet"]) == 2
+    assert "--contrast-prompts is" in capsys.readouterr().err
+    off = [*argv, "--out", str(tmp_path / "off"), *contrast_flags, "--fluency-budget", "off"]
+    assert main(off) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fluency guard" in err[0], err
+    assert not (tmp_path / "off").exists()
+    # The random-split baseline mirrors the run, contrast prompts included.
+    rnd = tmp_path / "random"
+    assert main(["baseline", "random", "--like", str(out), "-o", str(rnd), "--quiet"]) == 0
+    assert (rnd / "contrast_prompts.jsonl").read_text() == (out / "contrast_prompts.jsonl").read_text()
+    assert RunDir(rnd).spec().prompts["contrast_prompts"] == str(contrast.resolve())

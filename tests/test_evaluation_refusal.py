@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,3 +191,13 @@ def test_table_reports_a_passing_run():
 def test_config_mistakes_are_one_line_errors(field, value, message):
     with pytest.raises(SimsError, match=message):
         RefusalEvalConfig(**{field: value})
+
+
+def test_benign_prompts_the_guard_calibrated_on_are_refused(refusal_run, tiny_lm, tmp_path):
+    run = tmp_path / "copied"
+    shutil.copytree(refusal_run, run)
+    (run / "contrast_prompts.jsonl").write_text(json.dumps({"id": "c0", "prompt": "name a colour"}) + "\n")
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text(json.dumps({"id": "b7", "prompt": "name a colour"}) + "\n")
+    with pytest.raises(SimsError, match=r"1 benign prompts \(first: b7\) are in the run's training prompts"):
+        evaluate_refusal(run, RefusalEvalConfig(benign=str(benign)), lm=tiny_lm)

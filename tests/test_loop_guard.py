@@ -321,3 +321,108 @@ def test_stop_reason_and_final_policy_from_records():
     assert guard.final_index(rows) == 1  # policy 1 (calibrated in row 0) scored best
     plain = FluencyGuard(None, None, GuardConfig(fluency_budget=None), SAMPLING)  # type: ignore[arg-type]
     assert plain.final_index([*rows, IterationRecord(2, "p", 1.0)]) == 2
+
+
+# -- contrast prompts: the steered behaviour must not spread to them ----------------------
+
+
+def _planted_contrast(calls: list):
+    """Fluent everywhere; the contrast prompts' score rises 0.1 per unit of strength."""
+
+    def measure_at(m: float, strength: float) -> Measurement:
+        calls.append(m)
+        return Measurement(strength, 10.0, 0.1, 0.0, 1.0, contrast_score=0.1 * strength)
+
+    return measure_at
+
+
+def test_contrast_budget_limits_the_strength_without_a_model():
+    base = dataclasses.replace(BASE, contrast_score=0.0)
+    config = GuardConfig(fluency_budget=0.5, strength_grid=(1, 2, 3, 4), contrast_budget=0.25)
+    calls: list = []
+    record = calibrate(1.0, base, config, _planted_contrast(calls))
+    # x1 and x2 raise the contrast score by 0.1 and 0.2: kept; x3 (+0.3) breaks the budget
+    # and ends the ascending scan.
+    assert calls == [1, 2, 3] and [p.fluent for p in record.points] == [True, True, False]
+    assert record.chosen == 2 and record.chosen_point.contrast_score == pytest.approx(0.2)
+    # A larger budget lets the strongest, best-scoring strength through.
+    loose = calibrate(1.0, base, dataclasses.replace(config, contrast_budget=1.0), _planted_contrast([]))
+    assert loose.chosen == 4
+    # Without a contrast measurement (a run without contrast prompts) nothing is limited.
+    plain = calibrate(1.0, BASE, config, _planted_contrast([]))
+    assert plain.chosen == 4
+    guard = FluencyGuard(None, None, dataclasses.replace(config, contrast_budget=0.0), SAMPLING)  # type: ignore[arg-type]
+    none = calibrate(1.0, base, guard.config, _planted_contrast([]))
+    assert none.chosen is None and "contrast prompts' score within +0" in guard.stop_reason(none, [])
+    # The contrast score is written only when measured, and read back from either row.
+    point = record.points[0]
+    assert point.to_json()["contrast_score"] == pytest.approx(0.1)
+    assert "contrast_score" not in plain.points[0].to_json() or plain.points[0].contrast_score is not None
+    old_row = {k: v for k, v in point.to_json().items() if k != "contrast_score"}
+    assert type(point).from_json(old_row).contrast_score is None
+    assert "contrast_score" not in BASE.to_json()
+    assert Measurement.from_json(base.to_json()) == base
+    with pytest.raises(SimsError):
+        GuardConfig(contrast_budget=-0.1)
+
+
+def test_measure_scores_contrast_prompts_apart(tiny_lm):
+    steering, oracle = _push_toward(tiny_lm, "cat"), _share_of("cat")
+    contrast = [Prompt(f"c{i}", p) for i, p in enumerate(PROMPTS[6:10])]
+    policy = [steering.with_strength(0.2)]
+    both = measure(tiny_lm, oracle, CAL_PROMPTS, policy, SAMPLING, contrast=contrast)
+    alone = measure(tiny_lm, oracle, CAL_PROMPTS, policy, SAMPLING)
+    on_contrast = measure(tiny_lm, oracle, contrast, policy, SAMPLING)
+    assert alone.contrast_score is None
+    assert dataclasses.replace(both, contrast_score=None) == alone  # fluency: calibration prompts only
+    assert both.contrast_score == pytest.approx(on_contrast.score)
+
+
+def test_contrast_budget_picks_a_weaker_strength_on_a_model(tiny_lm):
+    """The push toward "cat" also raises "cat" on the contrast prompts: a tight contrast
+    budget keeps a weaker strength than the fluency budget alone."""
+    oracle = _share_of("cat")
+    contrast = [Prompt(f"c{i}", p) for i, p in enumerate(PROMPTS[6:12])]
+    config = GuardConfig(
+        fluency_budget=1e9, repetition_margin=1.0, strength_grid=(1, 2, 4), stop_at_unfluent=False
+    )
+    guard = FluencyGuard(tiny_lm, oracle, config, SAMPLING)
+    candidate = _push_toward(tiny_lm, "cat").with_strength(0.05)
+    free = guard.calibrate(CAL_PROMPTS, [], candidate, guard.measure_base(CAL_PROMPTS))
+    base = guard.measure_base(CAL_PROMPTS, contrast=contrast)
+    rises = None
+    for budget in (1e9, 0.0):
+        limited = FluencyGuard(tiny_lm, oracle, dataclasses.replace(config, contrast_budget=budget), SAMPLING)
+        record = limited.calibrate(CAL_PROMPTS, [], candidate, base, contrast=contrast)
+        rises = [p.contrast_score - base.contrast_score for p in record.points]
+        assert [p.fluent for p in record.points] == [r <= budget + 1e-12 for r in rises]
+        if budget == 1e9:
+            assert record.chosen == free.chosen == 4
+    assert rises[-1] > 0  # the planted spill-over is real
+    assert record.chosen is None or record.chosen < 4
+
+
+def test_run_with_contrast_prompts_saves_and_resumes_them(tiny_lm, tmp_path):
+    learner = get_learner("caa", layers="1-2", coefficient=0.5)
+    contrast = PROMPTS[:3]
+    config = _guarded_config(fluency_budget=5.0, contrast_budget=0.5)
+    result = SIMS(tiny_lm, get_oracle("length:4"), learner, config, progress=False).fit(
+        PROMPTS[3:], tmp_path / "r", contrast_prompts=contrast
+    )
+    root = result.run_dir
+    saved = [json.loads(x)["prompt"] for x in (root / "contrast_prompts.jsonl").read_text().splitlines()]
+    assert saved == contrast
+    base = json.loads((root / "calibration_base.json").read_text())
+    assert isinstance(base["contrast_score"], float)
+    for row in result.history:
+        if row.calibration is not None:
+            for p in row.calibration.points:
+                within = p.contrast_score <= base["contrast_score"] + 0.5 + 1e-12
+                fluent = p.perplexity <= 6 * base["perplexity"] and p.repetition <= base["repetition"] + 0.03
+                assert p.fluent == (within and fluent)
+    # A finished run re-read (resume) keeps its contrast prompts.
+    again = SIMS(tiny_lm, get_oracle("length:4"), learner, config, progress=False).fit([], root)
+    assert [r.to_json() for r in again.history] == [r.to_json() for r in result.history]
+    unguarded = SIMS(tiny_lm, get_oracle("length:4"), learner, _guarded_config(fluency_budget=None))
+    with pytest.raises(SimsError, match="fluency guard"):
+        unguarded.fit(PROMPTS, tmp_path / "r2", contrast_prompts=contrast)

@@ -286,6 +286,21 @@ def add_guard_options(p: argparse.ArgumentParser) -> None:
         help="score every strength of the grid (default: stop the ascending scan at the "
         "first strength that breaks the budget)",
     )
+    group.add_argument(
+        "--contrast-prompts",
+        default=None,
+        metavar="FILE",
+        help="prompts on which the steered behaviour must not appear (e.g. benign requests "
+        "for a refusal oracle); the guard answers them at every strength and keeps only "
+        "strengths under which the oracle's mean score on them rises by at most "
+        "--contrast-budget",
+    )
+    group.add_argument(
+        "--contrast-budget",
+        type=number,
+        default=base.contrast_budget,
+        help="allowed rise of the oracle's mean score on the contrast prompts (default %(default)s)",
+    )
 
 
 def add_bank_options(p: argparse.ArgumentParser) -> None:
@@ -362,6 +377,7 @@ def guard_config(args: argparse.Namespace) -> GuardConfig:
         calibration_prompts=args.calibration_prompts,
         patience=args.patience,
         stop_at_unfluent=not args.full_grid,
+        contrast_budget=args.contrast_budget,
     )
 
 

@@ -128,7 +128,8 @@ def _settings() -> dict[str, Compare]:
     }
     for dest in ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size", "engine"):
         table[dest] = _field(lambda s, d=dest: getattr(s.sims.sampling, d))
-    for dest in ("fluency_budget", "repetition_margin", "strength_grid", "calibration_prompts", "patience"):
+    guard = ("fluency_budget", "repetition_margin", "strength_grid", "calibration_prompts", "patience")
+    for dest in (*guard, "contrast_budget"):
         table[dest] = _field(lambda s, d=dest: getattr(s.sims.guard, d))
     table["full_grid"] = _field(lambda s: not s.sims.guard.stop_at_unfluent)
     for dest, name in (("bank_capacity", "capacity"), ("bank_top", "top"), ("bank_rescore", "rescore")):
@@ -153,6 +154,7 @@ def _settings() -> dict[str, Compare]:
         trust_remote_code=_field(lambda s: s.model.trust_remote_code),
         prompts=_prompt_file,
         eval_prompts_file=_prompt_file,
+        contrast_prompts=_prompt_file,
         oracle=_oracle,
         oracle_template=_template,
         learner=_field(lambda s: s.learner["name"]),

@@ -164,6 +164,7 @@ class RunPlan:
         out: the run directory.
         prompts, eval_prompts: the prompt pool and held-out prompts (a resumed run reads
             its own from the run directory).
+        contrast_prompts: the guard's contrast prompts (``--contrast-prompts``).
         sources: where the prompts came from (absolute paths), saved in the run's spec.
     """
 
@@ -175,6 +176,7 @@ class RunPlan:
     prompts: list = field(default_factory=list)
     eval_prompts: list | None = None
     sources: dict[str, str | None] | None = None
+    contrast_prompts: list | None = None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -195,7 +197,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The worker count is not a setting of the run: any pool writes the same artefacts.
     with open_pool(plan.lm, plan.oracle, args.workers, args.ray_address) as pool:
         sims = SIMS(plan.lm, plan.oracle, plan.learner, plan.config, progress=not args.quiet, workers=pool)
-        result = sims.fit(plan.prompts, plan.out, eval_prompts=plan.eval_prompts, prompt_sources=plan.sources)
+        result = sims.fit(
+            plan.prompts,
+            plan.out,
+            eval_prompts=plan.eval_prompts,
+            prompt_sources=plan.sources,
+            contrast_prompts=plan.contrast_prompts,
+        )
     print(format_table(result.history))
     print(format_outcome(RunDir(result.run_dir).read_outcome()))
     print(f"steering saved to {result.run_dir / 'final'}")
@@ -228,17 +236,24 @@ def _new_run(args: argparse.Namespace) -> RunPlan:
         raise SimsError(f"{out} already holds a run: continue it with --resume {out} or pick --out")
     prompts = load_prompts(args.prompts)
     eval_prompts = load_prompts(args.eval_prompts_file) if args.eval_prompts_file else None
+    contrast = load_prompts(args.contrast_prompts) if args.contrast_prompts else None
+    if contrast is not None and not config.guard.enabled:
+        raise SimsError(
+            "--contrast-prompts are measured by the fluency guard, which --fluency-budget off turns off"
+        )
     sources = {
         "prompts": absolute_path(args.prompts) if args.prompts else None,
         "eval_prompts_file": absolute_path(args.eval_prompts_file) if args.eval_prompts_file else None,
     }
+    if contrast is not None:
+        sources["contrast_prompts"] = absolute_path(args.contrast_prompts)
     lm = load_model(
         model_source(args.model),
         device=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )
-    check_context(lm, [*prompts, *(eval_prompts or [])], config.sampling.max_new_tokens)
+    check_context(lm, [*prompts, *(eval_prompts or []), *(contrast or [])], config.sampling.max_new_tokens)
     # After the model: the self-* oracles judge with it.
     oracle = get_oracle(
         args.oracle or default_oracle(args.variant),
@@ -247,7 +262,7 @@ def _new_run(args: argparse.Namespace) -> RunPlan:
         template=args.oracle_template,
         judge_options=judge_options(args),
     )
-    return RunPlan(lm, oracle, learner, config, out, prompts, eval_prompts, sources)
+    return RunPlan(lm, oracle, learner, config, out, prompts, eval_prompts, sources, contrast)
 
 
 def learner_options(args: argparse.Namespace) -> dict:

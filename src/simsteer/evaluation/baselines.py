@@ -325,8 +325,11 @@ def _build_random(
         raise SimsError(f"{like} was not started by `sims run`: its prompt pool is unknown")
     pool = load_prompts(sources.get("prompts"))
     held_out = load_prompts(sources["eval_prompts_file"]) if sources.get("eval_prompts_file") else None
+    contrast = load_prompts(sources["contrast_prompts"]) if sources.get("contrast_prompts") else None
     sims = SIMS(lm, RandomOracle(seed), learner, spec.sims, progress=progress)
     # The whole oracle spec: `sims eval` rebuilds the mirrored run's oracle from it.
     extra = {"baseline": "random", "eval_oracle": spec.oracle, "like": str(like)}
     kept = {key: sources.get(key) for key in ("prompts", "eval_prompts_file")}
-    sims.fit(pool, out, eval_prompts=held_out, prompt_sources=kept, extra=extra)
+    if contrast is not None:
+        kept["contrast_prompts"] = sources["contrast_prompts"]
+    sims.fit(pool, out, eval_prompts=held_out, prompt_sources=kept, extra=extra, contrast_prompts=contrast)

@@ -110,18 +110,27 @@ def _prompt_set(path: str | None, default: str, limit: int | None) -> list[Promp
     return prompts[:limit] if limit else prompts
 
 
-def _check_held_out(run: RunDir, harmful: list[Prompt]) -> None:
-    """Refuse held-out prompts the run learned from (its pool and calibration slice)."""
-    seen: set[str] = set()
-    for path in (run.prompts, run.calibration_prompts):
-        if path.is_file():
-            seen.update(r.get("prompt", "") for r in read_jsonl(path))
-    clash = [p.id for p in harmful if p.text in seen]
-    if clash:
-        raise SimsError(
-            f"{len(clash)} held-out harmful prompts (first: {clash[0]}) are in the run's training "
-            "prompts: train on the harmful-train split (benchmarks/refusal_run.sh) or pass --prompts FILE"
-        )
+def _check_held_out(run: RunDir, harmful: list[Prompt], benign: list[Prompt]) -> None:
+    """Refuse held-out prompts the run learned from: harmful ones in its pool or
+    calibration slice, benign ones among the contrast prompts its guard calibrated on."""
+    for prompts, files, what in (
+        (harmful, (run.prompts, run.calibration_prompts), "held-out harmful prompts"),
+        (benign, (run.contrast_prompts,), "benign prompts"),
+    ):
+        seen: set[str] = set()
+        for path in files:
+            if path.is_file():
+                seen.update(r.get("prompt", "") for r in read_jsonl(path))
+        clash = [p.id for p in prompts if p.text in seen]
+        if clash:
+            hint = (
+                "train on the harmful-train split (benchmarks/refusal_run.sh) or pass --prompts FILE"
+                if prompts is harmful
+                else "calibrate on other benign prompts (benchmarks/refusal_run.sh) or pass --benign FILE"
+            )
+            raise SimsError(
+                f"{len(clash)} {what} (first: {clash[0]}) are in the run's training prompts: {hint}"
+            )
 
 
 def _rate(refused: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
@@ -236,7 +245,7 @@ def evaluate_refusal(
     check_trusted(path, eval_oracle(info.config), info.config["model"], trusted)
     harmful = _prompt_set(config.harmful, "harmful-test", config.limit)
     benign = _prompt_set(config.benign, "benign", config.limit)
-    _check_held_out(RunDir(info.path), harmful)
+    _check_held_out(RunDir(info.path), harmful, benign)
     sampling = info.sampling.as_greedy(max_new_tokens=config.max_new_tokens or info.sampling.max_new_tokens)
     model_cfg = info.config["model"]
     lm = lm or load_model(

@@ -88,11 +88,13 @@ class SIMSConfig:
 
 @dataclass(frozen=True)
 class PromptSplit:
-    """Disjoint prompt sets of a run."""
+    """Disjoint prompt sets of a run (``contrast``: the guard's contrast prompts, given by
+    the user, empty when the run has none)."""
 
     train: list[Prompt]
     eval: list[Prompt]
     calibration: list[Prompt]
+    contrast: list[Prompt] = field(default_factory=list)
 
 
 def split_pool(prompts: Sequence[Prompt], n_eval: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
@@ -108,7 +110,10 @@ def split_pool(prompts: Sequence[Prompt], n_eval: int, seed: int) -> tuple[list[
 
 
 def split_prompts(
-    config: SIMSConfig, prompts: Sequence[Prompt | str], eval_prompts: Sequence[Prompt | str] | None = None
+    config: SIMSConfig,
+    prompts: Sequence[Prompt | str],
+    eval_prompts: Sequence[Prompt | str] | None = None,
+    contrast_prompts: Sequence[Prompt | str] | None = None,
 ) -> PromptSplit:
     """A new run's disjoint prompt sets: training pool, held-out and calibration prompts.
 
@@ -118,7 +123,18 @@ def split_prompts(
         prompts: the pool (plain strings get their index as id).
         eval_prompts: held-out prompts; by default ``config.eval_prompts`` are split off
             the pool.
+        contrast_prompts: prompts on which the steered behaviour must not appear, measured
+            by the guard at every strength (:mod:`simsteer.loop.guard`); needs the guard.
     """
+    contrast = [
+        p if isinstance(p, Prompt) else Prompt(f"contrast-{i}", p)
+        for i, p in enumerate(contrast_prompts or [])
+    ]
+    if contrast and not config.guard.enabled:
+        raise SimsError(
+            "contrast prompts are measured by the fluency guard: set a --fluency-budget "
+            "or leave out --contrast-prompts"
+        )
     pool = [p if isinstance(p, Prompt) else Prompt(str(i), p) for i, p in enumerate(prompts)]
     if not pool:
         raise SimsError("no prompts to learn from")
@@ -140,7 +156,7 @@ def split_prompts(
                 "guard off with --fluency-budget off"
             )
         calibration, train = train[:n], train[n:]
-    return PromptSplit(train, held_out, calibration)
+    return PromptSplit(train, held_out, calibration, contrast)
 
 
 def draw_prompts(pool: list[Prompt], t: int, n: int, seed: int) -> list[Prompt]:

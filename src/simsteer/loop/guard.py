@@ -9,6 +9,13 @@ the best oracle score among those that stay fluent:
     perplexity under the unsteered model <= (1 + budget) x the unsteered model's
     repetition rate                      <= the unsteered model's + margin
 
+A run may also name *contrast* prompts: requests on which the steered behaviour must not
+appear (benign requests for a refusal steering). Their greedy answers are scored by the
+same oracle at every strength, and a strength is kept only if that mean score rises by at
+most ``contrast_budget`` over the unsteered model's (for the ``refusal`` oracle: benign
+requests may not be refused more often). The steering is constant across prompts, so
+this is what keeps it from pushing every request the same way.
+
 The whole frontier (strength -> score, perplexity, repetition, loops) is returned and
 plotted (the loop saves both). If no strength is fluent enough, or the best fluent score
 has not improved for ``patience`` iterations, the loop stops and keeps the best policy so
@@ -55,6 +62,9 @@ class GuardConfig:
             first one that breaks the budget (perplexity and repetition grow with the
             strength, so larger ones almost never pass; this halves calibration time);
             false scores every multiplier.
+        contrast_budget: allowed rise of the oracle's mean score on the run's contrast
+            prompts over the unsteered model's (used only when the run has contrast
+            prompts).
     """
 
     fluency_budget: float | None = 0.12
@@ -63,6 +73,7 @@ class GuardConfig:
     calibration_prompts: int = 16
     patience: int = 2
     stop_at_unfluent: bool = True
+    contrast_budget: float = 0.05
 
     def __post_init__(self) -> None:
         if self.fluency_budget is not None and self.fluency_budget < 0:
@@ -75,6 +86,8 @@ class GuardConfig:
             raise SimsError("the guard needs at least one calibration prompt")
         if self.patience < 0:
             raise SimsError(f"patience must be >= 0, got {self.patience}")
+        if not self.contrast_budget >= 0:
+            raise SimsError(f"the contrast budget must be >= 0, got {self.contrast_budget}")
         object.__setattr__(self, "strength_grid", tuple(float(s) for s in self.strength_grid))
 
     @property
@@ -90,6 +103,7 @@ def measure(
     sampling: SamplingConfig,
     progress: bool | str = False,
     pool: WorkerPool | None = None,
+    contrast: Sequence[Prompt] = (),
 ) -> Measurement:
     """Greedy answers of ``policy`` to ``prompts``: oracle score and fluency metrics.
 
@@ -99,19 +113,21 @@ def measure(
         progress: a progress-bar label, or false.
         pool: where the answers are generated and scored (default: this process);
             perplexities are always computed here.
+        contrast: contrast prompts, answered in the same batches; their mean oracle score
+            is the measurement's ``contrast_score`` (fluency is measured on ``prompts``).
     """
     pool = pool or LocalPool(lm)
-    greedy = sampling.as_greedy()
-    texts = [
-        g[0].text
-        for g in pool.generate([p.text for p in prompts], 1, greedy, list(policy), progress=progress)
-    ]
     if not isinstance(oracle, ScoreOracle):
         raise SimsError(
             f"the fluency guard needs an oracle with scores; {oracle.name} has none "
             "(turn the guard off with --fluency-budget off)"
         )
-    scores = pool.score(oracle, [p.text for p in prompts], texts)
+    greedy = sampling.as_greedy()
+    asked = [p.text for p in [*prompts, *contrast]]
+    answers = [g[0].text for g in pool.generate(asked, 1, greedy, list(policy), progress=progress)]
+    all_scores = [float(x) for x in pool.score(oracle, asked, answers)]
+    texts, scores = answers[: len(prompts)], all_scores[: len(prompts)]
+    contrast_scores = all_scores[len(prompts) :]
     ppl = [p for p in perplexities(lm, [p.text for p in prompts], texts) if not math.isnan(p)]
     n = len(texts)
     return Measurement(
@@ -120,14 +136,22 @@ def measure(
         repetition=sum(repetition_rate(t) for t in texts) / n,
         loop_share=sum(ends_in_loop(t) for t in texts) / n,
         distinct_2=distinct_n(texts, 2),
+        contrast_score=float(sum(contrast_scores) / len(contrast_scores)) if contrast_scores else None,
     )
 
 
 def is_fluent(point: Measurement | CalibrationPoint, base: Measurement, config: GuardConfig) -> bool:
+    """Within the guard's budgets: fluency and, when measured, the contrast budget."""
     assert config.fluency_budget is not None
+    contrast_ok = (
+        point.contrast_score is None
+        or base.contrast_score is None
+        or point.contrast_score <= base.contrast_score + config.contrast_budget + 1e-12
+    )
     return (
         point.perplexity <= (1 + config.fluency_budget) * base.perplexity
         and point.repetition <= base.repetition + config.repetition_margin
+        and contrast_ok
     )
 
 
@@ -200,6 +224,10 @@ def render_frontier(
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     axes[0].plot(xs, [p.score for p in points], "o-")
     axes[0].axhline(base.score, color="grey", ls=":", label="unsteered")
+    if base.contrast_score is not None and all(p.contrast_score is not None for p in points):
+        axes[0].plot(xs, [p.contrast_score for p in points], "s--", color="purple", label="contrast prompts")
+        limit = base.contrast_score + config.contrast_budget
+        axes[0].axhline(limit, color="purple", ls=":", label="contrast budget")
     axes[0].set_ylabel("oracle score")
     axes[1].plot(xs, [p.perplexity / base.perplexity for p in points], "o-")
     axes[1].axhline(1 + (config.fluency_budget or 0), color="red", ls="--", label="budget")
@@ -257,9 +285,12 @@ class FluencyGuard:
         self.sampling = sampling
         self.pool = pool or LocalPool(lm)
 
-    def measure_base(self, prompts: Sequence[Prompt], progress: bool | str = False) -> Measurement:
-        """The unsteered model's score and fluency on the calibration prompts."""
-        return measure(self.lm, self.oracle, prompts, [], self.sampling, progress, self.pool)
+    def measure_base(
+        self, prompts: Sequence[Prompt], progress: bool | str = False, contrast: Sequence[Prompt] = ()
+    ) -> Measurement:
+        """The unsteered model's score and fluency on the calibration prompts (and its
+        score on the contrast prompts, if any)."""
+        return measure(self.lm, self.oracle, prompts, [], self.sampling, progress, self.pool, contrast)
 
     def calibrate(
         self,
@@ -270,23 +301,25 @@ class FluencyGuard:
         done: Sequence[CalibrationPoint] = (),
         on_point: PointsCallback | None = None,
         progress: bool | str = False,
+        contrast: Sequence[Prompt] = (),
     ) -> CalibrationRecord:
-        """Calibrate ``candidate`` (stacked on ``previous``) on ``prompts``; see :func:`calibrate`."""
+        """Calibrate ``candidate`` (stacked on ``previous``) on ``prompts`` and the
+        ``contrast`` prompts; see :func:`calibrate`."""
 
         def measure_at(m: float, strength: float) -> Measurement:
             label = f"{progress} x{m:g}" if isinstance(progress, str) else progress
             scaled = candidate.with_strength(strength)
-            return measure(
-                self.lm, self.oracle, prompts, [*previous, scaled], self.sampling, label, self.pool
-            )
+            policy = [*previous, scaled]
+            return measure(self.lm, self.oracle, prompts, policy, self.sampling, label, self.pool, contrast)
 
         return calibrate(candidate.strength, base, self.config, measure_at, done, on_point)
 
-    def frontier_title(self, t: int) -> str:
+    def frontier_title(self, t: int, contrast: bool = False) -> str:
+        contrast_part = f", +{self.config.contrast_budget:g} contrast score" if contrast else ""
         return (
             f"iteration {t}: strength frontier of policy {t + 1} (budget "
             f"+{self.config.fluency_budget:.0%} perplexity, "
-            f"+{self.config.repetition_margin} repetition)"
+            f"+{self.config.repetition_margin} repetition{contrast_part})"
         )
 
     def stop_reason(self, calibration: CalibrationRecord, earlier: Sequence[CalibrationRecord]) -> str | None:
@@ -298,10 +331,15 @@ class FluencyGuard:
         """
         cfg = self.config
         if calibration.chosen is None:
+            contrast = (
+                f" and the contrast prompts' score within +{cfg.contrast_budget:g}"
+                if calibration.base.contrast_score is not None
+                else ""
+            )
             return (
                 f"no strength in {list(cfg.strength_grid)} keeps perplexity within "
-                f"+{cfg.fluency_budget:.0%} and repetition within +{cfg.repetition_margin} of "
-                "the unsteered model; keeping the best policy so far"
+                f"+{cfg.fluency_budget:.0%} and repetition within +{cfg.repetition_margin}"
+                f"{contrast} of the unsteered model; keeping the best policy so far"
             )
         scores = calibration_scores(calibration.base, [*earlier, calibration])
         if early_stop(scores, cfg.patience):

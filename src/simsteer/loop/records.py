@@ -98,9 +98,15 @@ class FlatRecord:
     """
 
     undefined: ClassVar[bool] = False
+    #: Optional fields left out of the JSON when ``None`` (added after files were written).
+    omitted_when_none: ClassVar[tuple[str, ...]] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)  # type: ignore[arg-type]
+            if not (f.name in self.omitted_when_none and getattr(self, f.name) is None)
+        }
         if self.undefined:
             out = {k: None if _is_nan(v) else v for k, v in out.items()}
         return out
@@ -137,22 +143,29 @@ class FluencyRecord(FlatRecord):
 
 @dataclass(frozen=True)
 class Measurement(FlatRecord):
-    """What the fluency guard measures of one policy on the calibration prompts."""
+    """What the fluency guard measures of one policy on the calibration prompts
+    (``contrast_score``: the oracle's mean score on the contrast prompts, when the run has
+    them)."""
 
     undefined = True  # perplexity is NaN when no answer has tokens
+    omitted_when_none = ("contrast_score",)
 
     score: float
     perplexity: float
     repetition: float
     loop_share: float
     distinct_2: float
+    contrast_score: float | None = None
 
 
 @dataclass(frozen=True)
 class CalibrationPoint(FlatRecord):
-    """One strength of the guard's grid: the measurement and whether it is fluent."""
+    """One strength of the guard's grid: the measurement and whether it is within the
+    guard's budgets (``fluent``: fluency, and the contrast budget when the run has contrast
+    prompts)."""
 
     undefined = True  # perplexity is NaN when no answer has tokens
+    omitted_when_none = ("contrast_score",)
 
     multiplier: float
     strength: float
@@ -162,12 +175,21 @@ class CalibrationPoint(FlatRecord):
     loop_share: float
     distinct_2: float
     fluent: bool
+    contrast_score: float | None = None
 
     @classmethod
     def measured(cls, multiplier: float, strength: float, m: Measurement, fluent: bool) -> CalibrationPoint:
         """The point of ``m`` measured at ``multiplier`` (absolute ``strength``)."""
         return cls(
-            multiplier, strength, m.score, m.perplexity, m.repetition, m.loop_share, m.distinct_2, fluent
+            multiplier,
+            strength,
+            m.score,
+            m.perplexity,
+            m.repetition,
+            m.loop_share,
+            m.distinct_2,
+            fluent,
+            m.contrast_score,
         )
 
 

@@ -9,6 +9,7 @@ as done when its artefact exists, which is what ``--resume`` relies on.
       eval_prompts.jsonl          held-out prompts scored for every policy
       calibration_prompts.jsonl   held-out prompts the fluency guard calibrates on
       calibration_base.json       the unsteered model's score and fluency on them
+      contrast_prompts.jsonl      the guard's contrast prompts (only when the run has them)
       iter_<t>/eval.jsonl         greedy answers of policy t to the held-out prompts
       iter_<t>/samples.jsonl      K samples per prompt with scores, win rates, labels
       iter_<t>/train_pairs.jsonl  SIMS-CS: the bank's D+ / D- pairs trained on
@@ -91,6 +92,10 @@ class RunDir:
     @property
     def calibration_prompts(self) -> Path:
         return self.root / "calibration_prompts.jsonl"
+
+    @property
+    def contrast_prompts(self) -> Path:
+        return self.root / "contrast_prompts.jsonl"
 
     @property
     def calibration_base(self) -> Path:

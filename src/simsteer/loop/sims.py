@@ -116,6 +116,7 @@ class SIMS:
         eval_prompts: Sequence[Prompt | str] | None = None,
         prompt_sources: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        contrast_prompts: Sequence[Prompt | str] | None = None,
     ) -> SIMSResult:
         """Run (or resume) the loop in ``run_dir`` and return the final policy.
 
@@ -130,6 +131,10 @@ class SIMS:
                 recorded in ``config.json`` (:attr:`RunSpec.prompts`).
             extra: what a study records next to the run (a random-split baseline's kind,
                 the run it mirrors and its evaluation oracle; :attr:`RunSpec.extra`).
+            contrast_prompts: prompts on which the steered behaviour must not appear: the
+                guard keeps only strengths under which the oracle's mean score on them
+                rises by at most ``config.guard.contrast_budget`` (needs the guard; a
+                resumed run reads its own).
 
         Raises:
             SimsError: resuming with other settings than the run was started with (each
@@ -137,7 +142,7 @@ class SIMS:
         """
         run = RunDir(Path(run_dir))
         spec = run_spec(self.lm, self.oracle, self.learner, self.layers, self.config, prompt_sources, extra)
-        with self._open(run, prompts, eval_prompts, spec) as split:
+        with self._open(run, prompts, eval_prompts, spec, contrast_prompts) as split:
             return self._loop(run, split)
 
     def _loop(self, run: RunDir, split: PromptSplit) -> SIMSResult:
@@ -176,6 +181,7 @@ class SIMS:
         prompts: Sequence[Prompt | str],
         eval_prompts: Sequence[Prompt | str] | None,
         spec: RunSpec,
+        contrast_prompts: Sequence[Prompt | str] | None = None,
     ) -> Iterator[PromptSplit]:
         """Lock the run directory for the block and give its prompt split: a new run's
         (its initial files committed in one step) or a resumed run's, reloaded."""
@@ -183,7 +189,7 @@ class SIMS:
             with resume_run(run):
                 yield self._check_resume(run, spec)
             return
-        split = split_prompts(self.config, prompts, eval_prompts)
+        split = split_prompts(self.config, prompts, eval_prompts, contrast_prompts)
 
         def write_initial(staged: RunDir) -> None:
             for path, part in (
@@ -192,6 +198,8 @@ class SIMS:
                 (staged.calibration_prompts, split.calibration),
             ):
                 write_jsonl(path, [{"id": p.id, "prompt": p.text} for p in part])
+            if split.contrast:
+                write_jsonl(staged.contrast_prompts, [{"id": p.id, "prompt": p.text} for p in split.contrast])
             write_json(staged.config, spec.to_json())
 
         with create_run(run, write_initial):
@@ -228,7 +236,8 @@ class SIMS:
             seconds["fit"] = time.perf_counter() - clock
             if cfg.guard.enabled:
                 clock = time.perf_counter()
-                calibration = self._step_calibrate(run, t, split.calibration, policy if cfg.compose else [])
+                previous = policy if cfg.compose else []
+                calibration = self._step_calibrate(run, t, split.calibration, previous, split.contrast)
                 seconds["calibrate"] = time.perf_counter() - clock
                 earlier = [row.calibration for row in history if row.calibration is not None]
                 stop = self.guard.stop_reason(calibration, earlier)
@@ -339,12 +348,12 @@ class SIMS:
         return FitRecord(self.learner.name, data is None)
 
     def _step_calibrate(
-        self, run: RunDir, t: int, prompts: list[Prompt], previous: list[Steering]
+        self, run: RunDir, t: int, prompts: list[Prompt], previous: list[Steering], contrast: list[Prompt]
     ) -> CalibrationRecord:
         """The guard's strength for iteration t's fit; saves policy t + 1 at it."""
         base = run.read_calibration_base()
         if base is None:
-            base = self.guard.measure_base(prompts, self._bar("calibration base"))
+            base = self.guard.measure_base(prompts, self._bar("calibration base"), contrast)
             write_json(run.calibration_base, base.to_json())
         candidate = Steering.load(run.fitted(t))
 
@@ -360,8 +369,10 @@ class SIMS:
             done=run.read_calibration(t),
             on_point=save_points,
             progress=self._bar(f"iter {t} calibrate"),
+            contrast=contrast,
         )
-        png = render_frontier(calibration.points, base, self.config.guard, self.guard.frontier_title(t))
+        title = self.guard.frontier_title(t, bool(contrast))
+        png = render_frontier(calibration.points, base, self.config.guard, title)
         atomic_write_bytes(run.frontier(t), png)
         chosen = calibration.chosen_point
         # Done is a complete steering folder, so a save killed half-way is redone.
@@ -399,6 +410,7 @@ class SIMS:
             run.read_prompts(run.prompts),
             run.read_prompts(run.eval_prompts),
             run.read_prompts(run.calibration_prompts),
+            run.read_prompts(run.contrast_prompts),
         )
 
     def _bar(self, label: str) -> bool | str:
