@@ -159,3 +159,6 @@ def test_contrast_prompts_from_the_command_line(tmp_path, tiny_model_dir, capsys
     assert main(["baseline", "random", "--like", str(out), "-o", str(rnd), "--quiet"]) == 0
     assert (rnd / "contrast_prompts.jsonl").read_text() == (out / "contrast_prompts.jsonl").read_text()
     assert RunDir(rnd).spec().prompts["contrast_prompts"] == str(contrast.resolve())
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "2 contrast prompts, budget +0.2" in capsys.readouterr().out

@@ -22,6 +22,7 @@ def _eval(seed: int, shift: float, prompts: int = 60, run: str = "r") -> dict:
             "perplexity": {"base": ppl_base.tolist(), "policy": [*(ppl_base * 1.1).tolist()[:-1], None]},
         },
         "training_costs": {"tokens_generated": 100 * (seed + 1), "tokens_forward": 10, "seconds": 2.0},
+        "costs": {"generate_policy": {"generated_tokens": 4 * 48 * prompts, "judge_calls": 4 * prompts}},
     }
 
 
@@ -33,6 +34,7 @@ def test_a_real_shift_is_significant_and_no_shift_is_not():
     # The answer without tokens (None) is left out, not counted as 0 or infinity.
     assert up["perplexity_ratio"]["mean"] == pytest.approx(1.1)
     assert up["tokens_generated"] == 200.0
+    assert up["answer_tokens"] == 192.0 and up["answer_oracle_calls"] == 4.0  # best-of-4 at 48 tokens
     flat = pooled_row([_eval(s, 0.0) for s in range(3)])
     assert flat["delta"]["ci_low"] < 0 < flat["delta"]["ci_high"]
     table = pooled_table({"sims": up, "vanilla": flat})
@@ -40,6 +42,7 @@ def test_a_real_shift_is_significant_and_no_shift_is_not():
     vanilla_line = next(line for line in table.splitlines() if line.startswith("| vanilla "))
     assert sims_line.count("*") == 1 and "*" not in vanilla_line
     assert "3 seeds x 60 held-out prompts" in table
+    assert sims_line.endswith("| 192.0 | 4.0 |")
 
 
 def test_seeds_must_share_their_prompts_and_carry_per_prompt_values():

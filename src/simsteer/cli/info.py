@@ -60,6 +60,9 @@ def _print_run(run: RunDir, path: Path) -> None:
         f"  T={sims.iterations} N={sims.prompts_per_iteration} "
         f"K={sims.samples_per_prompt} eval prompts={sims.eval_prompts}"
     )
+    contrast = run.read_prompts(run.contrast_prompts)
+    if contrast:
+        print(f"  guard   {len(contrast)} contrast prompts, budget +{sims.guard.contrast_budget:g}")
     rows = run.history()
     if rows:
         print(format_table(rows))

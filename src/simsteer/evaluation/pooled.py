@@ -10,7 +10,10 @@ seed must have answered the same held-out prompts. Per method:
 - perplexity under the unsteered model as a ratio over the unsteered answers' (exp of the
   mean per-prompt log ratio);
 - cost: tokens generated and forward tokens to produce the method, and its seconds
-  (means over seeds).
+  (means over seeds);
+- answer-time cost: tokens generated and oracle calls per held-out prompt to answer it
+  (best-of-N samples N answers and asks the oracle N times; a steering or an adapter
+  answers once with no oracle).
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def pooled_row(results: list[dict[str, Any]], attribute: str = "readability") ->
     log_ppl = np.log(table("perplexity", "policy")) - np.log(table("perplexity", "base"))
     ppl = _summary(log_ppl)
     costs = [r["training_costs"] for r in results]
+    # An unsteered policy's answers are the base answers (generated once).
+    answering = [r.get("costs", {}) for r in results]
+    answering = [c.get("generate_policy") or c.get("generate_base") or {} for c in answering]
+    per_prompt = len(prompts) or 1
     return {
         "seeds": len(results),
         "prompts": len(prompts),
@@ -75,6 +82,8 @@ def pooled_row(results: list[dict[str, Any]], attribute: str = "readability") ->
         "tokens_generated": float(np.mean([c.get("tokens_generated", 0) for c in costs])),
         "tokens_forward": float(np.mean([c.get("tokens_forward", 0) for c in costs])),
         "seconds": float(np.mean([c.get("seconds", 0) for c in costs])),
+        "answer_tokens": float(np.mean([a.get("generated_tokens", 0) for a in answering])) / per_prompt,
+        "answer_oracle_calls": float(np.mean([a.get("judge_calls", 0) for a in answering])) / per_prompt,
     }
 
 
@@ -89,21 +98,25 @@ def pooled_table(rows: dict[str, dict[str, Any]]) -> str:
     first = next(iter(rows.values()))
     lines = [
         f"| method | {first['oracle']} score | change over unsteered | {first['attribute']} change "
-        "| perplexity ratio | tokens generated | forward tokens | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| perplexity ratio | tokens generated | forward tokens | seconds "
+        "| answer tokens / prompt | answer oracle calls / prompt |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         p = r["perplexity_ratio"]
         lines.append(
             f"| {name} | {_ci(r['score'], '.3f', change=False)} | {_ci(r['delta'])} "
             f"| {_ci(r['attribute_delta'])} | x{p['mean']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}] "
-            f"| {r['tokens_generated']:,.0f} | {r['tokens_forward']:,.0f} | {r['seconds']:,.0f} |"
+            f"| {r['tokens_generated']:,.0f} | {r['tokens_forward']:,.0f} | {r['seconds']:,.0f} "
+            f"| {r.get('answer_tokens', 0):.1f} | {r.get('answer_oracle_calls', 0):.1f} |"
         )
     seeds = {r["seeds"] for r in rows.values()}
     prompts = {r["prompts"] for r in rows.values()}
     lines.append("")
     lines.append(
         f"Means over {'/'.join(map(str, sorted(seeds)))} seeds x {'/'.join(map(str, sorted(prompts)))} "
-        "held-out prompts; [95% interval over seeds and prompts]; * = the interval excludes 0."
+        "held-out prompts; [95% interval over seeds and prompts]; * = the interval excludes 0. "
+        "Tokens, forward tokens and seconds: what producing the method cost (means over seeds); "
+        "answer columns: what answering one held-out prompt costs."
     )
     return "\n".join(lines)
