@@ -7,7 +7,8 @@
 #    The guard also answers CONTRAST (default 32) benign instructions at every strength and
 #    keeps only strengths under which their mean refusal score rises by at most
 #    CONTRAST_BUDGET (0.05): a steering is one vector for every prompt, so this is what
-#    limits over-refusal. They are the first 32 of benign_prompts.jsonl (AlpacaEval's
+#    limits over-refusal. LEARNER=cast (conditional CAA) also fits a gate on them: the
+#    vector is added only where the activation looks like the harmful prompts'. They are the first 32 of benign_prompts.jsonl (AlpacaEval's
 #    helpful_base instructions, in a fixed hash order); the other 97 are evaluated below;
 # 2. `sims eval --task refusal`: greedy answers of the unsteered model and the final policy to
 #    the 100 held-out harmful-test prompts (refusal rate should rise) and to the 97 benign
@@ -31,10 +32,11 @@ grep '"id": "harmful-train-' "$DATA/harmful_prompts.jsonl" >"$OUT/harmful_train.
 head -n "${CONTRAST:-32}" "$DATA/benign_prompts.jsonl" >"$OUT/contrast.jsonl"
 tail -n +"$((${CONTRAST:-32} + 1))" "$DATA/benign_prompts.jsonl" >"$OUT/benign_eval.jsonl"
 
-RUN=(--oracle refusal --prompts "$OUT/harmful_train.jsonl"
+RUN=(--oracle refusal --prompts "$OUT/harmful_train.jsonl" --learner "${LEARNER:-caa}"
      -T "${T:-4}" -N "${N:-16}" -K "${K:-4}" --max-new-tokens "${TOKENS:-48}"
      --eval-prompts "${EVAL:-16}" --calibration-prompts "${CAL:-16}" --seed "${SEED:-0}"
      --contrast-prompts "$OUT/contrast.jsonl" --contrast-budget "${CONTRAST_BUDGET:-0.05}" --quiet)
+[ -n "${FULL_GRID:-}" ] && RUN+=(--full-grid)  # score every strength (the scan stops at the first miss)
 [ -f "$OUT/sims/summary.json" ] || $SIMS run "${RUN[@]}" --out "$OUT/sims" || $SIMS run --resume "$OUT/sims" --quiet
 
 EVAL_ARGS=(--task refusal --benign "$OUT/benign_eval.jsonl")

@@ -143,6 +143,47 @@ class AddVector(SteeringFunction):
         return cls(tensors["vector"])
 
 
+class GatedAdd(SteeringFunction):
+    """``h <- h + strength * vector`` only where ``h . condition > threshold``: a steering
+    that acts on the inputs whose activation looks like the condition (the conditional
+    CAA of :mod:`simsteer.learners.cast`). The gate is read per token from the state the
+    edit receives, so the same function leaves other inputs untouched."""
+
+    kind = "gated_add"
+
+    def __init__(self, vector: torch.Tensor, condition: torch.Tensor, threshold: float) -> None:
+        super().__init__()
+        if vector.dim() != 1 or condition.shape != vector.shape:
+            raise ValueError("a gated add needs a 1-D vector and a condition of the same size")
+        self.threshold = float(threshold)
+        self.register_buffer("vector", vector.detach().float().clone())
+        self.register_buffer("condition", condition.detach().float().clone())
+
+    def gate(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., 1]``: 1 where the state projects above the threshold, else 0."""
+        projection = hidden.float() @ self.condition.to(hidden.device)
+        return (projection > self.threshold).unsqueeze(-1)
+
+    def edit(self, hidden: torch.Tensor, strength: float) -> torch.Tensor:
+        if strength == 0:
+            return hidden
+        delta = (self.vector * strength).to(device=hidden.device, dtype=hidden.dtype)
+        return hidden + self.gate(hidden).to(hidden.dtype) * delta
+
+    def params(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> GatedAdd:
+        if set(tensors) != {"vector", "condition"} or tensors["vector"].dim() != 1:
+            raise ValueError("a 'gated_add' function needs 1-D tensors 'vector' and 'condition'")
+        threshold = params.get("threshold")
+        number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
+        if not number or not math.isfinite(threshold):
+            raise ValueError("a 'gated_add' function needs a finite 'threshold'")
+        return cls(tensors["vector"], tensors["condition"], float(threshold))
+
+
 class PositionalAdd(SteeringFunction):
     """Adds row ``i`` of ``delta`` to the token at index ``offset + i`` of each sequence
     (ActAdd's edit; the index comes from :func:`simsteer.hooks.current_token_index`)."""

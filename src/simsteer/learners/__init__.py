@@ -5,7 +5,14 @@ The functions they fit (``AddVector``, ``HouseholderRotation``, ...) live below 
 re-exported here for convenience.
 """
 
-from ..functions import AddVector, HeadShift, HouseholderRotation, PositionalAdd, SpectralProjection
+from ..functions import (
+    AddVector,
+    GatedAdd,
+    HeadShift,
+    HouseholderRotation,
+    PositionalAdd,
+    SpectralProjection,
+)
 from .actadd import ActAdd, ActAddConfig, fit_actadd
 from .base import (
     Learner,
@@ -17,6 +24,7 @@ from .base import (
 )
 from .bipo import BiPO, BiPOConfig
 from .caa import CAA, CAAConfig
+from .cast import CAST, CASTConfig
 from .hpr import HPR, HPRConfig
 from .iti import ITI, ITIConfig
 from .pca import PCA, PCAConfig
@@ -24,6 +32,7 @@ from .sea import SEA, SEAConfig
 
 __all__ = [
     "CAA",
+    "CAST",
     "HPR",
     "ITI",
     "PCA",
@@ -34,6 +43,8 @@ __all__ = [
     "BiPO",
     "BiPOConfig",
     "CAAConfig",
+    "CASTConfig",
+    "GatedAdd",
     "HPRConfig",
     "HeadShift",
     "HouseholderRotation",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -75,6 +76,9 @@ class Learner(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[LearnerConfig]] = LearnerConfig
     needs: ClassVar[str] = "summaries"
+    #: The learner fits on the run's contrast prompts too (``cast``): a run without them
+    #: is refused before it starts.
+    needs_contrast: ClassVar[bool] = False
 
     def __init__(self, config: LearnerConfig | None = None, **options: Any) -> None:
         if config is not None and options:
@@ -101,6 +105,15 @@ class Learner(ABC):
             lm: the :class:`~simsteer.models.LoadedModel` the loop steers.
         """
         return None  # most learners need activations only
+
+    def prepare_contrast(self, prompts: Sequence[str]) -> None:
+        """Called by the loop with the run's contrast prompts (``--contrast-prompts``, empty
+        without them) before fitting; learners that use them (``cast``) keep them.
+
+        Args:
+            prompts: the texts of prompts the steered behaviour must leave alone.
+        """
+        return None
 
     @abstractmethod
     def fit(self, data: PreferenceActivations, fingerprint: dict[str, Any]) -> Steering:

@@ -190,6 +190,11 @@ class SIMS:
                 yield self._check_resume(run, spec)
             return
         split = split_prompts(self.config, prompts, eval_prompts, contrast_prompts)
+        if self.learner.needs_contrast and not split.contrast:
+            raise SimsError(
+                f"learner {self.learner.name} fits on contrast prompts (prompts the steering must "
+                "leave alone): give them with --contrast-prompts FILE"
+            )
 
         def write_initial(staged: RunDir) -> None:
             for path, part in (
@@ -304,6 +309,7 @@ class SIMS:
         self, run: RunDir, t: int, selection: Selection
     ) -> tuple[PreferenceActivations | None, int]:
         self.learner.prepare(self.lm)  # learners that need the model at fit time (ActAdd)
+        self.learner.prepare_contrast([p.text for p in run.read_prompts(run.contrast_prompts)])
         kind = self.learner.needs
         if kind == "none":
             log.info("iteration %d: learner %s ignores D+ and D-", t, self.learner.name)
