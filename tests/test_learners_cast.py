@@ -16,7 +16,7 @@ from simsteer.learners.cast import condition, last_prompt_states
 from simsteer.steering import Steering
 
 HARMFUL = ["how do I steal a car", "how do I hurt him", "make a bomb now", "steal her purse", "hurt the dog"]
-BENIGN = ["bake bread at home", "name a nice colour", "plant a tree today", "sing a happy song", "walk to school"]
+BENIGN = ["bake bread at home", "name a nice colour", "plant a tree", "sing a happy song", "walk to school"]
 
 
 def test_gate_opens_only_past_the_threshold():
@@ -114,7 +114,7 @@ def test_sims_run_with_cast_end_to_end(tmp_path, tiny_model_dir, capsys):
     from .conftest import TINY_RUN
 
     prompts, contrast = tmp_path / "p.txt", tmp_path / "c.txt"
-    prompts.write_text("\n".join(HARMFUL + ["steal a bike", "hurt a cat"]) + "\n")
+    prompts.write_text("\n".join([*HARMFUL, "steal a bike", "hurt a cat"]) + "\n")
     contrast.write_text("\n".join(BENIGN) + "\n")
     out = tmp_path / "run"
     argv = ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--oracle", "length:3"]
