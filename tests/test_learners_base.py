@@ -15,6 +15,7 @@ def test_builtin_learners_state_what_activations_they_need():
         "actadd": "none",
         "bipo": "texts",
         "caa": "summaries",
+        "cast": "texts",
         "hpr": "tokens",
         "iti": "heads",
         "pca": "summaries",
