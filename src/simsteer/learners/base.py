@@ -97,6 +97,24 @@ class Learner(ABC):
     def hyperparameters(self) -> dict[str, Any]:
         return asdict(self.config)
 
+    def steering(
+        self,
+        functions: dict[int, Any],
+        fingerprint: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+    ) -> Steering:
+        """The fitted ``functions`` as this learner's :class:`Steering`: its name, the
+        config's positions and strength, its hyper-parameters, and facts about the fit."""
+        return Steering(
+            functions=functions,
+            learner=self.name,
+            fingerprint=fingerprint,
+            positions=self.config.positions,
+            strength=self.config.strength,
+            hyperparameters=self.hyperparameters(),
+            metadata=metadata or {},
+        )
+
     def prepare(self, lm: LoadedModel) -> None:
         """Called by the loop with its loaded model before fitting; learners that need
         the model at fit time (ActAdd) keep it.

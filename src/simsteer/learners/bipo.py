@@ -301,12 +301,8 @@ class BiPO(Learner):
             raise SimsError(f"BiPO needs a positive token norm at layer {bad[0]} (from the summaries)")
         vectors, facts = train_bipo(self._lm, pairs, norms, cfg)
         functions: dict[int, SteeringFunction] = {layer: AddVector(v) for layer, v in vectors.items()}
-        return Steering(
-            functions=functions,
-            learner=self.name,
-            fingerprint=fingerprint,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            hyperparameters=self.hyperparameters(),
+        return self.steering(
+            functions,
+            fingerprint,
             metadata={**facts, "paired": paired},
         )

@@ -91,11 +91,7 @@ class CAA(Learner):
                 norm = v.norm()
                 v = v / norm * float(data.token_norms[i]) if norm > 0 else v
             functions[layer] = AddVector((cfg.coefficient * v).float())
-        return Steering(
-            functions=functions,
-            learner=self.name,
-            fingerprint=fingerprint,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            hyperparameters=self.hyperparameters(),
+        return self.steering(
+            functions,
+            fingerprint,
         )

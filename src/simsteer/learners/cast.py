@@ -27,7 +27,7 @@ Fit cost: one forward pass per training and contrast prompt (the prompt only).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -111,14 +111,7 @@ class CAST(Learner):
             )
         if data.positive_texts is None or data.negative_texts is None:
             raise SimsError('cast needs the (prompt, response) texts: collect with needs="texts"')
-        caa = CAAConfig(
-            layers=cfg.layers,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            coefficient=cfg.coefficient,
-            normalize=cfg.normalize,
-            paired=cfg.paired,
-        )
+        caa = CAAConfig(**{f.name: getattr(cfg, f.name) for f in fields(CAAConfig)})
         vectors = CAA(caa).fit(data, fingerprint).functions
         train = list(dict.fromkeys(p for p, _ in [*data.positive_texts, *data.negative_texts]))
         train_states = last_prompt_states(self._lm, train, data.layers)
@@ -135,13 +128,9 @@ class CAST(Learner):
             functions[layer] = GatedAdd(vector, direction.float(), threshold)
             open_train[str(layer)] = share_open(train_states[:, i], direction, threshold)
             open_contrast[str(layer)] = share_open(contrast_states[:, i], direction, threshold)
-        return Steering(
-            functions=functions,
-            learner=self.name,
-            fingerprint=fingerprint,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            hyperparameters=self.hyperparameters(),
+        return self.steering(
+            functions,
+            fingerprint,
             metadata={
                 "condition_prompts": {"train": len(train), "contrast": len(self._contrast)},
                 # Share of each set whose last prompt token opens the gate, per layer.

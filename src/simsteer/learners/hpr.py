@@ -279,13 +279,9 @@ class HPR(Learner):
             data.layers[i]: HouseholderRotation(ckpt["v"], {n: ckpt[n] for n in HPR_MLP_NAMES}, cfg.alpha)
             for i, ckpt in checkpoints.items()
         }
-        return Steering(
-            functions=functions,
-            learner=self.name,
-            fingerprint=fingerprint,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            hyperparameters=self.hyperparameters(),
+        return self.steering(
+            functions,
+            fingerprint,
             metadata={
                 "pairs": len(groups),
                 "held_out_accuracy": {

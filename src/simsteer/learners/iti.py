@@ -164,13 +164,9 @@ class ITI(Learner):
             rows = slice(i * heads, (i + 1) * heads)
             if bool(sigmas[rows].any()):
                 functions[layer] = HeadShift(directions[rows], sigmas[rows], cfg.alpha)
-        return Steering(
-            functions=functions,
-            learner=self.name,
-            fingerprint=fingerprint,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            hyperparameters=self.hyperparameters(),
+        return self.steering(
+            functions,
+            fingerprint,
             metadata={
                 "heads": [[data.layers[h // heads], h % heads] for h in order],
                 "val_accuracy": [round(float(acc[h]), 4) for h in order],

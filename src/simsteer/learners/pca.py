@@ -113,12 +113,8 @@ class PCA(Learner):
             else:
                 v = u.double() * float(u.double() @ diffs.mean(0))
             functions[layer] = AddVector((cfg.coefficient * v).float())
-        return Steering(
-            functions=functions,
-            learner=self.name,
-            fingerprint=fingerprint,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            hyperparameters=self.hyperparameters(),
+        return self.steering(
+            functions,
+            fingerprint,
             metadata={"mean_fallback": fallback},
         )

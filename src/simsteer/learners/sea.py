@@ -138,12 +138,8 @@ class SEA(Learner):
             u_neg = principal_basis(neutral_neg[:, i], neg, cfg.energy)
             functions[layer] = SpectralProjection(u_pos, u_neg, cfg.mode)
             ranks[str(layer)] = [u_pos.shape[1], u_neg.shape[1]]
-        return Steering(
-            functions=functions,
-            learner=self.name,
-            fingerprint=fingerprint,
-            positions=cfg.positions,
-            strength=cfg.strength,
-            hyperparameters=self.hyperparameters(),
+        return self.steering(
+            functions,
+            fingerprint,
             metadata={"ranks": ranks},
         )
