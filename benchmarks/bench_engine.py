@@ -273,7 +273,10 @@ def main() -> None:
             f"{mix_new['prompt_tokens'][0]}-{mix_new['prompt_tokens'][1]} "
             f"tokens, greedy, 128 new tokens, batch 64)"
         )
-        print(f"  engine            {tps(a):7.1f} tok/s, peak RSS {mix_new['rss_mb']:.0f} MB")
+        print(
+            f"  engine            {tps(a):7.1f} tok/s, peak RSS {mix_new['rss_mb']:.0f} MB "
+            f"(at most {a['stats']['max_rows']} rows under the key/value budget)"
+        )
         print(
             f"  previous engine   {tps(b):7.1f} tok/s, peak RSS {mix_old['rss_mb']:.0f} MB -> "
             f"{tps(a) / tps(b):.2f}x (target >= 4x, RSS <= 2048 MB)"

@@ -118,3 +118,20 @@ def test_preference_activations_none_and_errors(tiny_lm):
         collect_preference_activations(tiny_lm, "logits", PROMPTS, RESPONSES, 2, [0, 1, 0, 1], LAYERS)
     with pytest.raises(ValueError, match="one group id"):
         collect_preference_activations(tiny_lm, "mean", PROMPTS, RESPONSES, 2, [0], LAYERS)
+
+
+def test_collection_stops_after_the_deepest_layer_it_reads(tiny_lm):
+    from simsteer.architecture import find_layers
+
+    layers = find_layers(tiny_lm.model)
+    assert max(LAYERS) < len(layers) - 1  # there is a layer above the ones read
+    calls = []
+    handle = layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        collect_activations(tiny_lm, PROMPTS, RESPONSES, LAYERS, batch_size=2)
+        assert calls == []  # the top layer never ran
+        collect_activations(tiny_lm, PROMPTS, RESPONSES, [len(layers) - 1], batch_size=2)
+        assert calls  # ... unless it is read
+    finally:
+        handle.remove()
+    assert count_hooks(tiny_lm.model) == 0

@@ -174,3 +174,42 @@ def test_engine_matches_hook_based_generate_on_the_embedded_model(embedded_lm):
             run(enc, jobs, settings, lambda job, tokens, got=got: got.__setitem__(job.prompt, tokens))
         outs.append(got)
     assert outs[0] == outs[1]
+
+
+def test_key_value_budget_caps_rows_without_changing_samples(tiny_lm):
+    # Prompts of one length, so the budget is the same number of rows all along.
+    enc = [encode_prompt(tiny_lm.tokenizer, PROMPTS[4])] * 8
+    jobs = [Job(i, s, stream_id(2, i, s)) for i in range(len(enc)) for s in range(2)]
+    eos = eos_token_ids(tiny_lm.model, tiny_lm.tokenizer)
+    pad = tiny_lm.tokenizer.pad_token_id
+    settings = DecodeSettings(1.0, 0, 1.0, 8, 64)
+    outs, stats = [], []
+    for budget in (None, 3):
+        engine = Engine(tiny_lm.model, eos, pad)
+        if budget is not None:  # room for `budget` rows of the longest prompt
+            longest = max(len(e) for e in enc) + settings.max_new_tokens
+            engine = Engine(tiny_lm.model, eos, pad, cache_bytes=budget * longest * engine.column_bytes)
+        got = {}
+        with torch.inference_mode():
+            stats.append(
+                engine.run(
+                    enc, jobs, settings, lambda job, t, got=got: got.__setitem__((job.prompt, job.sample), t)
+                )
+            )
+        outs.append(got)
+    assert outs[0] == outs[1] and len(outs[0]) == len(jobs)
+    assert stats[0].max_rows > 3  # unbudgeted, the batch takes many rows
+    assert stats[1].max_rows <= 3
+
+
+def test_engine_head_path_gives_the_full_models_logits(arch_lm):
+    """The last-token head (decoder + head on [rows, d]) equals the model's own logits."""
+    from simsteer.engine import _LastTokenHead
+
+    head = _LastTokenHead.of(arch_lm.model)
+    assert head is not None
+    ids = torch.tensor([encode_prompt(arch_lm.tokenizer, PROMPTS[1])])
+    with torch.inference_mode():
+        full = arch_lm.model(input_ids=ids).logits[:, -1]
+        mine = head(head.decoder(input_ids=ids).last_hidden_state[:, -1])
+    torch.testing.assert_close(mine, full, rtol=0, atol=1e-5)

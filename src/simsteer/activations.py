@@ -137,7 +137,13 @@ def collect_activations(
     norm_count = 0
     total_tokens = 0
     batches = teacher_forced(
-        lm, rows, batch_size, hooks=lambda _: record(lm.model, layers), progress=progress, desc="activations"
+        lm,
+        rows,
+        batch_size,
+        hooks=lambda _: record(lm.model, layers),
+        stop_after=max(layers, default=None),  # the layers above the deepest one read do not run
+        progress=progress,
+        desc="activations",
     )
     with torch.inference_mode():
         for batch in batches:
@@ -259,6 +265,7 @@ def _recorded(
         rows,
         batch_size,
         hooks=lambda _: record(lm.model, layers, site=site),
+        stop_after=max(layers, default=None),
         progress=progress,
         desc="activations",
     )

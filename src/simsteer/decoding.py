@@ -71,11 +71,13 @@ def choose_tokens(
         return logits.argmax(dim=-1)
     if draws is None:
         raise ValueError("sampling needs one uniform draw per row")
-    scores = logits.float() / temperature
-    if 0 < top_k < scores.shape[-1]:
-        values, index = scores.topk(top_k, dim=-1)
+    # Ranking before scaling: a positive temperature keeps the order, so only the k kept
+    # logits are converted and divided (not the whole [rows, vocab] block).
+    if 0 < top_k < logits.shape[-1]:
+        values, index = logits.topk(top_k, dim=-1)
     else:
-        values, index = scores.sort(dim=-1, descending=True)
+        values, index = logits.sort(dim=-1, descending=True)
+    values = values.float() / temperature
     probs = torch.softmax(values, dim=-1)
     if not bool(torch.isfinite(probs).all()):
         raise SimsError(

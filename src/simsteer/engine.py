@@ -41,7 +41,11 @@ from .decoding import choose_tokens, uniforms
 from .tokens import left_pad
 
 # Padded prompt tokens prefilled in one forward (bounds the prefill's activation memory).
-PREFILL_TOKENS = 8192
+PREFILL_TOKENS = 2048
+# Key/value memory the batch may hold (rows x columns x bytes per column): long prompts
+# decode in fewer rows instead of raising the peak memory (issue: 2 GB for a prompt mix
+# of up to 700 tokens in fp32).
+CACHE_BYTES = 512 << 20
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
@@ -124,9 +128,26 @@ class KVStore:
         return k[:, :, self.start : stop], v[:, :, self.start : stop]
 
     def reserve(self, new: int) -> None:
-        """Make room for ``new`` columns after ``end``."""
+        """Make room for ``new`` columns after ``end``: move the used columns to the
+        front when that is enough (dropped leading columns make room), grow otherwise."""
         if self.end + new > self.capacity:
-            self._relayout(0, max(2 * self.capacity, self.length + new + 64))
+            need = self.length + new + 64
+            if need <= self.capacity:
+                self._compact()
+            else:
+                self._relayout(0, max(2 * self.capacity, need))
+
+    def _compact(self) -> None:
+        """Move the used columns to the front of the same buffers (no new allocation
+        beside one layer's temporary copy when the old and new columns overlap)."""
+        length = self.length
+        for store in (self.keys, self.values):
+            for buf in store:
+                if buf is None:
+                    continue
+                used = buf[:, :, self.start : self.end]
+                buf[:, :, :length] = used if self.start >= length else used.clone()
+        self.start, self.end = 0, length
 
     def grow_left(self, extra: int) -> None:
         """Add ``extra`` columns before ``start`` (their old contents are finite; the
@@ -163,11 +184,14 @@ class KVStore:
         self.rows += count
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (in that order)."""
+        """Keep only ``rows`` (in that order), in the first rows of the same buffers (a
+        shrinking batch frees nothing, so it never needs a second copy of the store)."""
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
                 if buf is not None:
-                    store[i] = buf.index_select(0, rows.to(buf.device))
+                    kept = buf.index_select(0, rows.to(buf.device))
+                    buf[: len(rows)] = kept
+                    store[i] = buf[: len(rows)]
         self.rows = len(rows)
 
     def copy_row(self, src: KVStore, src_row: int, dst_row: int, length: int) -> None:
@@ -229,6 +253,8 @@ class EngineStats:
         row_steps: rows computed over all decode steps, idle rows included.
         live_row_steps: rows that produced a token (``1 - live/row`` is the waste).
         max_columns: the most key/value columns any step attended to.
+        max_rows: the most rows any step decoded (capped by the batch size and the
+            key/value budget).
     """
 
     prefills: int = 0
@@ -237,6 +263,7 @@ class EngineStats:
     row_steps: int = 0
     live_row_steps: int = 0
     max_columns: int = 0
+    max_rows: int = 0
 
 
 @dataclass
@@ -263,7 +290,9 @@ class Engine:
         pad: the padding token id.
     """
 
-    def __init__(self, model: nn.Module, eos: Sequence[int], pad: int) -> None:
+    def __init__(
+        self, model: nn.Module, eos: Sequence[int], pad: int, cache_bytes: int = CACHE_BYTES
+    ) -> None:
         self.model = model
         self.eos = set(int(t) for t in eos)
         self.pad = int(pad)
@@ -271,6 +300,11 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._head = _LastTokenHead.of(model)
+        self.cache_bytes = int(cache_bytes)
+        self.column_bytes = _column_bytes(model)
+        # A prefill's own store holds at most a third of the batch's budget.
+        self.prefill_tokens = max(1, min(PREFILL_TOKENS, self.cache_bytes // (3 * self.column_bytes)))
         self.device = next(model.parameters()).device
         # Groups of the rows of the forward being run (row selectors read it).
         self._forward_groups: list[Hashable] = []
@@ -278,6 +312,15 @@ class Engine:
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache
     ) -> torch.Tensor:
+        if self._head is not None:
+            hidden = self._head.decoder(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: cache},
+            ).last_hidden_state
+            return self._head(hidden[:, -1])
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -339,6 +382,8 @@ class Engine:
                     if more is None:
                         break
                     continue
+                if queue:
+                    free = self._room(free, state, store, prompts[queue[0].prompt], settings)
                 if queue and free > 0:
                     refill_at = max(1, min(limit, state.width or limit) // 8)
                     if state.live == 0 or free >= refill_at or len(queue) <= free:
@@ -355,6 +400,14 @@ class Engine:
             for stack in groups.values():
                 stack.close()
         return stats
+
+    def _room(self, free: int, state: _Batch, store: KVStore, longest: Sequence[int], settings) -> int:
+        """Free rows the key/value budget allows: every row is costed at the store's
+        columns, or the next prompt's plus the new tokens when that is more; an empty
+        batch always takes one row."""
+        columns = max(store.capacity, len(longest) + settings.max_new_tokens)
+        fits = max(1, self.cache_bytes // max(1, columns * self.column_bytes))
+        return max(0, min(free, fits - state.live))
 
     def _open_groups(self, jobs, groups, steer_group) -> None:
         for job in jobs:
@@ -379,6 +432,7 @@ class Engine:
         stats.steps += 1
         stats.row_steps += state.width
         stats.max_columns = max(stats.max_columns, step_mask.shape[1])
+        stats.max_rows = max(stats.max_rows, state.width)
         state.mask = step_mask.masked_fill(idle.unsqueeze(1), 0)
         state.positions = state.positions + 1
         index = [i for i, r in enumerate(state.rows) if r is not None]
@@ -424,11 +478,22 @@ class Engine:
         return out
 
     def _admit(self, prompts, admitted, state, store, settings, on_finish, on_token, stats) -> None:
-        """Prefill the admitted jobs' prompts (once per prompt and group) into free rows."""
-        unique = list(dict.fromkeys((j.prompt, j.group) for j in admitted))
+        """Prefill the admitted jobs' prompts (once per prompt and group) into free rows.
+
+        Each prefill forward's keys and values are copied into the rows at once and its
+        own store dropped, so at most one prefill store is alive beside the batch's."""
+        need = max(len(prompts[j.prompt]) for j in admitted)
+        if need > store.length:
+            store.grow_left(need - store.length)
+            state.mask = torch.cat(
+                [state.mask.new_zeros(state.width, need - state.mask.shape[1]), state.mask], 1
+            )
+        slots = state.free_slots(len(admitted), store)
+        targets: dict[tuple, list[int]] = {}
+        for job, slot in zip(admitted, slots, strict=True):
+            targets.setdefault((job.prompt, job.group), []).append(slot)
         first_logits: dict[tuple, torch.Tensor] = {}
-        sources: dict[tuple, tuple[KVStore, int]] = {}
-        for group in _prefill_groups(unique, prompts):
+        for group in _prefill_groups(list(targets), prompts, self.prefill_tokens):
             ids, pmask = left_pad([list(prompts[p]) for p, _ in group], self.pad)
             ids, pmask = ids.to(self.device), pmask.to(self.device)
             width = ids.shape[1]
@@ -442,18 +507,11 @@ class Engine:
             stats.prompt_tokens += sum(len(prompts[p]) for p, _ in group)
             for r, key in enumerate(group):
                 first_logits[key] = logits[r]
-                sources[key] = (pstore, r)
-        need = max(len(prompts[j.prompt]) for j in admitted)
-        if need > store.length:
-            store.grow_left(need - store.length)
-            state.mask = torch.cat(
-                [state.mask.new_zeros(state.width, need - state.mask.shape[1]), state.mask], 1
-            )
-        slots = state.free_slots(len(admitted), store)
+                for slot in targets[key]:
+                    store.copy_row(pstore, r, slot, len(prompts[key[0]]))
+            del pstore
         for job, slot in zip(admitted, slots, strict=True):
             length = len(prompts[job.prompt])
-            src, src_row = sources[(job.prompt, job.group)]
-            store.copy_row(src, src_row, slot, length)
             state.mask[slot] = 0
             state.mask[slot, state.mask.shape[1] - length :] = 1
             state.positions[slot] = length
@@ -462,6 +520,78 @@ class Engine:
         chosen = self._choose(logits, [state.rows[s] for s in slots], settings)
         for slot, token in zip(slots, chosen, strict=True):
             self._advance(state, slot, token, settings, on_finish, on_token)
+
+
+def _column_bytes(model: nn.Module) -> int:
+    """Bytes of one token's keys and values over every layer of ``model``."""
+    config = model.config.get_text_config()
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    size = next(model.parameters()).element_size()
+    return max(1, 2 * int(config.num_hidden_layers) * kv_heads * head_dim * size)
+
+
+class _LastTokenHead:
+    """The LM head applied to the last position's hidden states only, as a 2-D matmul.
+
+    ``model(..., logits_to_keep=1)`` hands the head a strided ``[rows, 1, d]`` slice,
+    which CPU bf16 matmul serves by expanding the ``[vocab, d]`` weight once per row
+    (a 16-row prefill copied 0.9 GB and spent longer on that copy than on its layers).
+    Running the decoder stack and the head separately keeps the head a plain
+    ``[rows, d] x [d, vocab]`` product. Only for models whose logits are the head's output
+    with the post-processing transformers models use (soft-capping, a logit scale);
+    others keep ``logits_to_keep``.
+    """
+
+    def __init__(self, decoder: nn.Module, head: nn.Module, config) -> None:
+        self.decoder, self.head = decoder, head
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.scale = getattr(config, "logit_scale", None)
+        self.divide = getattr(config, "logits_scaling", None)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _LastTokenHead | None:
+        from .architecture import decoder_module
+
+        decoder = decoder_module(model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if decoder is model or not isinstance(head, nn.Module):
+            return None
+        config = model.config.get_text_config()
+        if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_MODELS:
+            return None
+        return cls(decoder, head, config)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden.contiguous())
+        if self.scale:
+            logits = logits * self.scale
+        if self.divide:
+            logits = logits / self.divide
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# Model types whose causal-LM forward is decoder -> head (-> the post-processing above):
+# the engine runs them as decoder + last-token head.
+_PLAIN_HEAD_MODELS = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gpt2",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "granite",
+    "cohere",
+    "smollm3",
+}
 
 
 class _Batch:
@@ -506,13 +636,16 @@ class _Batch:
         self.mask, self.positions, self.last = self.mask[keep], self.positions[keep], self.last[keep]
 
 
-def _prefill_groups(unique: list[tuple], prompts: Sequence[Sequence[int]]) -> list[list[tuple]]:
+def _prefill_groups(
+    unique: list[tuple], prompts: Sequence[Sequence[int]], budget: int = 0
+) -> list[list[tuple]]:
     """Split (prompt, group) keys, longest prompt first, into prefill forwards of at most
-    :data:`PREFILL_TOKENS` padded tokens."""
+    ``budget`` (default :data:`PREFILL_TOKENS`) padded tokens."""
+    budget = budget or PREFILL_TOKENS
     order = sorted(unique, key=lambda key: -len(prompts[key[0]]))
     groups: list[list[tuple]] = []
     for key in order:
-        if groups and len(prompts[groups[-1][0][0]]) * (len(groups[-1]) + 1) <= PREFILL_TOKENS:
+        if groups and len(prompts[groups[-1][0][0]]) * (len(groups[-1]) + 1) <= budget:
             groups[-1].append(key)
         else:
             groups.append([key])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architecture import decoder_module
+from .architecture import decoder_module, find_layers
 from .models import LoadedModel
 
 # Plain prompt format for models without a chat template (documented in the README).
@@ -225,6 +225,7 @@ def teacher_forced(
     longest_first: bool = True,
     skip_empty: bool = False,
     hooks: Callable[[ForwardBatch], AbstractContextManager[Any]] | None = None,
+    stop_after: int | None = None,
     progress: bool | str = False,
     desc: str = "forward",
 ) -> Iterator[ForwardBatch]:
@@ -241,6 +242,9 @@ def teacher_forced(
         hooks: called with each batch (before the forward); the context manager it
             returns is entered around that forward and its value kept in ``recorded``
             (``record(...)`` to read activations, ``steering.applied(...)`` to steer).
+        stop_after: end each forward after this decoder layer (the layers above it
+            and the final norm do not run; ``hidden`` is then ``None``): for callers
+            that only read ``recorded`` activations at or below it.
         progress: show a progress bar (a string is used as its label, else ``desc``).
 
     Example:
@@ -250,6 +254,8 @@ def teacher_forced(
     """
     if padding not in PADDING_SIDES:
         raise ValueError(f"unknown padding side {padding!r}: use one of {', '.join(PADDING_SIDES)}")
+    if stop_after is not None and whole_model:
+        raise ValueError("stop_after leaves the LM head out: it needs whole_model=False")
     order = list(range(len(rows)))
     if longest_first:
         order.sort(key=lambda i: -len(rows[i].ids))
@@ -262,7 +268,7 @@ def teacher_forced(
             # Empty rows leave a batch after it is drawn, so batches stay the same.
             idx = [i for i in chunk if rows[i].response_len > 0] if skip_empty else chunk
             if idx:
-                yield _forward(lm, module, rows, idx, pad, padding, whole_model, hooks)
+                yield _forward(lm, module, rows, idx, pad, padding, whole_model, hooks, stop_after)
             bar.update(len(chunk))
 
 
@@ -275,6 +281,7 @@ def _forward(
     padding: str,
     whole_model: bool,
     hooks: Callable[[ForwardBatch], AbstractContextManager[Any]] | None,
+    stop_after: int | None = None,
 ) -> ForwardBatch:
     ids, mask = pad_sequences([rows[i].ids for i in idx], pad, padding)
     batch = ForwardBatch(
@@ -287,10 +294,37 @@ def _forward(
     )
     context = hooks(batch) if hooks is not None else contextlib.nullcontext()
     with torch.inference_mode(), context as recorded:
-        out = module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        if stop_after is None:
+            out = module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        else:
+            with _stopping_after(lm.model, stop_after):
+                try:
+                    module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+                except _Stopped:
+                    pass
+            return replace(batch, recorded=recorded)
     if whole_model:
         return replace(batch, logits=out.logits, recorded=recorded)
     return replace(batch, hidden=out.last_hidden_state, recorded=recorded)
+
+
+class _Stopped(Exception):
+    """Ends a forward early (raised by the hook :func:`_stopping_after` installs)."""
+
+
+@contextlib.contextmanager
+def _stopping_after(model: nn.Module, layer: int) -> Iterator[None]:
+    """Inside the block, a forward ends (with :class:`_Stopped`) once decoder layer
+    ``layer`` has run and every hook on it has seen its output."""
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _Stopped
+
+    handle = find_layers(model)[layer].register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def response_logits(lm: LoadedModel, batch: ForwardBatch, row: int) -> tuple[torch.Tensor, torch.Tensor]:
