@@ -80,9 +80,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="operators listed by self time")
     args = parser.parse_args()
 
+    from bench_engine import _steering
+
     import simsteer.engine as engine_module
     import simsteer.hooks as hooks_module
-    from bench_engine import _steering
     from simsteer.decoding import stream_id
     from simsteer.engine import DecodeSettings, Engine, Job
     from simsteer.models import load_model
@@ -151,12 +152,14 @@ def main() -> None:
     print(f"  {'framework overhead (no operator running)':<44} {overhead:7.2f} s {pct(overhead)}")
     print(f"top {args.top} operators by self time")
     for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[: args.top]:
-        print(f"  {e.key:<44} {e.self_cpu_time_total / 1e6:7.2f} s {pct(e.self_cpu_time_total / 1e6)} ({e.count} calls)")
+        seconds = e.self_cpu_time_total / 1e6
+        print(f"  {e.key:<44} {seconds:7.2f} s {pct(seconds)} ({e.count} calls)")
     idle = 1 - stats.live_row_steps / max(stats.row_steps, 1)
     print("padding waste")
     print(
         f"  idle rows {100 * idle:.1f}% of decode row-steps; {stats.steps} decode steps, "
-        f"{stats.prefills} prefills ({stats.prompt_tokens} prompt tokens), max {stats.max_columns} cache columns"
+        f"{stats.prefills} prefills ({stats.prompt_tokens} prompt tokens), "
+        f"max {stats.max_columns} cache columns, max {stats.max_rows} rows"
     )
 
 

@@ -297,11 +297,8 @@ def _forward(
         if stop_after is None:
             out = module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
         else:
-            with _stopping_after(lm.model, stop_after):
-                try:
-                    module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-                except _Stopped:
-                    pass
+            with _stopping_after(lm.model, stop_after), contextlib.suppress(_Stopped):
+                module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
             return replace(batch, recorded=recorded)
     if whole_model:
         return replace(batch, logits=out.logits, recorded=recorded)
