@@ -11,7 +11,9 @@ Prints:
 - a realistic prompt mix (AlpacaEval + UltraFeedback prompts of 20-700 tokens, greedy,
   128 new tokens): engine vs previous engine, peak RSS of each;
 - one SIMS iteration, N=32, K=4, 128 new tokens: seconds, and activation collection's share;
-- the engine's own profile: prefill/decode forwards, idle-row share (padding waste).
+- the engine's own profile: prefill/decode forwards, idle-row share (padding waste);
+- ``sims serve`` at 1 and 8 clients (``bench_serve.py``, a real server): tokens/s against
+  llama.cpp's single stream, 8 clients against one, steered/unsteered.
 
 Usage: .venv/bin/python benchmarks/bench_engine.py [--quick] [--mix-prompts 48]
 (the mix needs ../shared/data or --mix-file FILE, one JSON object with a "prompt" per line).
@@ -292,7 +294,42 @@ def main() -> None:
             f"activation collection {100 * act / it['seconds']:.0f}% (target <= 10%); "
             f"peak RSS {it['rss_mb']:.0f} MB"
         )
-    print("server: not measured by this script yet (benchmarks/bench_serve.py measures the server)")
+    server = _server(args)
+    if "skipped" in server:
+        print(f"server: {server['skipped']}")
+    else:
+        print("server (sims serve, greedy chat completions, 64 tokens, continuous batching)")
+        one = server[1]
+        for clients, row in sorted(server.items()):
+            vs = f" -> {row['plain'] / tps(llama):.2f}x llama.cpp 1-stream" if "skipped" not in llama else ""
+            ratio = row["steered"] / row["plain"]
+            print(
+                f"  {clients:>2} client(s)       {row['plain']:7.1f} tok/s{vs}; "
+                f"x{row['plain'] / one['plain']:.2f} one client; steered/unsteered {ratio:.3f}"
+            )
+        print("  (targets: one client >= 0.8x llama.cpp, 8 clients >= 3x one, steered/unsteered >= 0.95)")
+
+
+def _server(args) -> dict:
+    """Completion tokens/s of ``sims serve`` at 1 and 8 clients, unsteered and steered,
+    from ``bench_serve.py`` (a real server subprocess)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "serve.json"
+        cmd = [sys.executable, str(HERE / "bench_serve.py"), "--clients", "1,8", "--json", str(out)]
+        cmd += ["--quick"] if args.quick else []
+        saved = HERE.parent / "runs" / "sims"
+        cmd += ["--steering", str(saved)] if (saved / "final").is_dir() else []
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.is_file():
+            tail = done.stderr.strip().splitlines()[-1:] or [str(done.returncode)]
+            return {"skipped": f"bench_serve.py failed: {tail[0]}"}
+        rows = json.loads(out.read_text())
+    table: dict[int, dict[str, float]] = {}
+    for row in rows:
+        table.setdefault(row["clients"], {})["steered" if row["steered"] else "plain"] = row["tps"]
+    return table
 
 
 if __name__ == "__main__":

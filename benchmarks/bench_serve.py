@@ -12,12 +12,13 @@ mean and p95 latency, then the steered/unsteered tokens/s and requests/s ratios 
 concurrency. The server is always stopped at the end.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve.py [--quick]
-       [--steering PATH] [--requests-per-client 4] [--max-tokens 64] [--port 0]
+       [--steering PATH] [--requests-per-client 4] [--max-tokens 64] [--port 0] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -123,6 +124,7 @@ def main() -> int:
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels (default 1,8,32)")
     parser.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests_per_client, args.max_tokens = "1,4", 1, 8
@@ -177,6 +179,10 @@ def main() -> int:
                         f"{m['mean']:>10.2f} {m['p95']:>9.2f}",
                         flush=True,
                     )
+            if args.json:
+                Path(args.json).write_text(
+                    json.dumps([{"clients": c, "steered": n is not None, **m} for c, n, m in rows])
+                )
             print()
             print(f"{'clients':>7} {'steered/unsteered tok/s':>24} {'req/s':>7}")
             for clients in levels:

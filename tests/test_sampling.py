@@ -47,8 +47,29 @@ def test_greedy_is_batch_order_independent_and_counts_tokens(tiny_lm):
         ({"top_k": -2}, "top_k"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"batch_size": 0}, "batch_size"),
+        ({"cache_mb": 0}, "cache_mb"),
     ],
 )
 def test_invalid_sampling_settings(kwargs, message):
     with pytest.raises(SimsError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_key_value_budget_reaches_the_engine_and_does_not_change_samples(tiny_lm, monkeypatch):
+    import simsteer.sampling as sampling
+    from simsteer.engine import Engine
+
+    seen = []
+
+    class Recording(Engine):
+        def run(self, *args, **kwargs):
+            stats = super().run(*args, **kwargs)
+            seen.append((self.cache_bytes, stats.max_rows))
+            return stats
+
+    monkeypatch.setattr(sampling, "Engine", Recording)
+    prompts = ["the good day", "a cat is very happy and the dog is sad", "I love the rain"]
+    roomy = generate(tiny_lm, prompts, 3, SamplingConfig(max_new_tokens=8), seed=4)
+    tight = generate(tiny_lm, prompts, 3, SamplingConfig(max_new_tokens=8, cache_mb=1), seed=4)
+    assert tight == roomy
+    assert seen[0][0] == SamplingConfig().cache_mb << 20 and seen[1][0] == 1 << 20

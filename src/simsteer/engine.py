@@ -15,7 +15,15 @@ from the attention mask) works unchanged. What the engine adds to a plain
 - **One prefill per prompt.** The K samples of a prompt share its prefill: the prompt's
   keys and values are computed once and copied into K rows.
 - **No per-step concatenation.** Keys and values are written in place into preallocated
-  buffers; the attention reads a view of the used columns.
+  buffers; the attention reads a view of the used columns. When the buffers fill up, the
+  used columns move to the front of the same buffers, and a shrinking batch keeps its
+  rows in place, so neither needs a second copy of the store.
+- **A key/value memory budget** (``cache_bytes``, :data:`CACHE_BYTES` by default): rows
+  are admitted only while rows x columns of keys and values fit in it, so long prompts
+  decode in fewer rows instead of raising the peak memory; prefill forwards are bounded
+  too (at most :data:`PREFILL_TOKENS` padded tokens, each prefill's store freed once its
+  rows are copied). The budget changes no sample.
+- **The LM head on the last position only**, as a ``[rows, d] x [d, vocab]`` product.
 - **Random streams per sequence** (:mod:`simsteer.decoding`): a sample depends on its
   seed, prompt key, sample index and step, not on the batch it ran in.
 

@@ -234,6 +234,13 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
     group.add_argument("--max-new-tokens", type=integer, default=base.max_new_tokens)
     group.add_argument("--batch-size", type=integer, default=base.batch_size)
     group.add_argument(
+        "--cache-mb",
+        type=integer,
+        default=base.cache_mb,
+        help="key/value cache memory (MiB) the engine's batch may hold; long prompts decode in "
+        "fewer rows; samples do not change (default %(default)s)",
+    )
+    group.add_argument(
         "--engine",
         choices=ENGINES,
         default=base.engine,
@@ -366,6 +373,7 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         engine=args.engine,
+        cache_mb=args.cache_mb,
     )
 
 

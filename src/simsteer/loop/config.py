@@ -41,7 +41,7 @@ class SIMSConfig:
     iterations: int = 3
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 4
-    eval_prompts: int = 16
+    eval_prompts: int = 32
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     summary: str = "mean"
     activation_batch_size: int = 16
