@@ -32,6 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
+# The default run's folder (`sims run`): its final policy is the steering measured, when present.
+SAVED_RUN = HERE.parent / "runs" / "sims"
 MIX_FILES = [
     SHARED / "alpaca_eval" / "alpaca_eval_normalized.jsonl",
     SHARED / "ultrafeedback" / "ultrafeedback_prompts_normalized.jsonl",
@@ -51,9 +53,8 @@ def _steering(lm):
     from simsteer.policy import Policy, load_policy
     from simsteer.steering import Steering
 
-    saved = HERE.parent / "runs" / "sims" / "final"
-    if saved.is_dir():
-        return load_policy(saved)
+    if (SAVED_RUN / "final").is_dir():
+        return load_policy(SAVED_RUN / "final")
     torch.manual_seed(0)
     layers = parse_layers("middle", lm.num_layers)
     return Policy(
@@ -319,8 +320,7 @@ def _server(args) -> dict:
         out = Path(tmp) / "serve.json"
         cmd = [sys.executable, str(HERE / "bench_serve.py"), "--clients", "1,8", "--json", str(out)]
         cmd += ["--quick"] if args.quick else []
-        saved = HERE.parent / "runs" / "sims"
-        cmd += ["--steering", str(saved)] if (saved / "final").is_dir() else []
+        cmd += ["--steering", str(SAVED_RUN)] if (SAVED_RUN / "final").is_dir() else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.is_file():
             tail = done.stderr.strip().splitlines()[-1:] or [str(done.returncode)]

@@ -45,6 +45,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .architecture import decoder_module
 from .decoding import choose_tokens, uniforms
 from .tokens import left_pad
 
@@ -320,24 +321,16 @@ class Engine:
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache
     ) -> torch.Tensor:
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            self._cache_arg: cache,
+        }
         if self._head is not None:
-            hidden = self._head.decoder(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: cache},
-            ).last_hidden_state
-            return self._head(hidden[:, -1])
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_arg: cache},
-            **self._keep_last,
-        )
-        return out.logits[:, -1]
+            return self._head(self._head.decoder(**inputs).last_hidden_state[:, -1])
+        return self.model(**inputs, **self._keep_last).logits[:, -1]
 
     def _rows_of(self, group: Hashable) -> torch.Tensor | None:
         groups = self._forward_groups
@@ -560,16 +553,13 @@ class _LastTokenHead:
 
     @classmethod
     def of(cls, model: nn.Module) -> _LastTokenHead | None:
-        from .architecture import decoder_module
-
+        if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_MODELS:
+            return None
         decoder = decoder_module(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if decoder is model or not isinstance(head, nn.Module):
             return None
-        config = model.config.get_text_config()
-        if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_MODELS:
-            return None
-        return cls(decoder, head, config)
+        return cls(decoder, head, model.config.get_text_config())
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden.contiguous())
@@ -644,12 +634,9 @@ class _Batch:
         self.mask, self.positions, self.last = self.mask[keep], self.positions[keep], self.last[keep]
 
 
-def _prefill_groups(
-    unique: list[tuple], prompts: Sequence[Sequence[int]], budget: int = 0
-) -> list[list[tuple]]:
+def _prefill_groups(unique: list[tuple], prompts: Sequence[Sequence[int]], budget: int) -> list[list[tuple]]:
     """Split (prompt, group) keys, longest prompt first, into prefill forwards of at most
-    ``budget`` (default :data:`PREFILL_TOKENS`) padded tokens."""
-    budget = budget or PREFILL_TOKENS
+    ``budget`` padded tokens (a longer prompt gets a forward of its own)."""
     order = sorted(unique, key=lambda key: -len(prompts[key[0]]))
     groups: list[list[tuple]] = []
     for key in order:

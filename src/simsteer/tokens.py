@@ -293,12 +293,12 @@ def _forward(
         padding=padding,
     )
     context = hooks(batch) if hooks is not None else contextlib.nullcontext()
+    stop = _stopping_after(lm.model, stop_after) if stop_after is not None else contextlib.nullcontext()
     with torch.inference_mode(), context as recorded:
-        if stop_after is None:
-            out = module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-        else:
-            with _stopping_after(lm.model, stop_after), contextlib.suppress(_Stopped):
-                module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        try:
+            with stop:
+                out = module(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        except _Stopped:  # the layers above ``stop_after`` did not run: no hidden states
             return replace(batch, recorded=recorded)
     if whole_model:
         return replace(batch, logits=out.logits, recorded=recorded)
