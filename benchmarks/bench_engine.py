@@ -12,8 +12,9 @@ Prints:
   128 new tokens): engine vs previous engine, peak RSS of each;
 - one SIMS iteration, N=32, K=4, 128 new tokens: seconds, and activation collection's share;
 - the engine's own profile: prefill/decode forwards, idle-row share (padding waste);
-- ``sims serve`` at 1 and 8 clients (``bench_serve.py``, a real server): tokens/s against
-  llama.cpp's single stream, 8 clients against one, steered/unsteered.
+- ``sims serve`` (``--engine torch`` and ``llamacpp``) at 1 and 8 clients
+  (``bench_serve.py``, a real server): tokens/s against llama.cpp's single stream,
+  8 clients against one, steered/unsteered.
 
 Usage: .venv/bin/python benchmarks/bench_engine.py [--quick] [--mix-prompts 48]
 (the mix needs ../shared/data or --mix-file FILE, one JSON object with a "prompt" per line).
@@ -295,11 +296,12 @@ def main() -> None:
             f"activation collection {100 * act / it['seconds']:.0f}% (target <= 10%); "
             f"peak RSS {it['rss_mb']:.0f} MB"
         )
-    server = _server(args)
-    if "skipped" in server:
-        print(f"server: {server['skipped']}")
-    else:
-        print("server (sims serve, greedy chat completions, 64 tokens, continuous batching)")
+    for engine in ("torch", "llamacpp"):
+        server = _server(args, engine)
+        if "skipped" in server:
+            print(f"server ({engine}): {server['skipped']}")
+            continue
+        print(f"server (sims serve --engine {engine}, greedy chat completions, 64 tokens)")
         one = server[1]
         for clients, row in sorted(server.items()):
             vs = f" -> {row['plain'] / tps(llama):.2f}x llama.cpp 1-stream" if "skipped" not in llama else ""
@@ -308,17 +310,22 @@ def main() -> None:
                 f"  {clients:>2} client(s)       {row['plain']:7.1f} tok/s{vs}; "
                 f"x{row['plain'] / one['plain']:.2f} one client; steered/unsteered {ratio:.3f}"
             )
-        print("  (targets: one client >= 0.8x llama.cpp, 8 clients >= 3x one, steered/unsteered >= 0.95)")
+    print("  (targets: one client >= 0.8x llama.cpp, 8 clients >= 3x one, steered/unsteered >= 0.95)")
 
 
-def _server(args) -> dict:
-    """Completion tokens/s of ``sims serve`` at 1 and 8 clients, unsteered and steered,
-    from ``bench_serve.py`` (a real server subprocess)."""
+def _server(args, engine: str) -> dict:
+    """Completion tokens/s of ``sims serve --engine ENGINE`` at 1 and 8 clients,
+    unsteered and steered, from ``bench_serve.py`` (a real server subprocess)."""
+    import importlib.util
     import tempfile
+
+    if engine == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+        return {"skipped": "llama-cpp-python is not installed (pip install -e '.[llamacpp]')"}
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "serve.json"
         cmd = [sys.executable, str(HERE / "bench_serve.py"), "--clients", "1,8", "--json", str(out)]
+        cmd += ["--engine", engine]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--steering", str(SAVED_RUN)] if (SAVED_RUN / "final").is_dir() else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)

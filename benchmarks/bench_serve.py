@@ -13,6 +13,7 @@ concurrency. The server is always stopped at the end.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve.py [--quick]
        [--steering PATH] [--requests-per-client 4] [--max-tokens 64] [--port 0] [--json FILE]
+       [--engine torch|llamacpp|auto]
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--engine", default="torch", help="as for sims serve: torch, llamacpp or auto")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests_per_client, args.max_tokens = "1,4", 1, 8
@@ -142,7 +144,7 @@ def main() -> int:
         steering = args.steering or str(random_steering(tmp_dir, args.model))
         command = [sys.executable, "-m", "simsteer", "serve", "--port", str(port)]
         command += ["--steering", f"{STEERING_NAME}={steering}", "--max-batch", "32"]
-        command += ["--served-model-name", "bench"]
+        command += ["--served-model-name", "bench", "--engine", args.engine]
         if args.model:
             command += ["--model", args.model]
         if args.device:

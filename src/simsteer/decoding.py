@@ -15,6 +15,7 @@ top-p, sorted by probability (top-k returns them sorted, so this costs nothing e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -90,3 +91,40 @@ def choose_tokens(
     target = draws.to(cdf.device, torch.float64).unsqueeze(1) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
     return index.gather(1, choice).squeeze(1)
+
+
+class TokenSettings(Protocol):
+    """What :func:`choose_rows` reads of a row's sampling settings (hashable)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+def choose_rows(
+    logits: torch.Tensor,
+    settings: Sequence[TokenSettings],
+    streams: Sequence[int],
+    steps: Sequence[int],
+) -> list[int]:
+    """The next token of rows that may sample with different settings: one
+    :func:`choose_tokens` call per distinct setting, each row drawing the ``steps[i]``-th
+    number of its stream ``streams[i]``.
+
+    Args:
+        logits: ``[rows, vocab]`` next-token logits.
+        settings: each row's temperature, top-k and top-p.
+        streams / steps: each row's random stream and the index of its draw (its tokens
+            so far), so that a row's sample never depends on the other rows.
+    """
+    by_setting: dict[TokenSettings, list[int]] = {}
+    for i, s in enumerate(settings):
+        by_setting.setdefault(s, []).append(i)
+    out = [0] * len(settings)
+    for s, idx in by_setting.items():
+        part = logits if len(idx) == len(settings) else logits[idx]
+        draws = uniforms([streams[i] for i in idx], [steps[i] for i in idx]) if s.temperature > 0 else None
+        chosen = choose_tokens(part, draws, s.temperature, s.top_k, s.top_p)
+        for i, token in zip(idx, chosen.tolist(), strict=True):
+            out[i] = token
+    return out

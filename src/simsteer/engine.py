@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .architecture import decoder_module
-from .decoding import choose_tokens, uniforms
+from .decoding import choose_rows
 from .tokens import left_pad
 
 # Padded prompt tokens prefilled in one forward (bounds the prefill's activation memory).
@@ -463,20 +463,12 @@ class Engine:
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row], settings: DecodeSettings) -> list[int]:
         """Next tokens, one call per distinct sampling setting among the rows."""
-        by_setting: dict[DecodeSettings, list[int]] = {}
-        for i, r in enumerate(rows):
-            by_setting.setdefault(r.job.settings or settings, []).append(i)
-        out = [0] * len(rows)
-        for s, idx in by_setting.items():
-            part = logits if len(idx) == len(rows) else logits[idx]
-            draws = None
-            if s.temperature > 0:
-                draws = uniforms([rows[i].job.stream for i in idx], [len(rows[i].tokens) for i in idx])
-            for i, t in zip(
-                idx, choose_tokens(part, draws, s.temperature, s.top_k, s.top_p).tolist(), strict=True
-            ):
-                out[i] = t
-        return out
+        return choose_rows(
+            logits,
+            [r.job.settings or settings for r in rows],
+            [r.job.stream for r in rows],
+            [len(r.tokens) for r in rows],
+        )
 
     def _admit(self, prompts, admitted, state, store, settings, on_finish, on_token, stats) -> None:
         """Prefill the admitted jobs' prompts (once per prompt and group) into free rows.

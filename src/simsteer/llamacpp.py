@@ -28,7 +28,7 @@ import ctypes
 import importlib.util
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .decoding import choose_tokens, uniforms
-from .engine import DecodeSettings, Job
+from .decoding import choose_rows
+from .engine import DecodeSettings, Job, JobSource, TokenCallback
 from .errors import SimsError
 from .export.gguf_cvec import control_vector_buffer
 from .models import EMBEDDED_MODEL, LoadedModel, embedded_gguf_path
@@ -45,7 +45,7 @@ from .policy import Policy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "LlamaCppBackend", "choose_engine", "gguf_file", "llamacpp_problem"]
+__all__ = ["ENGINES", "LlamaCppBackend", "choose_engine", "gguf_file", "llamacpp_problem", "serving_engine"]
 
 #: The values of ``SamplingConfig.engine``.
 ENGINES = ("torch", "llamacpp", "auto")
@@ -53,6 +53,9 @@ ENGINES = ("torch", "llamacpp", "auto")
 BATCH_TOKENS = 512
 #: Most sequences one context holds (llama.cpp's LLAMA_MAX_SEQ is 256).
 MAX_SEQUENCES = 256
+#: Cache cells (tokens) of a context fed by a live queue (``sims serve``): 8,192 cells,
+#: about 190 MB of F16 keys and values for the embedded model.
+SERVE_CELLS = 8192
 
 
 def gguf_file(lm: LoadedModel) -> Path | None:
@@ -106,6 +109,34 @@ def choose_engine(requested: str, lm: LoadedModel, policy: Policy | Sequence[Any
     return "llamacpp"
 
 
+def serving_engine(requested: str, lm: LoadedModel, steerings: Mapping[str, Policy | Sequence[Any]]) -> str:
+    """The engine ``sims serve`` decodes on: ``"torch"`` or ``"llamacpp"``.
+
+    llama.cpp serves only when it can run every named steering (a request may pick any
+    of them, at any strength): ``"llamacpp"`` is refused in one line naming the first
+    steering it cannot run, ``"auto"`` falls back to torch and logs why.
+
+    Args:
+        requested: ``"torch"``, ``"llamacpp"`` or ``"auto"``.
+        lm: the served model.
+        steerings: the server's named policies.
+    """
+    if requested not in ENGINES:
+        raise SimsError(f"unknown engine {requested!r}: use one of {', '.join(ENGINES)}")
+    if requested == "torch":
+        return "torch"
+    for name, policy in {"none": None, **steerings}.items():
+        problem = llamacpp_problem(lm, policy)
+        if problem is not None:
+            where = "" if policy is None else f" the steering {name!r}"
+            if requested == "llamacpp":
+                raise SimsError(f"--engine llamacpp cannot serve{where}: {problem}")
+            log.info("serving engine: torch (llama.cpp cannot serve%s: %s)", where, problem)
+            return "torch"
+    log.info("serving engine: llamacpp (%s)", gguf_file(lm).name)
+    return "llamacpp"
+
+
 def _quiet() -> None:
     """Keep llama.cpp's load and context messages off stderr unless asked for.
 
@@ -126,6 +157,12 @@ class _State:
     on_finish: Callable[[Job, list[int]], None]
     memory: Any
     free: list[int] = field(default_factory=list)  # idle sequence ids
+    on_token: TokenCallback | None = None
+    group_vectors: Callable[[Hashable], dict[int, torch.Tensor]] | None = None
+    buffers: dict[Hashable, np.ndarray] = field(default_factory=dict)  # control vector per group
+    current: tuple | None = None  # (group,) whose vector is set on the context
+    cells: int = 0  # the context's cache cells
+    used: int = 0  # cells the running rows may fill (prompt + length cap each)
 
 
 @dataclass
@@ -133,6 +170,7 @@ class _Row:
     job: Job
     seq: int
     position: int
+    cost: int  # cache cells reserved for it
     tokens: list[int] = field(default_factory=list)
 
 
@@ -207,6 +245,7 @@ class LlamaCppBackend:
         lib = self.lib
         if self.ctx and self._shape[0] >= cells and self._shape[1] >= sequences:
             lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+            self._apply_cvec(self.ctx)  # a grouped run may have left another vector set
             return self.ctx
         if self.ctx:
             lib.llama_free(self.ctx)
@@ -228,13 +267,20 @@ class LlamaCppBackend:
         ctx = lib.llama_init_from_model(self.model, params)
         if not ctx:
             raise SimsError(f"llama.cpp cannot make a context of {cells} cells for {self.path.name}")
-        data, start, end = self._cvec
-        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if start > 0 else None
-        if lib.llama_set_adapter_cvec(ctx, pointer, data.size, self.hidden_size, start, end) != 0:
+        try:
+            self._apply_cvec(ctx)
+        except SimsError:
             lib.llama_free(ctx)
-            raise SimsError(f"llama.cpp refused the control vector for {self.path.name}")
+            raise
         self.ctx, self._shape = ctx, (params.n_ctx, params.n_seq_max)
         return ctx
+
+    def _apply_cvec(self, ctx) -> None:
+        """Set the backend's own control vector on ``ctx``."""
+        data, start, end = self._cvec
+        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if start > 0 else None
+        if self.lib.llama_set_adapter_cvec(ctx, pointer, data.size, self.hidden_size, start, end) != 0:
+            raise SimsError(f"llama.cpp refused the control vector for {self.path.name}")
 
     # -- decoding --------------------------------------------------------------------
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[int, np.ndarray]:
@@ -267,79 +313,173 @@ class LlamaCppBackend:
 
     def run(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
         jobs: Sequence[Job],
         settings: DecodeSettings,
         on_finish: Callable[[Job, list[int]], None],
         eos: Sequence[int] = (),
+        *,
+        on_token: TokenCallback | None = None,
+        more: JobSource | None = None,
+        group_vectors: Callable[[Hashable], dict[int, torch.Tensor]] | None = None,
+        cells: int | None = None,
     ) -> None:
         """Generate every job; ``on_finish(job, tokens)`` as each one ends (``tokens``
         includes the end-of-sequence token when there is one), as
         :meth:`simsteer.engine.Engine.run`.
 
         Args:
-            prompts: encoded prompts.
+            prompts: encoded prompts (``more`` may add to them while running).
             jobs: the sequences to generate (prompt index, sample, random stream).
-            settings: temperature, top-k/p, length cap and rows decoded together.
+            settings: temperature, top-k/p, length cap and rows decoded together (a
+                job's own ``settings`` win).
             on_finish: called once per job.
             eos: token ids that end a sequence.
+            on_token: called after every new token of a row; ``False`` ends the row.
+            more: a live source of further jobs (a server's queue); without it the run
+                ends when ``jobs`` are done.
+            group_vectors: the control vector (layer -> vector) of a job group; the rows
+                of each group are decoded with their own vector set on the context
+                (``None``: the backend's vectors for every row).
+            cells: key/value cache cells (tokens) of the context; a job is admitted only
+                while the running rows' prompts and length caps leave room for its own
+                (default: enough for the given jobs, or :data:`SERVE_CELLS` with ``more``).
         """
-        if not jobs:
+        if not jobs and more is None:
             return
         queue = deque(sorted(jobs, key=lambda j: -len(prompts[j.prompt])))
-        width = min(settings.batch_size, len(jobs), MAX_SEQUENCES)
-        longest = sorted((len(prompts[j.prompt]) for j in jobs), reverse=True)[:width]
-        self._context(sum(longest) + width * (settings.max_new_tokens + 1) + BATCH_TOKENS, width)
+        width = min(settings.batch_size, MAX_SEQUENCES)
+        if more is None:
+            width = min(width, len(jobs))
+        if cells is None:
+            if more is not None:
+                cells = SERVE_CELLS
+            else:
+                longest = sorted(self._cost(prompts, j, settings) for j in jobs)[-width:]
+                cells = sum(longest) + BATCH_TOKENS
+        self._context(cells, width)
         state = _State(settings, {int(t) for t in eos}, on_finish, self.lib.llama_get_memory(self.ctx))
+        state.on_token, state.group_vectors, state.cells = on_token, group_vectors, self._shape[0]
         state.free = list(range(width - 1, -1, -1))
         rows: list[_Row] = []
-        while queue or rows:
-            if queue and state.free:
-                rows += self._admit(prompts, queue, state)
+        while True:
+            if more is not None and state.free:
+                fresh = more(len(state.free) - len(queue), not rows and not queue)
+                if fresh is None:
+                    break
+                queue.extend(sorted(fresh, key=lambda j: -len(prompts[j.prompt])))
+            if not queue and not rows:
+                if more is None:
+                    break
                 continue
-            logits = self._decode([(r.tokens[-1], r.position, r.seq, True) for r in rows])
-            for row in rows:
-                row.position += 1
-            rows = self._advance(rows, [logits[i] for i in range(len(rows))], state)
+            admitted = self._take(prompts, queue, state, idle=not rows)
+            if admitted:
+                rows += self._admit(prompts, admitted, state)
+                continue
+            rows = self._step(rows, state)
 
-    def _admit(self, prompts: Sequence[Sequence[int]], queue: deque[Job], state: _State) -> list[_Row]:
-        """Prefill the next queued jobs' prompts (once per prompt) into free sequences."""
-        admitted: list[_Row] = []
-        while queue and state.free:
-            job = queue.popleft()
-            admitted.append(_Row(job, state.free.pop(), len(prompts[job.prompt])))
-        first: dict[int, _Row] = {}
-        for row in admitted:
-            first.setdefault(row.job.prompt, row)
-        entries: list[tuple[int, int, int, bool]] = []
-        wanted: dict[int, int] = {}
-        for prompt, row in first.items():
-            ids = prompts[prompt]
-            entries += [(int(t), i, row.seq, i == len(ids) - 1) for i, t in enumerate(ids)]
-            wanted[prompt] = len(entries) - 1
-        logits = self._decode(entries)
-        for row in admitted:
-            source = first[row.job.prompt]
-            if row is not source:  # share the prompt's cells; no second prefill
-                self.lib.llama_memory_seq_cp(state.memory, source.seq, row.seq, -1, -1)
-        return self._advance(admitted, [logits[wanted[r.job.prompt]] for r in admitted], state)
+    @staticmethod
+    def _cost(prompts, job: Job, settings: DecodeSettings) -> int:
+        """Cache cells a job can fill: its prompt, its length cap and one spare."""
+        return len(prompts[job.prompt]) + (job.settings or settings).max_new_tokens + 1
+
+    def _take(self, prompts, queue: deque[Job], state: _State, idle: bool) -> list[Job]:
+        """The queued jobs that fit the free sequences and cache cells now (in order)."""
+        taken: list[Job] = []
+        while queue and len(taken) < len(state.free):
+            cost = self._cost(prompts, queue[0], state.settings)
+            if state.used + cost > state.cells:
+                if idle and not taken and cost > state.cells:
+                    raise SimsError(
+                        f"a sequence of up to {cost} tokens does not fit llama.cpp's cache of {state.cells}"
+                    )
+                break
+            state.used += cost
+            taken.append(queue.popleft())
+        return taken
+
+    def _set_group(self, group: Hashable, state: _State) -> None:
+        """Set ``group``'s control vector on the context (when rows are grouped).
+
+        Every group's buffer spans layers 1 to n_layer - 1 (zero rows where it adds
+        nothing), so switching changes only the vectors' values, never which layers
+        the graph adds a vector to."""
+        if state.group_vectors is None or state.current == (group,):
+            return
+        if group not in state.buffers:
+            data, _, _ = control_vector_buffer(state.group_vectors(group), self.num_layers, self.hidden_size)
+            state.buffers[group] = data
+        data = state.buffers[group]
+        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if self.lib.llama_set_adapter_cvec(
+            self.ctx, pointer, data.size, self.hidden_size, 1, self.num_layers - 1
+        ):
+            raise SimsError(f"llama.cpp refused the control vector of steering group {group!r}")
+        state.current = (group,)
+
+    def _step(self, rows: list[_Row], state: _State) -> list[_Row]:
+        """Decode the last token of every running row, one batch per steering group."""
+        running: list[_Row] = []
+        for group, members in _by_group(rows).items():
+            self._set_group(group, state)
+            logits = self._decode([(r.tokens[-1], r.position, r.seq, True) for r in members])
+            for row in members:
+                row.position += 1
+            running += self._advance(members, [logits[i] for i in range(len(members))], state)
+        return running
+
+    def _admit(self, prompts, admitted: list[Job], state: _State) -> list[_Row]:
+        """Prefill the admitted jobs' prompts (once per prompt and group) into free sequences."""
+        new = [
+            _Row(job, state.free.pop(), len(prompts[job.prompt]), self._cost(prompts, job, state.settings))
+            for job in admitted
+        ]
+        out: list[_Row] = []
+        for group, members in _by_group(new).items():
+            self._set_group(group, state)
+            first: dict[int, _Row] = {}
+            for row in members:
+                first.setdefault(row.job.prompt, row)
+            entries: list[tuple[int, int, int, bool]] = []
+            wanted: dict[int, int] = {}
+            for prompt, row in first.items():
+                ids = prompts[prompt]
+                entries += [(int(t), i, row.seq, i == len(ids) - 1) for i, t in enumerate(ids)]
+                wanted[prompt] = len(entries) - 1
+            logits = self._decode(entries)
+            for row in members:
+                source = first[row.job.prompt]
+                if row is not source:  # share the prompt's cells; no second prefill
+                    self.lib.llama_memory_seq_cp(state.memory, source.seq, row.seq, -1, -1)
+            out += self._advance(members, [logits[wanted[r.job.prompt]] for r in members], state)
+        return out
 
     def _advance(self, rows: list[_Row], logits: list[np.ndarray], state: _State) -> list[_Row]:
         """Choose each row's next token; finish the rows that end (freeing their
-        sequences) and return the others."""
-        settings = state.settings
-        draws = None
-        if settings.temperature > 0:
-            draws = uniforms([r.job.stream for r in rows], [len(r.tokens) for r in rows])
-        scores = torch.from_numpy(np.stack(logits))
-        chosen = choose_tokens(scores, draws, settings.temperature, settings.top_k, settings.top_p)
+        sequences and cells) and return the others."""
+        chosen = choose_rows(
+            torch.from_numpy(np.stack(logits)),
+            [r.job.settings or state.settings for r in rows],
+            [r.job.stream for r in rows],
+            [len(r.tokens) for r in rows],
+        )
         running = []
-        for row, token in zip(rows, chosen.tolist(), strict=True):
+        for row, token in zip(rows, chosen, strict=True):
             row.tokens.append(int(token))
-            if token in state.eos or len(row.tokens) >= settings.max_new_tokens:
+            limit = (row.job.settings or state.settings).max_new_tokens
+            keep = state.on_token is None or state.on_token(row.job, row.tokens) is not False
+            if token in state.eos or len(row.tokens) >= limit or not keep:
                 state.on_finish(row.job, row.tokens)
                 self.lib.llama_memory_seq_rm(state.memory, row.seq, -1, -1)
                 state.free.append(row.seq)
+                state.used -= row.cost
             else:
                 running.append(row)
         return running
+
+
+def _by_group(rows: list[_Row]) -> dict[Hashable, list[_Row]]:
+    groups: dict[Hashable, list[_Row]] = {}
+    for row in rows:
+        groups.setdefault(row.job.group, []).append(row)
+    return groups

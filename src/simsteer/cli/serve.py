@@ -43,6 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=seed, default=base.seed)
     p.add_argument("--max-queue", type=positive, default=base.max_queue, help="waiting rows, then 429")
+    p.add_argument(
+        "--engine",
+        choices=("torch", "llamacpp", "auto"),
+        default=base.engine,
+        help="torch (any steering), llamacpp (GGUF model, additive steerings only) or auto",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -69,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         seed=args.seed,
         max_queue=args.max_queue,
+        engine=args.engine,
     )
     lm = load_model(
         model_source(args.model),

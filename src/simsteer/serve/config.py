@@ -38,6 +38,8 @@ class ServeConfig:
         max_stop_chars: longest ``stop`` string.
         max_queue: most completions waiting for the engine; a request that does not fit
             gets 429 with ``Retry-After``.
+        engine: ``"torch"``, ``"llamacpp"`` (llama.cpp on the model's GGUF file, every
+            steering additive) or ``"auto"`` (llamacpp where it can, else torch).
     """
 
     model_name: str = "simsteer"
@@ -58,12 +60,15 @@ class ServeConfig:
     max_stop: int = 16
     max_stop_chars: int = 256
     max_queue: int = 256
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_tokens_limit < 1 or self.port < 0:
             raise SimsError("--max-batch and --max-tokens-limit must be >= 1 and --port >= 0")
         if min(self.max_request_bytes, self.max_prompt_tokens, self.max_choices, self.max_queue) < 1:
             raise SimsError("--max-request-bytes, --max-prompt-tokens and --max-queue must be >= 1")
+        if self.engine not in ("torch", "llamacpp", "auto"):
+            raise SimsError(f"unknown engine {self.engine!r}: use one of torch, llamacpp, auto")
         limits = (self.max_strength, self.max_temperature, self.batch_wait_ms)
         if not all(math.isfinite(x) and x >= 0 for x in limits):
             raise SimsError("max_strength, max_temperature and --batch-wait-ms must be finite and >= 0")

@@ -33,6 +33,8 @@ import torch
 
 from ..decoding import stream_id
 from ..engine import DecodeSettings, Engine, Job
+from ..errors import SimsError
+from ..llamacpp import LlamaCppBackend, gguf_file
 from ..models import LoadedModel
 from ..policy import Policy
 from ..steering import Steering
@@ -104,6 +106,12 @@ class BatchEngine:
         wait_s: how long an idle worker waits for more requests before decoding.
         seed: the random streams of rows whose request names no seed.
         max_queue: most rows waiting to be decoded (rows being decoded do not count).
+        engine: ``"torch"`` (:class:`simsteer.engine.Engine`, any steering) or
+            ``"llamacpp"`` (:class:`simsteer.llamacpp.LlamaCppBackend` on the model's GGUF
+            file; every steering must be additive, see
+            :func:`simsteer.llamacpp.serving_engine`).
+        cells: llama.cpp's key/value cache in tokens (default
+            :data:`simsteer.llamacpp.SERVE_CELLS`).
 
     Attributes:
         batches: admissions so far (groups of rows prefilled together).
@@ -119,8 +127,15 @@ class BatchEngine:
         wait_s: float = 0.01,
         seed: int = 0,
         max_queue: int = 256,
+        engine: str = "torch",
+        cells: int | None = None,
     ) -> None:
+        if engine not in ("torch", "llamacpp"):
+            raise SimsError(f"unknown serving engine {engine!r}: torch or llamacpp")
         self.lm = lm
+        self.engine = engine
+        self.cells = cells
+        self._backend = None  # the LlamaCppBackend, made by start()
         self.steerings = steerings or {}
         self.max_batch = max_batch
         self.wait_s = wait_s
@@ -140,6 +155,13 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._loop, name="sims-serve-engine", daemon=True)
 
     def start(self) -> None:
+        """Start the worker thread (llama.cpp loads its model here, so that a file it
+        cannot load is an error at start-up, not on the first request)."""
+        if self.engine == "llamacpp" and self._backend is None:
+            path = gguf_file(self.lm)
+            if path is None:
+                raise SimsError(f"the llamacpp engine needs a GGUF model; {self.lm.source!r} is not one")
+            self._backend = LlamaCppBackend(path)
         self._thread.start()
 
     def close(self) -> None:
@@ -148,6 +170,9 @@ class BatchEngine:
             self._ready.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self._backend is not None and not self._thread.is_alive():
+            self._backend.close()
+            self._backend = None
 
     def submit(self, *requests: GenerationRequest) -> None:
         """Queue ``requests`` all together, or none of them.
@@ -185,22 +210,38 @@ class BatchEngine:
         return None
 
     def _loop(self) -> None:
-        engine = Engine(self.lm.model, self.eos, self.pad)
         defaults = DecodeSettings(1.0, 0, 1.0, 1, self.max_batch)
+        engine = Engine(self.lm.model, self.eos, self.pad) if self._backend is None else None
         while not self._stop.is_set():
             try:
-                with torch.inference_mode():
-                    engine.run(
-                        self._prompts, [], defaults, self._finish, self._token, self._more, self._steer
+                if self._backend is not None:
+                    self._backend.run(
+                        self._prompts,
+                        [],
+                        defaults,
+                        self._finish,
+                        self.eos,
+                        on_token=self._token,
+                        more=self._more,
+                        group_vectors=self._vectors,
+                        cells=self.cells,
                     )
+                else:
+                    with torch.inference_mode():
+                        engine.run(
+                            self._prompts, [], defaults, self._finish, self._token, self._more, self._steer
+                        )
             except Exception as exc:  # one bad batch must not take the server down
                 log.exception("generation failed")
-                for live in self._live.values():
-                    if not live.req.cancelled.is_set():
-                        _emit(live.req, "error", f"{type(exc).__name__}: {exc}")
-                self._live.clear()
-                self._prompts.clear()
-                self.active = []
+                self._fail_live(f"{type(exc).__name__}: {exc}")
+
+    def _fail_live(self, message: str) -> None:
+        for live in self._live.values():
+            if not live.req.cancelled.is_set():
+                _emit(live.req, "error", message)
+        self._live.clear()
+        self._prompts.clear()
+        self.active = []
 
     def _more(self, free: int, idle: bool) -> list[Job] | None:
         """Queued rows for the engine's free slots (blocks briefly when idle)."""
@@ -237,6 +278,14 @@ class BatchEngine:
         group = (req.steering, req.strength) if req.steering else None
         settings = DecodeSettings(req.temperature, 0, req.top_p, req.max_tokens, self.max_batch)
         return Job(key, 0, stream, group=group, settings=settings)
+
+    def _vectors(self, group: Hashable) -> dict[int, torch.Tensor]:
+        """The control vector of a (steering, strength) group (llama.cpp engine)."""
+        if group is None:
+            return {}
+        name, strength = group
+        vectors = Policy(self.steerings.get(name, [])).additive_vectors()
+        return {layer: vector * float(strength) for layer, vector in vectors.items()}
 
     def _steer(self, group: Hashable, rows):
         name, strength = group

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import SimsError
+from ..llamacpp import SERVE_CELLS, serving_engine
 from ..models import LoadedModel
 from ..policy import Policy
 from .config import ServeConfig
@@ -81,6 +82,7 @@ def serve(lm: LoadedModel, steerings: dict[str, Policy], config: ServeConfig) ->
         raise SimsError(f"--default-steering {config.default_steering!r} is not one of --steering's names")
     if config.host not in LOOPBACK and not config.api_key:
         print(f"sims serve: warning: listening on {config.host} without an API key", file=sys.stderr)
+    chosen = serving_engine(config.engine, lm, steerings)
     engine = BatchEngine(
         lm,
         {name: list(policy) for name, policy in steerings.items()},
@@ -88,12 +90,14 @@ def serve(lm: LoadedModel, steerings: dict[str, Policy], config: ServeConfig) ->
         wait_s=config.batch_wait_ms / 1000,
         seed=config.seed,
         max_queue=config.max_queue,
+        engine=chosen,
+        cells=max(SERVE_CELLS, config.max_prompt_tokens + config.max_tokens_limit + 1),
     )
     engine.start()
     try:
         print(
             f"sims serve: {config.model_name} on http://{config.host}:{config.port}/v1 "
-            f"(steerings: {', '.join(steerings) or 'none'})",
+            f"(steerings: {', '.join(steerings) or 'none'}; engine: {chosen})",
             file=sys.stderr,
             flush=True,
         )
