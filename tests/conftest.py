@@ -183,6 +183,27 @@ def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: i
             bos_token_id=None,
         )
         model = Gemma3ForCausalLM(cfg)
+    elif arch in ("granite", "cohere"):  # heads with a logit scale (x 0.25) or divisor (/ 4)
+        from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+        config_class, model_class, extra = {
+            "granite": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 4.0}),
+            "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.25}),
+        }[arch]
+        cfg = config_class(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=None,
+            **extra,
+        )
+        model = model_class(cfg)
     else:
         raise ValueError(arch)
     model.generation_config.pad_token_id = tok.pad_token_id

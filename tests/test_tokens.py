@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from simsteer.engine import _LastTokenHead
 from simsteer.hooks import count_hooks, record
 from simsteer.models import load_model
 from simsteer.tokens import (
@@ -23,6 +24,8 @@ from simsteer.tokens import (
     response_logits,
     teacher_forced,
 )
+
+from .conftest import build_tiny_model
 
 PROMPTS = ["the good day", "a cat is happy and the dog is sad", "I", "we walk home in the cold rain"]
 RESPONSES = ["I love the sun", "bad bad dog", "", "the day is long and the night is dark"]
@@ -126,3 +129,24 @@ def test_whole_model_logits_and_hooks(tiny_lm):
     assert count_hooks(tiny_lm.model) == 0
     with pytest.raises(ValueError, match="decoder-stack"):
         response_logits(tiny_lm, batches[0], 0)
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere", "gemma3"])
+def test_response_logits_and_the_engine_head_apply_the_models_own_post_processing(arch, tmp_path):
+    """Granite divides its logits, Cohere scales them, Gemma 3 soft-caps them: the
+    response logits (perplexities, BiPO) and the engine's last-token head equal the
+    model's own forward."""
+    lm = load_model(str(build_tiny_model(tmp_path / arch, arch=arch)), device="cpu", dtype="fp32")
+    rows = encode_pairs(lm.tokenizer, PROMPTS[:2], RESPONSES[:2])
+    with torch.inference_mode():
+        for batch in teacher_forced(lm, rows, 2, padding="right"):
+            for row, i in enumerate(batch.index):
+                ids = torch.tensor([rows[i].ids])
+                full = lm.model(input_ids=ids).logits[0]
+                logits, _ = response_logits(lm, batch, row)
+                n = rows[i].response_len
+                torch.testing.assert_close(logits, full[len(rows[i].ids) - n - 1 : -1], atol=1e-5, rtol=1e-4)
+        head = _LastTokenHead.of(lm.model)
+        ids = torch.tensor([rows[0].ids])
+        last = head(head.decoder(input_ids=ids).last_hidden_state[:, -1])
+        torch.testing.assert_close(last, lm.model(input_ids=ids).logits[:, -1], atol=1e-5, rtol=1e-4)

@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .architecture import decoder_module
 from .decoding import choose_rows
-from .tokens import left_pad
+from .tokens import LogitHead, left_pad
 
 # Padded prompt tokens prefilled in one forward (bounds the prefill's activation memory).
 PREFILL_TOKENS = 2048
@@ -537,11 +537,8 @@ class _LastTokenHead:
     others keep ``logits_to_keep``.
     """
 
-    def __init__(self, decoder: nn.Module, head: nn.Module, config) -> None:
+    def __init__(self, decoder: nn.Module, head: LogitHead) -> None:
         self.decoder, self.head = decoder, head
-        self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.scale = getattr(config, "logit_scale", None)
-        self.divide = getattr(config, "logits_scaling", None)
 
     @classmethod
     def of(cls, model: nn.Module) -> _LastTokenHead | None:
@@ -551,17 +548,10 @@ class _LastTokenHead:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if decoder is model or not isinstance(head, nn.Module):
             return None
-        return cls(decoder, head, model.config.get_text_config())
+        return cls(decoder, LogitHead(model))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden.contiguous())
-        if self.scale:
-            logits = logits * self.scale
-        if self.divide:
-            logits = logits / self.divide
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.head(hidden)
 
 
 # Model types whose causal-LM forward is decoder -> head (-> the post-processing above):

@@ -324,10 +324,42 @@ def _stopping_after(model: nn.Module, layer: int) -> Iterator[None]:
         handle.remove()
 
 
+class LogitHead:
+    """A causal LM's head as its own forward applies it: the output embedding, then the
+    post-processing some families add (Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``, Gemma 2/3's final soft-capping). Every path that turns hidden
+    states into logits itself (the engine, perplexities, BiPO) goes through it.
+
+    Args:
+        model: a causal LM with ``get_output_embeddings()``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.head = model.get_output_embeddings()
+        self.scale = getattr(config, "logit_scale", None)
+        self.divide = getattr(config, "logits_scaling", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
+        """Logits of ``hidden`` (``[..., d]``); ``float32`` converts before the
+        post-processing (else it runs in the model's dtype, as its forward does)."""
+        logits = self.head(hidden.contiguous())
+        if float32:
+            logits = logits.float()
+        if self.scale:
+            logits = logits * self.scale
+        if self.divide:
+            logits = logits / self.divide
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
 def response_logits(lm: LoadedModel, batch: ForwardBatch, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 next-token logits at the positions predicting row ``row``'s response, and
     the response's tokens: ``([n, vocab], [n])``. The LM head runs on those positions only
-    (with the model's final logit soft-capping, if any).
+    (with the model's own post-processing, :class:`LogitHead`).
 
     Args:
         batch: a decoder-stack batch from :func:`teacher_forced`.
@@ -335,9 +367,6 @@ def response_logits(lm: LoadedModel, batch: ForwardBatch, row: int) -> tuple[tor
     """
     if batch.hidden is None:
         raise ValueError("response_logits needs a decoder-stack forward (whole_model=False)")
-    logits = lm.model.get_output_embeddings()(batch.hidden[row, batch.predicting_positions(row)]).float()
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = LogitHead(lm.model)(batch.hidden[row, batch.predicting_positions(row)], float32=True)
     target = batch.input_ids[row, batch.response_positions(row)].to(logits.device)
     return logits, target

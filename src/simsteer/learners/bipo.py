@@ -62,7 +62,7 @@ from ..functions import AddVector, SteeringFunction
 from ..hooks import steer
 from ..models import LoadedModel
 from ..steering import Steering
-from ..tokens import TokenRow, encode_pairs, pad_sequences, pad_token_id
+from ..tokens import LogitHead, TokenRow, encode_pairs, pad_sequences, pad_token_id
 from .base import Learner, LearnerConfig, PreferenceActivations, register_learner
 
 __all__ = ["BiPO", "BiPOConfig", "preference_pairs", "response_logprobs", "train_bipo"]
@@ -181,10 +181,7 @@ def response_logprobs(
     # Position p predicts token p + 1: the response is predicted from start - 1 on.
     predicting = torch.arange(width - 1).view(1, -1) >= (start - 1).view(-1, 1)
     hidden = out.last_hidden_state[:, :-1][predicting.to(device)]
-    logits = lm.model.get_output_embeddings()(hidden).float()
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = LogitHead(lm.model)(hidden, float32=True)
     target = ids[:, 1:][predicting].to(device)
     token_lp = logits.gather(1, target.view(-1, 1)).squeeze(1) - logits.logsumexp(-1)
     row = torch.arange(len(rows)).view(-1, 1).expand_as(predicting)[predicting].to(device)
