@@ -137,21 +137,20 @@ def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: i
 
     tok = build_tokenizer(chat)
     torch.manual_seed(seed)
+    # The shape every decoder-only family below shares (GPT-2 names its fields differently).
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=None,
-            tie_word_embeddings=False,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, tie_word_embeddings=False, **common))
     elif arch == "gpt2":
         cfg = GPT2Config(
             vocab_size=len(tok),
@@ -168,42 +167,21 @@ def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: i
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
         cfg = Gemma3TextConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
             num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             head_dim=8,
             sliding_window=4,  # shorter than the prompts, so the window matters
             layer_types=["sliding_attention", "full_attention"] * 2,
-            max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=None,
+            **common,
         )
         model = Gemma3ForCausalLM(cfg)
-    elif arch in ("granite", "cohere"):  # heads with a logit scale (x 0.25) or divisor (/ 4)
+    elif arch in ("granite", "cohere"):  # heads with a logit divisor (/ 4) or scale (x 0.25)
         from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
 
         config_class, model_class, extra = {
             "granite": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 4.0}),
             "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.25}),
         }[arch]
-        cfg = config_class(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=None,
-            **extra,
-        )
-        model = model_class(cfg)
+        model = model_class(config_class(num_hidden_layers=3, **common, **extra))
     else:
         raise ValueError(arch)
     model.generation_config.pad_token_id = tok.pad_token_id

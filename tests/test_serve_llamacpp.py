@@ -6,7 +6,6 @@ real run's final steering: layers 9-20, strength 0.25)."""
 from __future__ import annotations
 
 import importlib.util
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,11 @@ from simsteer.functions import AddVector
 from simsteer.llamacpp import LlamaCppBackend, gguf_file, serving_engine
 from simsteer.policy import Policy, load_policy
 from simsteer.serve.config import ServeConfig
-from simsteer.serve.engine import BatchEngine, GenerationRequest
+from simsteer.serve.engine import BatchEngine
 from simsteer.steering import Steering
 from simsteer.tokens import encode_prompt, eos_token_ids
+
+from .test_serve_engine import _request
 
 CAA = Path(__file__).parent / "fixtures" / "smollm2_caa"
 needs_llama_cpp = pytest.mark.skipif(
@@ -66,25 +67,10 @@ def test_llamacpp_serves_only_when_every_steering_is_additive(embedded_lm):
         serving_engine("llamacpp", embedded_lm, {"caa": caa, "p": prompt_only})
 
 
-def _request(lm, events: list, text: str = PROMPT, **kw) -> GenerationRequest:
-    done = threading.Event()
-    out: dict = {"text": "", "done": done}
-
-    def emit(kind, payload):
-        if kind == "delta":
-            out["text"] += payload
-        else:
-            out["end"] = (kind, payload)
-            done.set()
-
-    events.append(out)
-    return GenerationRequest(ids=encode_prompt(lm.tokenizer, text), emit=emit, **kw)
-
-
 def _serve(engine: BatchEngine, lm, specs: list[dict]) -> list[dict]:
     """Submit every request together; their events once all have ended."""
     events: list = []
-    engine.submit(*[_request(lm, events, **kw) for kw in specs])
+    engine.submit(*[_request(lm, PROMPT, events, **kw) for kw in specs])
     for e in events:
         assert e["done"].wait(120), "a row never finished"
     return events
@@ -149,7 +135,7 @@ def test_llamacpp_rows_are_seeded_stopped_and_cancelled(llama_engine, embedded_l
     (stopped,) = _serve(llama_engine, lm, [{"max_tokens": 32, "temperature": 0.0, "stop": ("cat",)}])
     assert stopped["end"] == ("done", "stop") and "cat" not in stopped["text"]
     events: list = []
-    request = _request(lm, events, max_tokens=400, temperature=0.0)
+    request = _request(lm, PROMPT, events, max_tokens=400, temperature=0.0)
     request.cancel()  # a client that left before its row was admitted
     llama_engine.submit(request)
     (tail,) = _serve(llama_engine, lm, [{"max_tokens": 4, "temperature": 0.0}])
