@@ -48,3 +48,17 @@ def test_same_as_the_saved_outcome_of_an_old_run():
     saved = json.loads(run.outcome.read_text())
     best = saved["final_policy"]
     assert run_outcome(history, run.read_eval(0), run.read_eval(best), best) == saved
+
+
+def test_the_selection_section_is_checked_and_explains_an_earlier_pick():
+    from simsteer.loop.outcome import check_outcome, format_outcome
+
+    out = {"final_policy": 1, "stopped": None, "selection": {"rule": "one-se", "best_calibrated": 2}}
+    assert check_outcome(out) is out
+    assert "within one standard error of policy 2" in format_outcome(out).splitlines()[0]
+    same = {**out, "selection": {"rule": "one-se", "best_calibrated": 1}}
+    assert format_outcome(same).splitlines()[0] == "final policy: iteration 1"
+    with pytest.raises(TypeError, match="best_calibrated"):
+        check_outcome({**out, "selection": {"rule": "one-se", "best_calibrated": -1}})
+    with pytest.raises(KeyError, match="rule"):
+        check_outcome({**out, "selection": {"best_calibrated": 1}})

@@ -19,7 +19,7 @@ from ..hooks import check_positions
 from ..llamacpp import ENGINES
 from ..loop.bank import BankConfig
 from ..loop.config import SIMSConfig
-from ..loop.guard import GuardConfig
+from ..loop.guard import SELECTIONS, GuardConfig
 from ..oracles.llm_judge import MODES, JudgeConfig
 from ..sampling import SamplingConfig
 
@@ -308,6 +308,13 @@ def add_guard_options(p: argparse.ArgumentParser) -> None:
         default=base.contrast_budget,
         help="allowed rise of the oracle's mean score on the contrast prompts (default %(default)s)",
     )
+    group.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default=base.selection,
+        help="final policy: one-se = the earliest steered policy within one standard error of "
+        "the best calibration score (default), best = the best score",
+    )
 
 
 def add_bank_options(p: argparse.ArgumentParser) -> None:
@@ -386,6 +393,7 @@ def guard_config(args: argparse.Namespace) -> GuardConfig:
         patience=args.patience,
         stop_at_unfluent=not args.full_grid,
         contrast_budget=args.contrast_budget,
+        selection=args.selection,
     )
 
 

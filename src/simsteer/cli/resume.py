@@ -129,7 +129,7 @@ def _settings() -> dict[str, Compare]:
     for dest in ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size", "engine"):
         table[dest] = _field(lambda s, d=dest: getattr(s.sims.sampling, d))
     guard = ("fluency_budget", "repetition_margin", "strength_grid", "calibration_prompts", "patience")
-    for dest in (*guard, "contrast_budget"):
+    for dest in (*guard, "contrast_budget", "selection"):
         table[dest] = _field(lambda s, d=dest: getattr(s.sims.guard, d))
     table["full_grid"] = _field(lambda s: not s.sims.guard.stop_at_unfluent)
     for dest, name in (("bank_capacity", "capacity"), ("bank_top", "top"), ("bank_rescore", "rescore")):

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import SimsError
 from ..fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
@@ -39,6 +41,8 @@ from ..steering import Steering
 from ..workers.pool import LocalPool, WorkerPool
 from .records import CalibrationPoint, CalibrationRecord, IterationRecord, Measurement
 
+#: How the final policy is chosen (``GuardConfig.selection``).
+SELECTIONS = ("one-se", "best")
 #: ``measure(multiplier, strength)``: the candidate measured at one strength of the grid.
 MeasureFn = Callable[[float, float], Measurement]
 #: Called with every point measured so far (grid order) after each new one.
@@ -65,6 +69,11 @@ class GuardConfig:
         contrast_budget: allowed rise of the oracle's mean score on the run's contrast
             prompts over the unsteered model's (used only when the run has contrast
             prompts).
+        selection: how the run's final policy is chosen among the calibrated ones:
+            ``"one-se"`` (default) takes the earliest steered policy whose calibration
+            score is within one standard error of the best one's (the error of their
+            paired per-prompt difference), ``"best"`` the best score outright; see
+            :func:`select_policy`.
     """
 
     fluency_budget: float | None = 0.12
@@ -74,6 +83,7 @@ class GuardConfig:
     patience: int = 2
     stop_at_unfluent: bool = True
     contrast_budget: float = 0.05
+    selection: str = "one-se"
 
     def __post_init__(self) -> None:
         if self.fluency_budget is not None and self.fluency_budget < 0:
@@ -84,6 +94,9 @@ class GuardConfig:
             raise SimsError(f"the strength grid needs positive multipliers, got {self.strength_grid}")
         if self.calibration_prompts < 1:
             raise SimsError("the guard needs at least one calibration prompt")
+        if self.selection not in SELECTIONS:
+            choices = ", ".join(SELECTIONS)
+            raise SimsError(f"unknown policy selection {self.selection!r}: use one of {choices}")
         if self.patience < 0:
             raise SimsError(f"patience must be >= 0, got {self.patience}")
         if not self.contrast_budget >= 0:
@@ -137,6 +150,7 @@ def measure(
         loop_share=sum(ends_in_loop(t) for t in texts) / n,
         distinct_2=distinct_n(texts, 2),
         contrast_score=float(sum(contrast_scores) / len(contrast_scores)) if contrast_scores else None,
+        prompt_scores=scores,
     )
 
 
@@ -352,10 +366,61 @@ class FluencyGuard:
         return None
 
     def final_index(self, history: Sequence[IterationRecord]) -> int:
-        """Which policy a run returns: the last, or under the guard the best fluent one
-        (policy i + 1 is calibrated in row i; ties go to the earlier, weaker policy)."""
+        """Which policy a run returns: the last, or under the guard the one
+        :func:`select_policy` picks (policy i + 1 is calibrated in row i)."""
         calibrations = [row.calibration for row in history if row.calibration is not None]
         if not self.config.enabled or not calibrations:
             return history[-1].iteration
         scores = calibration_scores(calibrations[0].base, calibrations)
-        return max(range(len(scores)), key=lambda i: (scores[i], -i))
+        per_prompt = [calibrations[0].base.prompt_scores]
+        per_prompt += [None if c.chosen_point is None else c.chosen_point.prompt_scores for c in calibrations]
+        return select_policy(scores, per_prompt, self.config.selection)
+
+    def selection(self, history: Sequence[IterationRecord]) -> dict[str, Any] | None:
+        """The ``selection`` section of ``outcome.json``: the rule, and the policy with the
+        best calibration score (``None`` without the guard)."""
+        calibrations = [row.calibration for row in history if row.calibration is not None]
+        if not self.config.enabled or not calibrations:
+            return None
+        scores = calibration_scores(calibrations[0].base, calibrations)
+        return {"rule": self.config.selection, "best_calibrated": select_policy(scores, [], "best")}
+
+
+def select_policy(
+    scores: Sequence[float], prompt_scores: Sequence[Sequence[float] | None], selection: str = "one-se"
+) -> int:
+    """The final policy from the calibration scores of policies 0 (unsteered), 1, ...
+
+    ``"best"``: the best score (ties to the earlier, weaker policy). ``"one-se"``: if the
+    best is a steered policy b, the earliest steered policy i < b whose score is at least
+    b's minus one standard error of their paired difference (the per-prompt scores of
+    both on the same calibration prompts), else b. Each later policy is a refit on
+    samples of the one before, and its lead on a few calibration prompts is often noise:
+    picking the best of several noisy scores favours whichever was overestimated most.
+    Policies without per-prompt scores (runs written before they were saved) are chosen
+    by the best score.
+
+    Args:
+        scores: calibration score of each policy (minus infinity: nothing fluent).
+        prompt_scores: per-prompt scores of each policy's chosen strength, or ``None``.
+        selection: ``"one-se"`` or ``"best"``.
+
+    Example:
+        >>> select_policy([0.0, 0.5, 0.6], [None, [0.0, 1.0], [1.0, 0.2]])  # lead 0.1 < SE 0.9
+        1
+    """
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    if selection == "best" or best == 0:
+        return best
+    reference = prompt_scores[best]
+    for i in range(1, best):
+        other = prompt_scores[i]
+        if reference is None or other is None or len(other) != len(reference) or len(reference) < 2:
+            continue
+        if not math.isfinite(scores[i]):
+            continue
+        differences = [a - b for a, b in zip(reference, other, strict=True)]
+        error = statistics.stdev(differences) / math.sqrt(len(differences))
+        if scores[i] >= scores[best] - error:
+            return i
+    return best

@@ -59,6 +59,8 @@ def run_outcome(
 SECTIONS: dict[str, tuple[str, ...]] = {
     "held_out": ("prompts", "base_score", "final_score", "improvement", "ci95"),
     "fluency": ("perplexity_ratio", "repetition_delta", "loop_share_delta"),
+    # How the guard chose the final policy: its rule, and the policy with the best score.
+    "selection": ("rule", "best_calibrated"),
 }
 
 
@@ -108,6 +110,8 @@ def _is_number(value: Any) -> bool:
 _ENTRY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompts": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "ci95": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)), "two finite numbers"),
+    "rule": (lambda v: isinstance(v, str), "text"),
+    "best_calibrated": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
 
 
@@ -118,6 +122,12 @@ DEGRADED_PERPLEXITY_RATIO = 1.5
 
 def format_outcome(outcome: dict[str, Any]) -> str:
     lines = [f"final policy: iteration {outcome['final_policy']}"]
+    chosen = outcome.get("selection")
+    if chosen and chosen["best_calibrated"] != outcome["final_policy"]:
+        lines[0] += (
+            f" (within one standard error of policy {chosen['best_calibrated']}'s calibration "
+            f"score, which is not clearly better: --selection {chosen['rule']})"
+        )
     held = outcome.get("held_out")
     if held:
         lo, hi = held["ci95"]

@@ -49,6 +49,7 @@ FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
         "an object of numbers",
     ),
+    "list[float]": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
 }
 
 
@@ -145,10 +146,11 @@ class FluencyRecord(FlatRecord):
 class Measurement(FlatRecord):
     """What the fluency guard measures of one policy on the calibration prompts
     (``contrast_score``: the oracle's mean score on the contrast prompts, when the run has
-    them)."""
+    them; ``prompt_scores``: the oracle's score of each calibration answer, in prompt
+    order, which the final choice between policies pairs up; absent in older runs)."""
 
     undefined = True  # perplexity is NaN when no answer has tokens
-    omitted_when_none = ("contrast_score",)
+    omitted_when_none = ("contrast_score", "prompt_scores")
 
     score: float
     perplexity: float
@@ -156,6 +158,7 @@ class Measurement(FlatRecord):
     loop_share: float
     distinct_2: float
     contrast_score: float | None = None
+    prompt_scores: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ class CalibrationPoint(FlatRecord):
     prompts)."""
 
     undefined = True  # perplexity is NaN when no answer has tokens
-    omitted_when_none = ("contrast_score",)
+    omitted_when_none = ("contrast_score", "prompt_scores")
 
     multiplier: float
     strength: float
@@ -176,6 +179,7 @@ class CalibrationPoint(FlatRecord):
     distinct_2: float
     fluent: bool
     contrast_score: float | None = None
+    prompt_scores: list[float] | None = None
 
     @classmethod
     def measured(cls, multiplier: float, strength: float, m: Measurement, fluent: bool) -> CalibrationPoint:
@@ -190,6 +194,7 @@ class CalibrationPoint(FlatRecord):
             m.distinct_2,
             fluent,
             m.contrast_score,
+            m.prompt_scores,
         )
 
 
