@@ -73,6 +73,10 @@ def test_models_and_chat(server):
     assert zero.choices[0].message.content == out.choices[0].message.content  # strength 0 = unsteered
     several = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, n=3)
     assert [c.index for c in several.choices] == [0, 1, 2]
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    health = urllib.request.Request(url.removesuffix("/v1") + "/health", headers=bearer)
+    with urllib.request.urlopen(health, timeout=10) as reply:
+        assert json.load(reply) == {"status": "ok", "engine": "torch", "active": 0, "queued": 0}
 
 
 def test_streaming_matches_non_streaming(server):

@@ -246,7 +246,9 @@ def create_app(engine: BatchEngine, config: ServeConfig):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # What decodes, and how busy it is (rows decoding now, rows waiting).
+        busy = {"active": len(engine.active), "queued": engine.queued}
+        return {"status": "ok", "engine": engine.engine, **busy}
 
     @app.get("/v1/models")
     async def models():
