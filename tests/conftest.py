@@ -131,14 +131,10 @@ def build_tokenizer(chat: bool = True):
     return fast
 
 
-def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: int = 0) -> Path:
-    """Save a tiny random causal LM with a word-level tokenizer to ``path``."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    tok = build_tokenizer(chat)
-    torch.manual_seed(seed)
-    # The shape every decoder-only family below shares (GPT-2 names its fields differently).
-    common = dict(
+def tiny_decoder_shape(tok) -> dict:
+    """The config fields every tiny decoder-only test model shares (Llama, Gemma 3,
+    Granite, Cohere; GPT-2 names its fields differently)."""
+    return dict(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
@@ -149,6 +145,15 @@ def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: i
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )
+
+
+def build_tiny_model(path: Path, arch: str = "llama", chat: bool = True, seed: int = 0) -> Path:
+    """Save a tiny random causal LM with a word-level tokenizer to ``path``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(chat)
+    torch.manual_seed(seed)
+    common = tiny_decoder_shape(tok)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, tie_word_embeddings=False, **common))
     elif arch == "gpt2":

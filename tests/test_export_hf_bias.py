@@ -21,7 +21,7 @@ from simsteer.models import load_model
 from simsteer.policy import Policy
 from simsteer.steering import Steering
 
-from .conftest import build_tokenizer
+from .conftest import build_tokenizer, tiny_decoder_shape
 
 PROMPTS = ["the good day", "a cat is very happy and we walk home", "I love the sun ."]
 
@@ -57,20 +57,7 @@ def _biased_llama(path: Path) -> Path:
 
     tok = build_tokenizer()
     torch.manual_seed(3)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        mlp_bias=True,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, mlp_bias=True, **tiny_decoder_shape(tok)))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):

@@ -245,7 +245,7 @@ class LlamaCppBackend:
         lib = self.lib
         if self.ctx and self._shape[0] >= cells and self._shape[1] >= sequences:
             lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
-            self._apply_cvec(self.ctx)  # a grouped run may have left another vector set
+            self._set_cvec(self.ctx, *self._cvec)  # a grouped run may have left another vector set
             return self.ctx
         if self.ctx:
             lib.llama_free(self.ctx)
@@ -268,19 +268,19 @@ class LlamaCppBackend:
         if not ctx:
             raise SimsError(f"llama.cpp cannot make a context of {cells} cells for {self.path.name}")
         try:
-            self._apply_cvec(ctx)
+            self._set_cvec(ctx, *self._cvec)
         except SimsError:
             lib.llama_free(ctx)
             raise
         self.ctx, self._shape = ctx, (params.n_ctx, params.n_seq_max)
         return ctx
 
-    def _apply_cvec(self, ctx) -> None:
-        """Set the backend's own control vector on ``ctx``."""
-        data, start, end = self._cvec
+    def _set_cvec(self, ctx, data: np.ndarray, start: int, end: int, what: str = "") -> None:
+        """Set the control vector ``data`` (layers ``start`` to ``end``; none when
+        ``start`` is not positive) on ``ctx``."""
         pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if start > 0 else None
         if self.lib.llama_set_adapter_cvec(ctx, pointer, data.size, self.hidden_size, start, end) != 0:
-            raise SimsError(f"llama.cpp refused the control vector for {self.path.name}")
+            raise SimsError(f"llama.cpp refused the control vector{what} for {self.path.name}")
 
     # -- decoding --------------------------------------------------------------------
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[int, np.ndarray]:
@@ -410,11 +410,7 @@ class LlamaCppBackend:
             data, _, _ = control_vector_buffer(state.group_vectors(group), self.num_layers, self.hidden_size)
             state.buffers[group] = data
         data = state.buffers[group]
-        pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        if self.lib.llama_set_adapter_cvec(
-            self.ctx, pointer, data.size, self.hidden_size, 1, self.num_layers - 1
-        ):
-            raise SimsError(f"llama.cpp refused the control vector of steering group {group!r}")
+        self._set_cvec(self.ctx, data, 1, self.num_layers - 1, f" of steering group {group!r}")
         state.current = (group,)
 
     def _step(self, rows: list[_Row], state: _State) -> list[_Row]:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import SimsError
+from ..llamacpp import ENGINES
 from ..serve.config import ServeConfig
 from .options import add_model_options, model_source, non_negative_number, port, positive, seed
 
@@ -45,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=positive, default=base.max_queue, help="waiting rows, then 429")
     p.add_argument(
         "--engine",
-        choices=("torch", "llamacpp", "auto"),
+        choices=ENGINES,
         default=base.engine,
         help="torch (any steering), llamacpp (GGUF model, additive steerings only) or auto",
     )

@@ -368,22 +368,30 @@ class FluencyGuard:
     def final_index(self, history: Sequence[IterationRecord]) -> int:
         """Which policy a run returns: the last, or under the guard the one
         :func:`select_policy` picks (policy i + 1 is calibrated in row i)."""
-        calibrations = [row.calibration for row in history if row.calibration is not None]
-        if not self.config.enabled or not calibrations:
+        calibrated = self._calibrated(history)
+        if calibrated is None:
             return history[-1].iteration
-        scores = calibration_scores(calibrations[0].base, calibrations)
-        per_prompt = [calibrations[0].base.prompt_scores]
-        per_prompt += [None if c.chosen_point is None else c.chosen_point.prompt_scores for c in calibrations]
-        return select_policy(scores, per_prompt, self.config.selection)
+        return select_policy(*calibrated, self.config.selection)
 
     def selection(self, history: Sequence[IterationRecord]) -> dict[str, Any] | None:
         """The ``selection`` section of ``outcome.json``: the rule, and the policy with the
         best calibration score (``None`` without the guard)."""
+        calibrated = self._calibrated(history)
+        if calibrated is None:
+            return None
+        return {"rule": self.config.selection, "best_calibrated": select_policy(*calibrated, "best")}
+
+    def _calibrated(
+        self, history: Sequence[IterationRecord]
+    ) -> tuple[list[float], list[list[float] | None]] | None:
+        """Calibration score and per-prompt scores of policies 0, 1, ... (``None``
+        without the guard or without a calibration)."""
         calibrations = [row.calibration for row in history if row.calibration is not None]
         if not self.config.enabled or not calibrations:
             return None
-        scores = calibration_scores(calibrations[0].base, calibrations)
-        return {"rule": self.config.selection, "best_calibrated": select_policy(scores, [], "best")}
+        per_prompt = [calibrations[0].base.prompt_scores]
+        per_prompt += [None if c.chosen_point is None else c.chosen_point.prompt_scores for c in calibrations]
+        return calibration_scores(calibrations[0].base, calibrations), per_prompt
 
 
 def select_policy(

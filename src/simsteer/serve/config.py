@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import SimsError
+from ..llamacpp import ENGINES
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class ServeConfig:
             raise SimsError("--max-batch and --max-tokens-limit must be >= 1 and --port >= 0")
         if min(self.max_request_bytes, self.max_prompt_tokens, self.max_choices, self.max_queue) < 1:
             raise SimsError("--max-request-bytes, --max-prompt-tokens and --max-queue must be >= 1")
-        if self.engine not in ("torch", "llamacpp", "auto"):
-            raise SimsError(f"unknown engine {self.engine!r}: use one of torch, llamacpp, auto")
+        if self.engine not in ENGINES:
+            raise SimsError(f"unknown engine {self.engine!r}: use one of {', '.join(ENGINES)}")
         limits = (self.max_strength, self.max_temperature, self.batch_wait_ms)
         if not all(math.isfinite(x) and x >= 0 for x in limits):
             raise SimsError("max_strength, max_temperature and --batch-wait-ms must be finite and >= 0")
