@@ -71,9 +71,9 @@ def _run_paths(lm, prompts, k, settings, policy, paths):
     """Seconds and generated tokens of each path in ``paths`` ("engine", "static")."""
     import torch
 
-    from simsteer.decoding import stream_id
-    from simsteer.engine import Engine, Job
-    from simsteer.sampling import _generate_static
+    from simsteer.generation.decoding import stream_id
+    from simsteer.generation.torch_engine import Engine, Job
+    from simsteer.generation.sampling import _generate_static
     from simsteer.tokens import encode_prompt, eos_token_ids
 
     enc = [encode_prompt(lm.tokenizer, p) for p in prompts]
@@ -106,7 +106,7 @@ def _run_paths(lm, prompts, k, settings, policy, paths):
 def phase_loop(args) -> dict:
     from simsteer.models import load_model
     from simsteer.prompts import load_prompts
-    from simsteer.sampling import DecodeSettings
+    from simsteer.generation.sampling import DecodeSettings
 
     lm = load_model(device="cpu", dtype=args.dtype)
     prompts = [p.text for p in load_prompts()][: 8 if args.quick else 16]
@@ -152,7 +152,7 @@ def _mix_prompts(args) -> list[str]:
 
 def phase_mix(args) -> dict:
     from simsteer.models import load_model
-    from simsteer.sampling import DecodeSettings
+    from simsteer.generation.sampling import DecodeSettings
     from simsteer.tokens import encode_prompt
 
     texts = _mix_prompts(args)

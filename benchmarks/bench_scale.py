@@ -99,7 +99,7 @@ def main() -> None:
         }
 
     # Warm-up: the first forward passes of a process are slower (allocator, kernels).
-    from simsteer.sampling import generate
+    from simsteer.generation.sampling import generate
 
     generate(lm, [p.text for p in prompts[:4]], 2, SamplingConfig(max_new_tokens=8))
     with tempfile.TemporaryDirectory() as tmp:

@@ -82,10 +82,10 @@ def main() -> None:
 
     from bench_engine import _steering
 
-    import simsteer.engine as engine_module
+    import simsteer.generation.torch_engine as engine_module
     import simsteer.hooks as hooks_module
-    from simsteer.decoding import stream_id
-    from simsteer.engine import DecodeSettings, Engine, Job
+    from simsteer.generation.decoding import stream_id
+    from simsteer.generation.torch_engine import DecodeSettings, Engine, Job
     from simsteer.models import load_model
     from simsteer.prompts import load_prompts
     from simsteer.tokens import encode_prompt, eos_token_ids

@@ -30,10 +30,8 @@ FLOORS: dict[str, int] = {
     "functions": 5,
     "steering": 5,
     "policy": 6,
-    "decoding": 2,
-    "engine": 6,
-    "sampling": 7,
-    "llamacpp": 7,
+    # generation: every engine (torch, llama.cpp, vLLM) behind one generate()
+    "generation": 7,
     "export": 7,
     "activations": 7,
     "fluency": 7,

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from simsteer.errors import SimsError
+from simsteer.generation.sampling import SamplingConfig
 from simsteer.io import commit_hook, is_temporary
 from simsteer.learners import get_learner
 from simsteer.loop import sims as sims_module
@@ -40,7 +41,6 @@ from simsteer.loop.sims import SIMS
 from simsteer.oracles import get_oracle
 from simsteer.oracles.base import ScoreOracle
 from simsteer.policy import Policy
-from simsteer.sampling import SamplingConfig
 
 PROMPTS = [
     f"the {w} day is very {v}"

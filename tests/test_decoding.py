@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simsteer.decoding import choose_tokens, stream_id, stream_uniform, uniforms
 from simsteer.errors import SimsError
+from simsteer.generation.decoding import choose_tokens, stream_id, stream_uniform, uniforms
 
 
 def test_streams_are_deterministic_and_distinct():

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from simsteer.cli.main import main
-from simsteer.engine import DecodeSettings, Engine, Job
 from simsteer.errors import SimsError
 from simsteer.functions import AddVector
-from simsteer.llamacpp import LlamaCppBackend, choose_engine, gguf_file, llamacpp_problem
+from simsteer.generation.engines import choose_engine
+from simsteer.generation.llamacpp import LlamaCppBackend, gguf_file, llamacpp_problem
+from simsteer.generation.sampling import SamplingConfig, generate
+from simsteer.generation.torch_engine import DecodeSettings, Engine, Job
 from simsteer.policy import Policy, load_policy
 from simsteer.prompts import load_prompts
-from simsteer.sampling import SamplingConfig, generate
 from simsteer.steering import Steering
 from simsteer.tokens import encode_prompt, eos_token_ids
 

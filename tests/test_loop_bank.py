@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simsteer.generation.sampling import SamplingConfig
 from simsteer.io import commit_hook, write_jsonl
 from simsteer.learners import get_learner
 from simsteer.loop.bank import BankConfig, BankEntry, ResponseBank, contrast_reward
@@ -18,7 +19,6 @@ from simsteer.loop.guard import GuardConfig
 from simsteer.loop.rundir import RunDir
 from simsteer.loop.sims import SIMS
 from simsteer.oracles.base import Judgment, Oracle
-from simsteer.sampling import SamplingConfig
 
 # Hand-computed: win rates [0.75, 0.2, 0.55], loss rates [0.25, 0.8, 0.45].
 P = [[0.5, 0.9, 0.6], [0.1, 0.5, 0.3], [0.4, 0.7, 0.5]]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from simsteer.errors import SimsError
+from simsteer.generation.sampling import SamplingConfig
 from simsteer.hooks import count_hooks
 from simsteer.learners import get_learner
 from simsteer.learners.caa import AddVector
@@ -25,7 +26,6 @@ from simsteer.oracles import get_oracle
 from simsteer.oracles.attributes import AttributeOracle
 from simsteer.policy import load_policy
 from simsteer.prompts import Prompt
-from simsteer.sampling import SamplingConfig
 from simsteer.steering import CONFIG_NAME, Steering
 
 from .test_loop_sims import PROMPTS

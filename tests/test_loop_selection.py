@@ -8,13 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 
+from simsteer.generation.sampling import Generation
 from simsteer.loop.bank import BankConfig, BankEntry, ResponseBank
 from simsteer.loop.config import SIMSConfig
 from simsteer.loop.records import TrainingPair
 from simsteer.loop.selection import judging_stats, select_samples, training_pairs
 from simsteer.oracles.base import Judgment, Oracle
 from simsteer.prompts import Prompt
-from simsteer.sampling import Generation
 
 PROMPTS = [Prompt("a", "prompt a"), Prompt("b", "prompt b"), Prompt("c", "prompt c")]
 GENS = [[Generation(f"{p.id}{k}", 2 + k, True) for k in range(3)] for p in PROMPTS]

@@ -12,10 +12,10 @@ from safetensors import safe_open
 
 from simsteer.errors import SimsError
 from simsteer.functions import AddVector
+from simsteer.generation.sampling import SamplingConfig, generate
 from simsteer.hooks import count_hooks
 from simsteer.models import load_model
 from simsteer.policy import Policy, load_policy
-from simsteer.sampling import SamplingConfig, generate
 from simsteer.steering import CONFIG_NAME, WEIGHTS_NAME, Steering
 from simsteer.tokens import encode_prompt, left_pad
 

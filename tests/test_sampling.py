@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from simsteer.errors import SimsError
-from simsteer.sampling import SamplingConfig, generate
+from simsteer.generation.sampling import SamplingConfig, generate
 
 PROMPTS = ["the good day", "a cat is very happy", "I love the rain"]
 
@@ -56,8 +56,8 @@ def test_invalid_sampling_settings(kwargs, message):
 
 
 def test_key_value_budget_reaches_the_engine_and_does_not_change_samples(tiny_lm, monkeypatch):
-    import simsteer.sampling as sampling
-    from simsteer.engine import Engine
+    import simsteer.generation.sampling as sampling
+    from simsteer.generation.torch_engine import Engine
 
     seen = []
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from simsteer.cli.main import main
-from simsteer.engine import DecodeSettings, Job
 from simsteer.errors import SimsError
 from simsteer.functions import AddVector
-from simsteer.llamacpp import LlamaCppBackend, gguf_file, serving_engine
+from simsteer.generation.engines import choose_engine
+from simsteer.generation.llamacpp import LlamaCppBackend, gguf_file
+from simsteer.generation.torch_engine import DecodeSettings, Job
 from simsteer.policy import Policy, load_policy
 from simsteer.serve.config import ServeConfig
 from simsteer.serve.engine import BatchEngine
@@ -39,12 +40,12 @@ def test_engine_names_are_checked():
 
 
 def test_a_torch_model_is_served_by_torch(tiny_lm):
-    assert serving_engine("auto", tiny_lm, {}) == "torch"
-    assert serving_engine("torch", tiny_lm, {}) == "torch"
+    assert choose_engine("auto", tiny_lm, {}, purpose="serve") == "torch"
+    assert choose_engine("torch", tiny_lm, {}, purpose="serve") == "torch"
     with pytest.raises(SimsError, match="GGUF"):
-        serving_engine("llamacpp", tiny_lm, {})
+        choose_engine("llamacpp", tiny_lm, {}, purpose="serve")
     with pytest.raises(SimsError, match="unknown engine"):
-        serving_engine("tgi", tiny_lm, {})
+        choose_engine("tgi", tiny_lm, {}, purpose="serve")
     with pytest.raises(SimsError, match="GGUF"):
         BatchEngine(tiny_lm, {}, engine="llamacpp").start()
 
@@ -60,11 +61,11 @@ def test_cli_serve_engine_llamacpp_on_a_non_gguf_model_is_one_line(tiny_model_di
 def test_llamacpp_serves_only_when_every_steering_is_additive(embedded_lm):
     caa = load_policy(CAA)
     prompt_only = Policy([caa[0].with_positions("prompt")])
-    assert serving_engine("auto", embedded_lm, {"caa": caa}) == "llamacpp"
-    assert serving_engine("llamacpp", embedded_lm, {}) == "llamacpp"
-    assert serving_engine("auto", embedded_lm, {"caa": caa, "p": prompt_only}) == "torch"
+    assert choose_engine("auto", embedded_lm, {"caa": caa}, purpose="serve") == "llamacpp"
+    assert choose_engine("llamacpp", embedded_lm, {}, purpose="serve") == "llamacpp"
+    assert choose_engine("auto", embedded_lm, {"caa": caa, "p": prompt_only}, purpose="serve") == "torch"
     with pytest.raises(SimsError, match=r"'p'.*positions"):
-        serving_engine("llamacpp", embedded_lm, {"caa": caa, "p": prompt_only})
+        choose_engine("llamacpp", embedded_lm, {"caa": caa, "p": prompt_only}, purpose="serve")
 
 
 def _serve(engine: BatchEngine, lm, specs: list[dict]) -> list[dict]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from simsteer.engine import _LastTokenHead
+from simsteer.generation.torch_engine import _LastTokenHead
 from simsteer.hooks import count_hooks, record
 from simsteer.models import load_model
 from simsteer.tokens import (

@@ -25,13 +25,13 @@ from safetensors.torch import load_file
 from simsteer.cli.main import main
 from simsteer.errors import SimsError
 from simsteer.functions import AddVector
+from simsteer.generation.sampling import SamplingConfig, generate
 from simsteer.learners import get_learner
 from simsteer.loop.config import SIMSConfig
 from simsteer.loop.guard import GuardConfig
 from simsteer.loop.sims import SIMS
 from simsteer.models import load_model
 from simsteer.oracles import get_oracle
-from simsteer.sampling import SamplingConfig, generate
 from simsteer.steering import Steering
 from simsteer.tokens import encode_pairs, teacher_forced
 from simsteer.workers import LocalPool, RayPool, WorkerSpec, import_ray, open_pool

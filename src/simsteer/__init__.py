@@ -8,13 +8,13 @@ that loads onto the frozen model anywhere.
 
 from ._version import __version__
 from .errors import SimsError
+from .generation.sampling import SamplingConfig, generate
 from .learners import get_learner
 from .loop import SIMS, SIMSConfig, SIMSResult
 from .models import load_model
 from .oracles import get_oracle
 from .policy import Policy, load_policy
 from .prompts import load_prompts
-from .sampling import SamplingConfig, generate
 from .steering import Steering
 
 __all__ = [

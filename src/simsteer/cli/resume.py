@@ -30,7 +30,7 @@ from .options import flag, model_source
 from .trust import check_model_config, check_paths, check_rebuilt, check_trust
 
 #: Options that may differ from the saved run: where and how it runs, not what it does.
-FREE = frozenset({"resume", "quiet", "device", "workers", "ray_address", "cache_mb"})
+FREE = frozenset({"resume", "quiet", "device", "workers", "ray_address", "cache_mb", "tensor_parallel_size"})
 
 #: ``--dtype`` spellings -> the name a run saves.
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import SimsError
-from ..llamacpp import ENGINES
+from ..generation.engines import ENGINES
 from ..serve.config import ServeConfig
 from .options import add_model_options, model_source, non_negative_number, port, positive, seed
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..activations import collect_preference_activations
 from ..errors import SimsError
+from ..generation.sampling import Generation, SamplingConfig
 from ..io import read_json, write_json
 from ..learners import get_learner
 from ..learners.base import Learner
@@ -38,7 +39,6 @@ from ..loop.spec import ModelSpec, RunSpec, consents
 from ..models import LoadedModel, load_model, parse_layers
 from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import load_prompts
-from ..sampling import Generation, SamplingConfig
 from ..steering import Steering
 from ..workers import WorkerPool
 from .datasets import PreferencePair, load_pair_set, load_pairs

@@ -31,12 +31,12 @@ import numpy as np
 
 from ..errors import SimsError
 from ..fluency import fluency_report
+from ..generation.sampling import SamplingConfig
 from ..io import read_jsonl, write_json
 from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..oracles.refusal import refusal_score
 from ..prompts import Prompt, load_prompts
-from ..sampling import SamplingConfig
 from ..stats import bootstrap_ci
 from ..workers import WorkerPool, open_pool
 from .baselines import check_trusted

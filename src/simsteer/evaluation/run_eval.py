@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import SimsError
 from ..fluency import fluency_report, perplexities
+from ..generation.sampling import SamplingConfig
 from ..io import read_json, read_jsonl
 from ..loop.records import IterationRecord
 from ..loop.rundir import RunDir
@@ -34,7 +35,6 @@ from ..models import LoadedModel, load_model
 from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
 from ..policy import load_policy
-from ..sampling import SamplingConfig
 from ..stats import bootstrap_ci
 from ..steering import Steering
 from ..workers import LocalPool, WorkerPool, open_pool

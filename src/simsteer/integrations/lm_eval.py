@@ -18,7 +18,7 @@ Scoring is :mod:`simsteer.evaluation.mc`'s: the harness splits each (context,
 continuation) into tokens the same way, the rows are right-padded, and the steering is
 applied around each forward with ``prompt_end`` where the continuation starts (so a
 steering's ``prompt`` / ``generated`` positions mean context / continuation). Generation
-runs on the continuous-batching :class:`~simsteer.engine.Engine` with the policy attached,
+runs on the continuous-batching :class:`~simsteer.generation.torch_engine.Engine` with the policy attached,
 greedy unless a task asks for sampling; the harness's contexts are used as given (its
 ``--apply_chat_template`` decides the chat format, not this adapter).
 """
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from ..decoding import stream_id
-from ..engine import DecodeSettings, Engine, Job, supports
 from ..errors import SimsError
+from ..generation.decoding import stream_id
+from ..generation.torch_engine import DecodeSettings, Engine, Job, supports
 from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..policy import Policy

@@ -9,8 +9,8 @@ from typing import Any
 
 from ..activations import SUMMARIES
 from ..errors import SimsError
+from ..generation.sampling import SamplingConfig
 from ..prompts import Prompt
-from ..sampling import SamplingConfig
 from .bank import BankConfig
 from .guard import GuardConfig
 

@@ -33,10 +33,10 @@ from typing import Any
 
 from ..errors import SimsError
 from ..fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
+from ..generation.sampling import SamplingConfig
 from ..models import LoadedModel
 from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import Prompt
-from ..sampling import SamplingConfig
 from ..steering import Steering
 from ..workers.pool import LocalPool, WorkerPool
 from .records import CalibrationPoint, CalibrationRecord, IterationRecord, Measurement

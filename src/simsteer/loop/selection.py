@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import SimsError
+from ..generation.sampling import Generation
 from ..oracles.base import Judgment
 from ..prompts import Prompt
-from ..sampling import Generation
 from .bank import BankEntry, ResponseBank
 from .config import SIMSConfig, label_by_win_rate
 from .records import JudgingStats, SampleRecord, TrainingPair

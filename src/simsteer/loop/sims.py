@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 from ..activations import collect_preference_activations
 from ..errors import SimsError
+from ..generation.engines import choose_engine
 from ..io import atomic_write_bytes, fsync_dir, write_json, write_jsonl
 from ..learners.base import Learner, PreferenceActivations
-from ..llamacpp import choose_engine
 from ..models import LoadedModel, parse_layers
 from ..oracles.base import Oracle
 from ..policy import Policy

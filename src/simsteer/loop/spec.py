@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SimsError
-from ..sampling import SamplingConfig
+from ..generation.sampling import SamplingConfig
 from .bank import BankConfig
 from .config import SIMSConfig
 from .guard import GuardConfig

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..generation.sampling import SamplingConfig, generate
 from ..models import LoadedModel
-from ..sampling import SamplingConfig, generate
 from .base import Judgment
 from .ranking import parse_ranking
 from .self_judge import SelfJudgeOracle

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import SimsError
-from ..llamacpp import ENGINES
+from ..generation.engines import ENGINES
 
 
 @dataclass(frozen=True)

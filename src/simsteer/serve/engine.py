@@ -1,5 +1,5 @@
 """The generation engine behind ``sims serve``: one worker thread owns the model and
-decodes every request on :class:`simsteer.engine.Engine`, with continuous batching.
+decodes every request on :class:`simsteer.generation.torch_engine.Engine`, with continuous batching.
 
 A request's rows join the running batch as soon as a row is free (after ``wait_s`` when
 the worker was idle, so that requests arriving together share a prefill), and leave it
@@ -10,7 +10,7 @@ edit only its own rows. Every new piece of text is handed to the request's ``emi
 callback as it is decoded, which is what streaming sends. The model is only ever touched
 by the worker thread.
 
-Sampling draws from per-row random streams (:mod:`simsteer.decoding`): a request with a
+Sampling draws from per-row random streams (:mod:`simsteer.generation.decoding`): a request with a
 ``seed`` gets the same answer whenever it arrives and whatever else is running; without
 one, rows take the server seed and their arrival number.
 
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import stream_id
-from ..engine import DecodeSettings, Engine, Job
 from ..errors import SimsError
-from ..llamacpp import LlamaCppBackend, gguf_file
+from ..generation.decoding import stream_id
+from ..generation.llamacpp import LlamaCppBackend, gguf_file
+from ..generation.torch_engine import DecodeSettings, Engine, Job
 from ..models import LoadedModel
 from ..policy import Policy
 from ..steering import Steering
@@ -106,12 +106,12 @@ class BatchEngine:
         wait_s: how long an idle worker waits for more requests before decoding.
         seed: the random streams of rows whose request names no seed.
         max_queue: most rows waiting to be decoded (rows being decoded do not count).
-        engine: ``"torch"`` (:class:`simsteer.engine.Engine`, any steering) or
-            ``"llamacpp"`` (:class:`simsteer.llamacpp.LlamaCppBackend` on the model's GGUF
+        engine: ``"torch"`` (:class:`simsteer.generation.torch_engine.Engine`, any steering) or
+            ``"llamacpp"`` (:class:`simsteer.generation.llamacpp.LlamaCppBackend` on the model's GGUF
             file; every steering must be additive, see
-            :func:`simsteer.llamacpp.serving_engine`).
+            :func:`simsteer.generation.engines.choose_engine`).
         cells: llama.cpp's key/value cache in tokens (default
-            :data:`simsteer.llamacpp.SERVE_CELLS`).
+            :data:`simsteer.generation.llamacpp.SERVE_CELLS`).
 
     Attributes:
         batches: admissions so far (groups of rows prefilled together).

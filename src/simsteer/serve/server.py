@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import SimsError
-from ..llamacpp import SERVE_CELLS, serving_engine
+from ..generation.engines import choose_engine
+from ..generation.llamacpp import SERVE_CELLS
 from ..models import LoadedModel
 from ..policy import Policy
 from .config import ServeConfig
@@ -82,7 +83,7 @@ def serve(lm: LoadedModel, steerings: dict[str, Policy], config: ServeConfig) ->
         raise SimsError(f"--default-steering {config.default_steering!r} is not one of --steering's names")
     if config.host not in LOOPBACK and not config.api_key:
         print(f"sims serve: warning: listening on {config.host} without an API key", file=sys.stderr)
-    chosen = serving_engine(config.engine, lm, steerings)
+    chosen = choose_engine(config.engine, lm, steerings, purpose="serve")
     engine = BatchEngine(
         lm,
         {name: list(policy) for name, policy in steerings.items()},

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..generation.sampling import Generation, SamplingConfig
 from ..oracles.base import Judgment, Oracle, ScoreOracle
-from ..sampling import Generation, SamplingConfig
 from ..steering import Steering
 from .payload import load_policy, tensors_to_bytes
 from .pool import WorkerSpec
@@ -67,7 +67,7 @@ class ModelWorker:
         seed: int,
         keys: list[int],
     ) -> list[list[Generation]]:
-        from ..sampling import generate
+        from ..generation.sampling import generate
 
         return generate(self.lm, prompts, num_samples, config, self._use(key, boxed), seed, False, keys)
 

@@ -8,62 +8,23 @@ the very batches :func:`simsteer.tokens.teacher_forced` would form.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..steering import CONFIG_NAME, WEIGHTS_NAME, Steering
+from ..policy import PolicyPayload, payload_key, policy_from_payload, policy_payload
+from ..steering import Steering
 
-#: A policy on the wire: per steering, its (config JSON, safetensors weights) bytes.
-PolicyPayload = tuple[tuple[bytes, bytes], ...]
-
-
-def policy_payload(policy: Sequence[Steering]) -> PolicyPayload:
-    """The files of each steering of ``policy`` as bytes (the round trip of ``save``/``load``)."""
-    out = []
-    with tempfile.TemporaryDirectory(prefix="simsteer-policy-") as tmp:
-        for i, steering in enumerate(policy):
-            folder = Path(tmp) / str(i)
-            folder.mkdir()
-            steering.write_files(folder)
-            out.append(((folder / CONFIG_NAME).read_bytes(), (folder / WEIGHTS_NAME).read_bytes()))
-    return tuple(out)
-
-
-def payload_key(payload: PolicyPayload) -> str:
-    """A content hash of a policy payload (the workers cache the policy under it).
-
-    The safetensors header is hashed with sorted keys: safetensors writes its metadata
-    entries in a random order, so the same tensors can come as different bytes.
-    """
-    h = hashlib.sha256()
-    for config, weights in payload:
-        size = int.from_bytes(weights[:8], "little")
-        header = json.dumps(json.loads(weights[8 : 8 + size]), sort_keys=True).encode()
-        for part in (config, header, weights[8 + size :]):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-    return h.hexdigest()
+__all__ = ["PolicyPayload", "load_policy", "payload_key", "policy_payload"]
 
 
 def load_policy(payload: PolicyPayload) -> list[Steering]:
     """The steerings of a payload, loaded (and checked) as from their folders."""
-    out = []
-    with tempfile.TemporaryDirectory(prefix="simsteer-policy-") as tmp:
-        for i, (config, weights) in enumerate(payload):
-            folder = Path(tmp) / str(i)
-            folder.mkdir()
-            (folder / CONFIG_NAME).write_bytes(config)
-            (folder / WEIGHTS_NAME).write_bytes(weights)
-            out.append(Steering.load(folder))
-    return out
+    return list(policy_from_payload(payload).steerings)
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> bytes:

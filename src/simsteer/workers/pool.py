@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ..activations import PreferenceActivations, collect_preference_activations
+from ..generation.sampling import Generation, SamplingConfig, generate
 from ..models import LoadedModel
 from ..oracles import MODEL_ORACLES
 from ..oracles.base import Judgment, Oracle, ScoreOracle
-from ..sampling import Generation, SamplingConfig, generate
 from ..steering import Steering
 
 #: torch dtypes -> the names ``load_model`` takes.
@@ -95,7 +95,7 @@ class WorkerPool(ABC):
         keys: Sequence[int] | None = None,
         progress: bool | str = False,
     ) -> list[list[Generation]]:
-        """:func:`simsteer.sampling.generate` of ``policy`` (a stack, empty: unsteered).
+        """:func:`simsteer.generation.sampling.generate` of ``policy`` (a stack, empty: unsteered).
 
         Args:
             prompts, num_samples, config, seed, keys, progress: as for ``generate``;

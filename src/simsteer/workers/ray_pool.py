@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 from ..activations import PreferenceActivations, check_collection, no_preference_activations
 from ..errors import SimsError
+from ..generation.sampling import Generation, SamplingConfig, stream_keys
 from ..models import LoadedModel
 from ..oracles.base import Judgment, Oracle, ScoreOracle
-from ..sampling import Generation, SamplingConfig, stream_keys
 from ..steering import Steering
 from .actor import ModelWorker
 from .payload import (

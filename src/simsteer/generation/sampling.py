@@ -1,8 +1,8 @@
 """Sampling K responses per prompt from a (possibly steered) model.
 
-Decoding runs on :mod:`simsteer.engine` (continuous batching, one prefill per prompt);
+Decoding runs on :mod:`simsteer.generation.torch_engine` (continuous batching, one prefill per prompt);
 models it cannot run fall back to static batches through ``model.generate``. Either way
-every (prompt, sample) draws from its own random stream (:mod:`simsteer.decoding`), so a
+every (prompt, sample) draws from its own random stream (:mod:`simsteer.generation.decoding`), so a
 seed gives the same responses for any batch size or split of the prompts, and the
 caller's global random state is never touched.
 
@@ -23,13 +23,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..errors import SimsError
+from ..models import LoadedModel
+from ..policy import Policy
+from ..steering import Steering
+from ..tokens import encode_prompt, eos_token_ids, left_pad, pad_token_id
 from .decoding import choose_tokens, stream_id, uniforms
-from .engine import CACHE_BYTES, DecodeSettings, Engine, Job, supports
-from .errors import SimsError
-from .llamacpp import ENGINES, LlamaCppBackend, choose_engine
-from .models import LoadedModel
-from .steering import Steering
-from .tokens import encode_prompt, eos_token_ids, left_pad, pad_token_id
+from .engines import ENGINES, choose_engine
+from .llamacpp import LlamaCppBackend
+from .torch_engine import CACHE_BYTES, DecodeSettings, Engine, Job, supports
+from .vllm_engine import VllmOptions, vllm_backend
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,13 @@ class SamplingConfig:
         max_new_tokens: response length cap.
         batch_size: sequences decoded together.
         engine: ``"torch"``; ``"llamacpp"`` (a GGUF model with an additive policy,
-            :mod:`simsteer.llamacpp`); ``"auto"``: llama.cpp when it can, else torch.
+            :mod:`simsteer.generation.llamacpp`); ``"vllm"`` (:mod:`simsteer.generation.vllm_engine`);
+            ``"auto"``: vLLM on CUDA when installed, else llama.cpp when it can, else torch
+            (:mod:`simsteer.generation.engines`).
         cache_mb: key/value memory (MiB) the torch engine's batch may hold; long
             prompts decode in fewer rows. It never changes a sample.
+        tensor_parallel_size: GPUs one model is split over on vLLM (its own tensor
+            parallelism); 1 elsewhere.
     """
 
     temperature: float = 0.8
@@ -55,6 +62,7 @@ class SamplingConfig:
     batch_size: int = 64
     engine: str = "torch"
     cache_mb: int = CACHE_BYTES >> 20
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -67,6 +75,8 @@ class SamplingConfig:
             raise SimsError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise SimsError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.tensor_parallel_size < 1:
+            raise SimsError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.cache_mb < 1:
             raise SimsError(f"cache_mb must be >= 1, got {self.cache_mb}")
         if self.engine not in ENGINES:
@@ -151,6 +161,10 @@ def generate(
     with contextlib.ExitStack() as ctx, torch.inference_mode(), bar:
         if engine == "llamacpp":  # the policy runs as llama.cpp's control vector
             backend = ctx.enter_context(LlamaCppBackend.for_model(lm, stack))
+            backend.run(encoded, jobs, settings, finish, eos)
+        elif engine == "vllm":  # one engine per model, the policy swapped in place
+            backend = vllm_backend(lm, VllmOptions(tensor_parallel_size=config.tensor_parallel_size))
+            backend.set_policy(Policy.of(stack))
             backend.run(encoded, jobs, settings, finish, eos)
         else:
             for s in stack:

@@ -24,11 +24,11 @@ from the attention mask) works unchanged. What the engine adds to a plain
   too (at most :data:`PREFILL_TOKENS` padded tokens, each prefill's store freed once its
   rows are copied). The budget changes no sample.
 - **The LM head on the last position only**, as a ``[rows, d] x [d, vocab]`` product.
-- **Random streams per sequence** (:mod:`simsteer.decoding`): a sample depends on its
+- **Random streams per sequence** (:mod:`simsteer.generation.decoding`): a sample depends on its
   seed, prompt key, sample index and step, not on the batch it ran in.
 
 Models whose cache is not a per-layer key/value list (state-space or linear-attention
-layers) are refused by :func:`supports`; :mod:`simsteer.sampling` then falls back to
+layers) are refused by :func:`supports`; :mod:`simsteer.generation.sampling` then falls back to
 ``model.generate`` with the same per-sequence draws.
 """
 
@@ -45,9 +45,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .architecture import decoder_module
+from ..architecture import decoder_module
+from ..tokens import LogitHead, left_pad
 from .decoding import choose_rows
-from .tokens import LogitHead, left_pad
 
 # Padded prompt tokens prefilled in one forward (bounds the prefill's activation memory).
 PREFILL_TOKENS = 2048

@@ -9,11 +9,11 @@ import contextlib
 import pytest
 import torch
 
-from simsteer.decoding import stream_id
-from simsteer.engine import Engine, Job, KVStore, supports
 from simsteer.functions import AddVector
+from simsteer.generation.decoding import stream_id
+from simsteer.generation.sampling import DecodeSettings, SamplingConfig, _generate_static, generate
+from simsteer.generation.torch_engine import Engine, Job, KVStore, supports
 from simsteer.models import load_model
-from simsteer.sampling import DecodeSettings, SamplingConfig, _generate_static, generate
 from simsteer.steering import Steering
 from simsteer.tokens import encode_prompt, eos_token_ids
 
@@ -204,7 +204,7 @@ def test_key_value_budget_caps_rows_without_changing_samples(tiny_lm):
 
 def test_engine_head_path_gives_the_full_models_logits(arch_lm):
     """The last-token head (decoder + head on [rows, d]) equals the model's own logits."""
-    from simsteer.engine import _LastTokenHead
+    from simsteer.generation.torch_engine import _LastTokenHead
 
     head = _LastTokenHead.of(arch_lm.model)
     assert head is not None

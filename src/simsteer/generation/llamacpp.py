@@ -5,11 +5,11 @@ vector added to a layer's output at every position (CAA, ActAdd ``mode=mean``, P
 stacks of them), llama.cpp runs the same steering as a control vector set on its context
 (:mod:`simsteer.export.gguf_cvec` has the layer numbering, read from llama.cpp's sources).
 
-:class:`LlamaCppBackend` has the contract of :meth:`simsteer.engine.Engine.run`, so
-:func:`simsteer.sampling.generate` picks it with ``SamplingConfig(engine="llamacpp")``
+:class:`LlamaCppBackend` has the contract of :meth:`simsteer.generation.torch_engine.Engine.run`, so
+:func:`simsteer.generation.sampling.generate` picks it with ``SamplingConfig(engine="llamacpp")``
 (or ``"auto"``) and everything else stays the same: prompts are encoded by simsteer's
 tokenizer (the same token ids as the torch engine), and every (prompt, sample) draws
-from its own random stream with :func:`simsteer.decoding.choose_tokens`.
+from its own random stream with :func:`simsteer.generation.decoding.choose_tokens`.
 
 How it decodes: sequences live in one unified key/value cache, one llama.cpp sequence
 id per running row. A newly admitted prompt is prefilled once, into the first of its
@@ -36,19 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import SimsError
+from ..export.gguf_cvec import control_vector_buffer
+from ..models import EMBEDDED_MODEL, LoadedModel, embedded_gguf_path
+from ..policy import Policy
 from .decoding import choose_rows
-from .engine import DecodeSettings, Job, JobSource, TokenCallback
-from .errors import SimsError
-from .export.gguf_cvec import control_vector_buffer
-from .models import EMBEDDED_MODEL, LoadedModel, embedded_gguf_path
-from .policy import Policy
+from .torch_engine import DecodeSettings, Job, JobSource, TokenCallback
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "LlamaCppBackend", "choose_engine", "gguf_file", "llamacpp_problem", "serving_engine"]
+__all__ = ["LlamaCppBackend", "gguf_file", "llamacpp_problem"]
 
-#: The values of ``SamplingConfig.engine``.
-ENGINES = ("torch", "llamacpp", "auto")
 #: Tokens submitted to one ``llama_decode`` (prompts are chunked to it).
 BATCH_TOKENS = 512
 #: Most sequences one context holds (llama.cpp's LLAMA_MAX_SEQ is 256).
@@ -84,57 +82,6 @@ def llamacpp_problem(lm: LoadedModel, policy: Policy | Sequence[Any] | None) -> 
     except SimsError as exc:
         return str(exc)
     return None
-
-
-def choose_engine(requested: str, lm: LoadedModel, policy: Policy | Sequence[Any] | None) -> str:
-    """The engine that samples: ``"torch"`` or ``"llamacpp"``.
-
-    Args:
-        requested: ``"torch"``, ``"llamacpp"`` (refused in one line when it cannot run
-            this model and policy) or ``"auto"`` (llama.cpp when it can, else torch).
-        lm: the loaded model.
-        policy: the steering to apply.
-    """
-    if requested not in ENGINES:
-        raise SimsError(f"unknown engine {requested!r}: use one of {', '.join(ENGINES)}")
-    if requested == "torch":
-        return "torch"
-    problem = llamacpp_problem(lm, policy)
-    if problem is not None:
-        if requested == "llamacpp":
-            raise SimsError(f"--engine llamacpp cannot sample here: {problem}")
-        log.info("sampling engine: torch (llama.cpp cannot: %s)", problem)
-        return "torch"
-    log.info("sampling engine: llamacpp (%s)", gguf_file(lm).name)
-    return "llamacpp"
-
-
-def serving_engine(requested: str, lm: LoadedModel, steerings: Mapping[str, Policy | Sequence[Any]]) -> str:
-    """The engine ``sims serve`` decodes on: ``"torch"`` or ``"llamacpp"``.
-
-    llama.cpp serves only when it can run every named steering (a request may pick any
-    of them, at any strength): ``"llamacpp"`` is refused in one line naming the first
-    steering it cannot run, ``"auto"`` falls back to torch and logs why.
-
-    Args:
-        requested: ``"torch"``, ``"llamacpp"`` or ``"auto"``.
-        lm: the served model.
-        steerings: the server's named policies.
-    """
-    if requested not in ENGINES:
-        raise SimsError(f"unknown engine {requested!r}: use one of {', '.join(ENGINES)}")
-    if requested == "torch":
-        return "torch"
-    for name, policy in {"none": None, **steerings}.items():
-        problem = llamacpp_problem(lm, policy)
-        if problem is not None:
-            where = "" if policy is None else f" the steering {name!r}"
-            if requested == "llamacpp":
-                raise SimsError(f"--engine llamacpp cannot serve{where}: {problem}")
-            log.info("serving engine: torch (llama.cpp cannot serve%s: %s)", where, problem)
-            return "torch"
-    log.info("serving engine: llamacpp (%s)", gguf_file(lm).name)
-    return "llamacpp"
 
 
 def _quiet() -> None:
@@ -326,7 +273,7 @@ class LlamaCppBackend:
     ) -> None:
         """Generate every job; ``on_finish(job, tokens)`` as each one ends (``tokens``
         includes the end-of-sequence token when there is one), as
-        :meth:`simsteer.engine.Engine.run`.
+        :meth:`simsteer.generation.torch_engine.Engine.run`.
 
         Args:
             prompts: encoded prompts (``more`` may add to them while running).

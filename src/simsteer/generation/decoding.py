@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import SimsError
+from ..errors import SimsError
 
 _MASK64 = (1 << 64) - 1
 
