@@ -304,6 +304,25 @@ class VllmBackend:
             if pending:
                 self.engine.abort_request(list(pending))
 
+    def top_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[int]]:
+        """Teacher-forced: for each sequence, vLLM's most likely next token at every
+        position from ``starts[i] - 1`` on, i.e. its top-1 prediction of tokens
+        ``sequences[i][starts[i]:]`` (what the parity tests compare with the torch engine)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False, temperature=0.0)
+        prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        out = []
+        for seq, start, result in zip(sequences, starts, outputs, strict=True):
+            top = []
+            for position in range(start, len(seq)):
+                ranks = result.prompt_logprobs[position]  # log-probs of token `position` given the rest
+                top.append(next(t for t, p in ranks.items() if p.rank == 1))
+            out.append(top)
+        return out
+
     def close(self) -> None:
         """Free the engine (its memory goes back when the last reference does)."""
         llm = self.__dict__.pop("llm", None)

