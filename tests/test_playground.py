@@ -11,6 +11,7 @@ the first test (docs/playground.md shows it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -112,10 +113,8 @@ def _start_server(model_dir: Path, steerings: list[str], folder: Path, key: str 
 
 def proc_wait(proc: subprocess.Popen, seconds: float) -> None:
     """Wait for the server to start (or to die), at most ``seconds``."""
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _stop(server: Server) -> None:
@@ -152,7 +151,7 @@ def browser():
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
-    options.add_argument("--window-size=1200,820")
+    options.add_argument("--window-size=1200,700")
     options.add_argument("--force-color-profile=srgb")
     options.add_argument("--hide-scrollbars")
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
@@ -226,9 +225,7 @@ def _greedy_settings(driver) -> None:
 # -- the tests -----------------------------------------------------------------------------------
 
 
-def test_page_compares_unsteered_and_steered_and_the_slider_sets_the_strength(
-    browser, open_server, tmp_path
-):
+def test_page_compares_unsteered_and_steered_and_the_slider_sets_the_strength(browser, open_server, tmp_path):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
@@ -238,6 +235,7 @@ def test_page_compares_unsteered_and_steered_and_the_slider_sets_the_strength(
     picker = Select(_by_id(browser, "steering"))
     assert [o.get_attribute("value") for o in picker.options] == ["big", "calm"]
     assert "2 steerings" in _by_id(browser, "server-status").text
+    assert not _by_id(browser, "sweep-field").is_displayed()  # the sweep's strengths: sweep view only
 
     _greedy_settings(browser)
     _by_id(browser, "run").click()
@@ -279,6 +277,7 @@ def test_strength_sweep_fills_one_column_per_strength(browser, open_server):
     _connected(browser)
     _greedy_settings(browser)
     browser.find_element(By.CSS_SELECTOR, 'input[name="mode"][value="sweep"]').click()
+    assert _by_id(browser, "sweep-field").is_displayed()
     _set(browser, "sweep", "0, 0.5, 2")
     _by_id(browser, "run").click()
     columns = [_finished(browser, f"sweep-{i}") for i in range(3)]
