@@ -12,6 +12,7 @@ the first test (docs/playground.md shows it).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -216,6 +217,27 @@ def _finished(driver, key: str, state: str = "done", strength: str | None = None
     return _column(driver, key)
 
 
+def _curl_text(driver) -> str:
+    return driver.execute_script("return document.getElementById('curl').textContent")
+
+
+def _run_curl(driver, env: dict[str, str] | None = None) -> dict:
+    """Run the page's curl command (as a user would paste it into a shell); its JSON reply."""
+    if not shutil.which("curl"):
+        pytest.fail("the playground test runs the page's curl command: apt-get install -y curl")
+    command = _curl_text(driver)
+    assert command.startswith("curl http://127.0.0.1:")
+    done = subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def _greedy_settings(driver) -> None:
     _set(driver, "prompt", PROMPT)
     _set(driver, "temperature", "0")
@@ -247,6 +269,9 @@ def test_page_compares_unsteered_and_steered_and_the_slider_sets_the_strength(br
     assert "server: big \u00d7 1" in steered["footer"]
     assert open_server.log_lines("steering big, strength 1,")
     assert open_server.log_lines("steering none,")
+    reply = _run_curl(browser)  # the page's "Use via API" command gives the same answer
+    assert (reply["steering"], reply["strength"]) == ("big", 1)
+    assert reply["choices"][0]["message"]["content"] == steered["text"]
     shot = tmp_path / "playground.png"
     browser.save_screenshot(str(shot))
     _keep_screenshot(shot)
@@ -333,6 +358,8 @@ def test_keyed_server_asks_for_the_key_and_rejects_a_wrong_one(browser, keyed_se
     _by_id(browser, "run").click()
     assert _finished(browser, "steered")["strength"] == "1"  # the key went with the API calls
     assert _finished(browser, "unsteered")["text"].strip()
+    assert "Bearer $SIMS_API_KEY" in _curl_text(browser)  # the key itself is not shown
+    assert _run_curl(browser, {"SIMS_API_KEY": KEY})["steering"] == "big"
 
 
 def _keep_screenshot(shot: Path) -> None:

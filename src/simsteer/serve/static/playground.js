@@ -299,6 +299,22 @@
     }
   }
 
+  /** The request of ``spec`` as a curl command (not streamed; the key as a variable). */
+  function curlCommand(spec) {
+    const body = { ...sharedBody(), ...spec.body };
+    delete body.stream;
+    const json = JSON.stringify(body).replaceAll("'", "'\\''");
+    const lines = [`curl ${location.origin}/v1/chat/completions`, '-H "Content-Type: application/json"'];
+    if (state.apiKey) lines.push('-H "Authorization: Bearer $SIMS_API_KEY"');
+    lines.push(`-d '${json}'`);
+    return lines.join(" \\\n  ");
+  }
+
+  function showCurl(spec) {
+    $("curl").textContent = curlCommand(spec);
+    $("api").hidden = false;
+  }
+
   function run() {
     showFormError("");
     const specs = columnSpecs();
@@ -316,6 +332,7 @@
       holder.append(column.element);
       stream(column, spec);
     }
+    showCurl(mode() === "compare" ? specs[1] : specs[0]); // the steered column, or the sweep's first
     state.ran = true;
   }
 
@@ -329,7 +346,9 @@
   function rerunSteered() {
     const column = state.columns.get("steered");
     if (!state.ran || !column || mode() !== "compare" || !state.steerings.length) return;
-    stream(column, { ...steeredSpec($("strength").value), key: "steered" });
+    const spec = { ...steeredSpec($("strength").value), key: "steered" };
+    stream(column, spec);
+    showCurl(spec);
   }
 
   // -- wiring ------------------------------------------------------------------------------
@@ -366,6 +385,14 @@
       }
     });
     $("stop").addEventListener("click", stopAll);
+    $("copy-curl").addEventListener("click", async () => {
+      try {
+        await navigator.clipboard.writeText($("curl").textContent);
+        $("copy-curl").textContent = "Copied";
+      } catch {
+        getSelection().selectAllChildren($("curl")); // no clipboard here: select it to copy by hand
+      }
+    });
     $("strength").addEventListener("input", showStrength);
     $("strength").addEventListener("change", () => {
       clearTimeout(state.rerunTimer);
