@@ -4,6 +4,7 @@ not), every reply and its log line name the steering and strength used, and a re
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import threading
@@ -86,6 +87,18 @@ def test_the_page_is_served_without_the_key_and_the_api_is_not(server):
     assert _get(f"{server}/v1/models")[0] == 401  # the API still needs the key
     assert _get(f"{server}/playgroundx")[0] == 401  # only the page's own paths are open
     assert _get(f"{server}/v1/models", KEY)[0] == 200
+    # The open prefix leads nowhere else: dot segments stay inside the page's folder.
+    for path in (
+        "/playground/../v1/models",
+        "/playground/%2e%2e/v1/models",
+        "/playground/../../pyproject.toml",
+    ):
+        host, port = server.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", path)  # sent as is (urllib would resolve the dots)
+        reply = conn.getresponse()
+        assert reply.status == 404 and b'"data"' not in reply.read(), path
+        conn.close()
 
 
 def test_replies_and_the_log_name_the_steering_and_strength(server, caplog):
