@@ -1,7 +1,8 @@
 """``sims serve``: an OpenAI-compatible HTTP server for a model with its steerings.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(both with ``stream: true`` as server-sent events) and ``GET /health``. Existing
+(both with ``stream: true`` as server-sent events), ``GET /health`` and a steering playground
+page at ``GET /playground`` (:mod:`simsteer.serve.playground`). Existing
 ``openai`` clients work unchanged; steering is chosen per request in the body (the
 ``extra_body`` of the Python client)::
 
