@@ -25,6 +25,7 @@ from .config import ServeConfig
 from .engine import BatchEngine, GenerationRequest, QueueFull
 from .guard import Guard, error_body, internal_error_message, request_id
 from .params import BadRequest, Options, check_choices, parse_options, read_json
+from .playground import add_playground
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class _Rows:
                     steering=opts.steering,
                     strength=opts.strength,
                     stop=opts.stop,
+                    seed=opts.seed,
+                    sample=index % opts.n,
                 )
             )
         try:
@@ -121,6 +124,7 @@ def create_app(engine: BatchEngine, config: ServeConfig):
     """
     app = FastAPI(title="simsteer", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, config=config)
+    add_playground(app)  # the static page at /playground
     tok = engine.lm.tokenizer
 
     def check_length(ids: list[int]) -> list[int]:
@@ -166,7 +170,24 @@ def create_app(engine: BatchEngine, config: ServeConfig):
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind_name = "chat.completion" if chat else "text_completion"
-        base = {"id": ident, "created": created, "model": config.model_name}
+        # The steering and strength used, in every reply and chunk (extra fields an OpenAI client ignores).
+        steering = opts.steering or "none"
+        base = {
+            "id": ident,
+            "created": created,
+            "model": config.model_name,
+            "steering": steering,
+            "strength": opts.strength,
+        }
+        log.info(
+            "request %s: %s, steering %s, strength %g, %d completion(s), max_tokens %d",
+            request_id(request),
+            request.url.path,
+            steering,
+            opts.strength,
+            len(rows.rows),
+            opts.max_tokens,
+        )
 
         def choice(index: int, text: str | None, finish: str | None, stream: bool) -> dict[str, Any]:
             if not chat:

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ServeConfig
+from .playground import is_public
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class Guard:
         size = headers.get("content-length", "")
         if size.isdigit() and int(size) > self.config.max_request_bytes:
             return 413, f"request body over {self.config.max_request_bytes} bytes", "invalid_request_error"
-        if self.expected is not None and scope["path"] != "/health":
+        # /health and the playground's static page hold no data: no key needed.
+        if self.expected is not None and scope["path"] != "/health" and not is_public(scope["path"]):
             given = headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(given, self.expected):
                 return 401, "invalid or missing API key", "authentication_error"

@@ -19,6 +19,8 @@ from .config import ServeConfig
 
 #: Largest ``n`` (completions per prompt) a request may ask for.
 MAX_N = 16
+#: ``seed`` is a signed 64-bit integer, as in OpenAI's API.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class BadRequest(Exception):
@@ -41,6 +43,7 @@ class Options:
     temperature: float
     top_p: float
     stream: bool
+    seed: int | None = None
 
 
 def _constant(name: str) -> float:
@@ -105,6 +108,14 @@ def _stop(value: Any, config: ServeConfig) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def _seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise BadRequest(400, "seed must be an integer from -2**63 to 2**63-1")
+    return value
+
+
 def parse_options(body: dict[str, Any], config: ServeConfig, steerings: dict[str, Any]) -> Options:
     """The checked generation settings of ``body``.
 
@@ -151,6 +162,7 @@ def parse_options(body: dict[str, Any], config: ServeConfig, steerings: dict[str
         temperature=_number(body, "temperature", 1.0, 0.0, config.max_temperature),
         top_p=top_p,
         stream=bool(body.get("stream", False)),
+        seed=_seed(body.get("seed")),
     )
 
 

@@ -1,7 +1,8 @@
 """``sims serve``: an OpenAI-compatible HTTP server for a model with its steerings.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(both with ``stream: true`` as server-sent events) and ``GET /health``. Existing
+(both with ``stream: true`` as server-sent events), ``GET /health`` and a steering playground
+page at ``GET /playground`` (:mod:`simsteer.serve.playground`). Existing
 ``openai`` clients work unchanged; steering is chosen per request in the body (the
 ``extra_body`` of the Python client)::
 
@@ -18,6 +19,7 @@ the full list of limits is :class:`~simsteer.serve.config.ServeConfig`'s.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,10 +97,13 @@ def serve(lm: LoadedModel, steerings: dict[str, Policy], config: ServeConfig) ->
         cells=max(SERVE_CELLS, config.max_prompt_tokens + config.max_tokens_limit + 1),
     )
     engine.start()
+    # One line per request (its steering and strength) besides the warnings.
+    logging.getLogger("simsteer.serve").setLevel(logging.INFO)
     try:
         print(
             f"sims serve: {config.model_name} on http://{config.host}:{config.port}/v1 "
-            f"(steerings: {', '.join(steerings) or 'none'}; engine: {chosen})",
+            f"(steerings: {', '.join(steerings) or 'none'}; engine: {chosen}; "
+            f"playground: http://{config.host}:{config.port}/playground)",
             file=sys.stderr,
             flush=True,
         )
