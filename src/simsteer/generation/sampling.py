@@ -53,6 +53,7 @@ class SamplingConfig:
             prompts decode in fewer rows. It never changes a sample.
         tensor_parallel_size: GPUs one model is split over on vLLM (its own tensor
             parallelism); 1 elsewhere.
+        vllm_eager: run vLLM without ``torch.compile`` (a faster start, slower steps).
     """
 
     temperature: float = 0.8
@@ -63,6 +64,7 @@ class SamplingConfig:
     engine: str = "torch"
     cache_mb: int = CACHE_BYTES >> 20
     tensor_parallel_size: int = 1
+    vllm_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -163,7 +165,10 @@ def generate(
             backend = ctx.enter_context(LlamaCppBackend.for_model(lm, stack))
             backend.run(encoded, jobs, settings, finish, eos)
         elif engine == "vllm":  # one engine per model, the policy swapped in place
-            backend = vllm_backend(lm, VllmOptions(tensor_parallel_size=config.tensor_parallel_size))
+            options = VllmOptions(
+                enforce_eager=config.vllm_eager, tensor_parallel_size=config.tensor_parallel_size
+            )
+            backend = vllm_backend(lm, options)
             backend.set_policy(Policy.of(stack))
             backend.run(encoded, jobs, settings, finish, eos)
         else:

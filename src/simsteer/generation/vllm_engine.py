@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,8 @@ from ..functions import AddVector
 from ..io import staged_dir
 from ..models import LoadedModel, cache_dir
 from ..policy import Policy, payload_key, policy_payload
-from .torch_engine import DecodeSettings, Job
+from .torch_engine import DecodeSettings, Job, JobSource, TokenCallback
+from .vllm_model import MULTIPLIER_ARG, PREFIX, SLOT_ARG, SteeringWorkerExtension, register
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ class VllmBackend:
         folder = model_folder(lm)
         from vllm import LLM
 
-        from .vllm_model import PREFIX, SteeringWorkerExtension, register
-
         register()
         architecture = f"{PREFIX}{type(lm.model).__name__}"
         context = int(getattr(lm.model.config, "max_position_embeddings", 2048) or 2048)
@@ -206,12 +205,20 @@ class VllmBackend:
             kwargs["max_num_batched_tokens"] = max(max_len, 8192)
         else:
             kwargs["gpu_memory_utilization"] = self.options.gpu_memory_utilization
+            if not self.options.enforce_eager:
+                # CUDA graphs would replay the op's Python body as a recording: split the
+                # graph at it (piecewise graphs around it). Untested: no GPU so far.
+                from vllm.config import CompilationConfig
+
+                splitting = [*CompilationConfig._attention_ops, "simsteer::steer"]
+                kwargs["compilation_config"] = {"splitting_ops": splitting}
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:  # vLLM raises many types for a model it cannot run
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SimsError(f"vLLM cannot load {lm.source!r}: {first}") from None
         self.engine = self.llm.llm_engine
+        self.model = weakref.ref(lm.model)
         self.max_model_len = max_len
         self.num_layers = self._rpc("simsteer_install")
         self.policy_key: str | None = ""  # the unsteered policy is loaded
@@ -304,6 +311,73 @@ class VllmBackend:
             if pending:
                 self.engine.abort_request(list(pending))
 
+    def run_live(
+        self,
+        prompts: Mapping[int, Sequence[int]],
+        settings: DecodeSettings,
+        on_finish: Callable[[Job, list[int]], None],
+        eos: Sequence[int],
+        *,
+        on_token: TokenCallback,
+        more: JobSource,
+        route: Callable[[Hashable], tuple[int, float, str | None]],
+    ) -> None:
+        """Decode a live stream of jobs (``sims serve``) until ``more`` returns ``None``:
+        the contract of the torch engine's :meth:`~simsteer.generation.torch_engine.Engine.run`
+        with a job source. vLLM schedules; this loop only adds requests and reads tokens.
+
+        Args:
+            prompts: encoded prompts by job key (the source adds to them).
+            on_token: called with a row's tokens after each new one; ``False`` ends it.
+            more: ``more(free, idle)`` gives further jobs (``None``: stop).
+            route: a job group -> (table slot, strength multiplier, cache salt); rows of
+                every group share vLLM's batch, each steered by its own slot.
+        """
+        from vllm.inputs import TokensPrompt
+
+        pending: dict[str, Job] = {}
+        seen: dict[str, int] = {}
+        eos_set = set(eos)
+        try:
+            while True:
+                jobs = more(max(0, settings.batch_size - len(pending)), not pending)
+                if jobs is None:
+                    return
+                for job in jobs:
+                    self._requests += 1
+                    request_id = f"simsteer-{self._requests}"
+                    slot, multiplier, salt = route(job.group)
+                    extra = {SLOT_ARG: slot, MULTIPLIER_ARG: multiplier} if slot else {}
+                    params = self.sampling_params(job.settings or settings, job.stream, eos, **extra)
+                    prompt = TokensPrompt(prompt_token_ids=list(prompts[job.prompt]))
+                    if salt is not None:
+                        prompt["cache_salt"] = salt
+                    self.engine.add_request(request_id, prompt, params)
+                    pending[request_id] = job
+                    seen[request_id] = 0
+                if not pending:
+                    continue
+                for output in self.engine.step():
+                    job = pending.get(output.request_id)
+                    if job is None:
+                        continue
+                    tokens = list(output.outputs[0].token_ids)
+                    keep = True
+                    for count in range(seen[output.request_id] + 1, len(tokens) + 1):
+                        if not on_token(job, tokens[:count]):
+                            keep, tokens = False, tokens[:count]
+                            break
+                    seen[output.request_id] = len(tokens)
+                    if output.finished or not keep:
+                        if not output.finished:
+                            self.engine.abort_request([output.request_id])
+                        del pending[output.request_id], seen[output.request_id]
+                        cut = next((i for i, t in enumerate(tokens) if t in eos_set), None)
+                        on_finish(job, tokens if cut is None else tokens[: cut + 1])
+        finally:
+            if pending:
+                self.engine.abort_request(list(pending))
+
     def top_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[int]]:
         """Teacher-forced: for each sequence, vLLM's most likely next token at every
         position from ``starts[i] - 1`` on, i.e. its top-1 prediction of tokens
@@ -325,6 +399,9 @@ class VllmBackend:
 
     def close(self) -> None:
         """Free the engine (its memory goes back when the last reference does)."""
+        model = self.model()
+        if model is not None and _BACKENDS.get(model) is self:
+            del _BACKENDS[model]
         llm = self.__dict__.pop("llm", None)
         self.__dict__.pop("engine", None)
         if llm is not None:

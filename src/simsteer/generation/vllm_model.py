@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 #: multiplier on its saved strength.
 SLOT_ARG = "simsteer_slot"
 MULTIPLIER_ARG = "simsteer_multiplier"
+
 #: Prefix of the steered architectures' names (``SimsteerLlamaForCausalLM``, ...).
 PREFIX = "Simsteer"
 #: vLLM classes the op path is built on: (module, class). A family missing here runs on

@@ -35,6 +35,7 @@ from ..errors import SimsError
 from ..generation.decoding import stream_id
 from ..generation.llamacpp import LlamaCppBackend, gguf_file
 from ..generation.torch_engine import DecodeSettings, Engine, Job
+from ..generation.vllm_engine import vllm_backend
 from ..models import LoadedModel
 from ..policy import Policy
 from ..steering import Steering
@@ -106,10 +107,11 @@ class BatchEngine:
         wait_s: how long an idle worker waits for more requests before decoding.
         seed: the random streams of rows whose request names no seed.
         max_queue: most rows waiting to be decoded (rows being decoded do not count).
-        engine: ``"torch"`` (:class:`simsteer.generation.torch_engine.Engine`, any steering) or
+        engine: ``"torch"`` (:class:`simsteer.generation.torch_engine.Engine`, any steering),
             ``"llamacpp"`` (:class:`simsteer.generation.llamacpp.LlamaCppBackend` on the model's GGUF
-            file; every steering must be additive, see
-            :func:`simsteer.generation.engines.choose_engine`).
+            file; every steering must be additive) or ``"vllm"``
+            (:class:`simsteer.generation.vllm_engine.VllmBackend`: each steering a slot of the
+            op's table, picked per request); see :func:`simsteer.generation.engines.choose_engine`.
         cells: llama.cpp's key/value cache in tokens (default
             :data:`simsteer.generation.llamacpp.SERVE_CELLS`).
 
@@ -130,12 +132,13 @@ class BatchEngine:
         engine: str = "torch",
         cells: int | None = None,
     ) -> None:
-        if engine not in ("torch", "llamacpp"):
-            raise SimsError(f"unknown serving engine {engine!r}: torch or llamacpp")
+        if engine not in ("torch", "llamacpp", "vllm"):
+            raise SimsError(f"unknown serving engine {engine!r}: torch, llamacpp or vllm")
         self.lm = lm
         self.engine = engine
         self.cells = cells
-        self._backend = None  # the LlamaCppBackend, made by start()
+        self._backend = None  # the LlamaCppBackend or VllmBackend, made by start()
+        self._slots: dict[str, int] = {}  # vLLM: steering name -> its slot in the op's table
         self.steerings = steerings or {}
         self.max_batch = max_batch
         self.wait_s = wait_s
@@ -162,6 +165,12 @@ class BatchEngine:
             if path is None:
                 raise SimsError(f"the llamacpp engine needs a GGUF model; {self.lm.source!r} is not one")
             self._backend = LlamaCppBackend(path)
+        if self.engine == "vllm" and self._backend is None:
+            self._backend = vllm_backend(self.lm)
+            self._backend.set_policy(Policy())
+            for slot, (name, steerings) in enumerate(self.steerings.items(), start=1):
+                self._backend.load_slot(slot, Policy(steerings))
+                self._slots[name] = slot
         self._thread.start()
 
     def close(self) -> None:
@@ -171,7 +180,8 @@ class BatchEngine:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         if self._backend is not None and not self._thread.is_alive():
-            self._backend.close()
+            if self.engine == "llamacpp":  # vLLM's engine belongs to the model (vllm_backend)
+                self._backend.close()
             self._backend = None
 
     def submit(self, *requests: GenerationRequest) -> None:
@@ -214,7 +224,17 @@ class BatchEngine:
         engine = Engine(self.lm.model, self.eos, self.pad) if self._backend is None else None
         while not self._stop.is_set():
             try:
-                if self._backend is not None:
+                if self.engine == "vllm":
+                    self._backend.run_live(
+                        self._prompts,
+                        defaults,
+                        self._finish,
+                        self.eos,
+                        on_token=self._token,
+                        more=self._more,
+                        route=self._route,
+                    )
+                elif self._backend is not None:
                     self._backend.run(
                         self._prompts,
                         [],
@@ -286,6 +306,14 @@ class BatchEngine:
         name, strength = group
         vectors = Policy(self.steerings.get(name, [])).additive_vectors()
         return {layer: vector * float(strength) for layer, vector in vectors.items()}
+
+    def _route(self, group: Hashable) -> tuple[int, float, str | None]:
+        """A (steering, strength) group's slot in vLLM's op table, its multiplier and the
+        cache salt that keeps its prompt state apart from every other steering's."""
+        if group is None:
+            return 0, 1.0, None
+        name, strength = group
+        return self._slots[name], float(strength), f"simsteer:{name}:{float(strength)!r}"
 
     def _steer(self, group: Hashable, rows):
         name, strength = group
