@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..decoding import stream_id
@@ -42,9 +43,16 @@ from ..tokens import eos_token_ids, pad_token_id
 
 log = logging.getLogger(__name__)
 
-# emit(kind, payload): ("delta", text) any number of times, then ("done", finish_reason)
-# or ("error", message) exactly once.
+# emit(kind, payload): ("delta", text) any number of times, then exactly one of
+# ("done", finish_reason), ("failed", message for the client: this row alone failed) or
+# ("error", internal message: the batch failed; the client is told only a request id).
 Emit = Callable[[str, str], None]
+
+#: Why a row whose logits stopped being finite failed (told to its client).
+NON_FINITE = (
+    "the model's logits became inf/NaN for this completion (is the steering strength too large?); "
+    "the other completions went on"
+)
 
 
 @dataclass
@@ -94,6 +102,7 @@ class _Live:
     req: GenerationRequest
     sent: str = ""
     reason: str | None = None  # set when a stop string ended the row
+    failure: str | None = None  # set when the row failed alone (its logits went non-finite)
 
 
 class BatchEngine:
@@ -161,7 +170,7 @@ class BatchEngine:
             path = gguf_file(self.lm)
             if path is None:
                 raise SimsError(f"the llamacpp engine needs a GGUF model; {self.lm.source!r} is not one")
-            self._backend = LlamaCppBackend(path)
+            self._backend = _RowSafeLlamaCpp(path, on_bad_row=self._bad_row)
         self._thread.start()
 
     def close(self) -> None:
@@ -211,7 +220,9 @@ class BatchEngine:
 
     def _loop(self) -> None:
         defaults = DecodeSettings(1.0, 0, 1.0, 1, self.max_batch)
-        engine = Engine(self.lm.model, self.eos, self.pad) if self._backend is None else None
+        engine = None
+        if self._backend is None:
+            engine = _RowSafeEngine(self.lm.model, self.eos, self.pad, on_bad_row=self._bad_row)
         while not self._stop.is_set():
             try:
                 if self._backend is not None:
@@ -291,10 +302,14 @@ class BatchEngine:
         name, strength = group
         return Policy(self.steerings.get(name, [])).applied(self.lm.model, strength=strength, rows=rows)
 
+    def _bad_row(self, job: Job) -> None:
+        """A row's logits went non-finite: it ends at this token and fails alone."""
+        self._live[job.prompt].failure = NON_FINITE
+
     def _token(self, job: Job, tokens: list[int]) -> bool:
         live = self._live[job.prompt]
         req = live.req
-        if req.cancelled.is_set():
+        if req.cancelled.is_set() or live.failure is not None:
             return False
         if tokens[-1] in self.eos:
             return True  # the engine ends the row; _finish says "stop"
@@ -318,6 +333,10 @@ class BatchEngine:
             with self._ready:
                 self.rows_cancelled += 1
             return
+        if live.failure is not None:
+            log.warning("a row failed alone: %s", live.failure)
+            _emit(req, "failed", live.failure)
+            return
         if live.reason is None:
             ended = bool(tokens) and tokens[-1] in self.eos
             if not ended:
@@ -329,3 +348,65 @@ class BatchEngine:
         if text.startswith(live.sent) and len(text) > len(live.sent):
             _emit(live.req, "delta", text[len(live.sent) :])
             live.sent = text
+
+
+# -- rows that fail alone --------------------------------------------------------------------
+def non_finite_rows(logits: torch.Tensor, temperatures: list[float]) -> list[int]:
+    """The rows of ``[rows, vocab]`` logits that hold inf/NaN, or overflow once divided by
+    their temperature (sampling them would raise for the whole batch, greedy would pick
+    garbage)."""
+    scale = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32)
+    peak = logits.detach().float().abs().amax(dim=-1).cpu()  # NaN stays NaN
+    return (~torch.isfinite(peak / scale)).nonzero().flatten().tolist()
+
+
+class _RowSafeEngine(Engine):
+    """:class:`simsteer.engine.Engine` on which a row whose logits go non-finite fails
+    alone: ``on_bad_row(job)`` is told, the row gets a placeholder token (its ``on_token``
+    then ends it), and the batch-mates decode on.
+
+    Its keys and values, NaN from the bad layer on, stay in its store row; masked columns
+    count as ``0 x value``, so before another row is admitted every idle row is zeroed."""
+
+    def __init__(self, model, eos, pad, on_bad_row: Callable[[Job], None]) -> None:
+        super().__init__(model, eos, pad)
+        self.on_bad_row = on_bad_row
+        self._dirty = False  # a failed row's store row may hold NaN
+
+    def _choose(self, logits, rows, settings):
+        bad = non_finite_rows(logits, [(r.job.settings or settings).temperature for r in rows])
+        if bad:
+            for i in bad:
+                self.on_bad_row(rows[i].job)
+            logits = logits.clone()
+            logits[bad] = 0.0
+            self._dirty = True
+        return super()._choose(logits, rows, settings)
+
+    def _admit(self, prompts, admitted, state, store, *rest) -> None:
+        if self._dirty:
+            idle = [i for i, row in enumerate(state.rows) if row is None]
+            for buffers in (store.keys, store.values):
+                for buffer in buffers:
+                    if buffer is not None and idle:
+                        buffer[idle] = 0
+            self._dirty = False
+        super()._admit(prompts, admitted, state, store, *rest)
+
+
+class _RowSafeLlamaCpp(LlamaCppBackend):
+    """:class:`simsteer.llamacpp.LlamaCppBackend` on which a row whose logits go
+    non-finite fails alone, as on :class:`_RowSafeEngine` (a finished row's cells are
+    removed from the cache, so nothing of it is read again)."""
+
+    def __init__(self, path, on_bad_row: Callable[[Job], None]) -> None:
+        super().__init__(path)
+        self.on_bad_row = on_bad_row
+
+    def _advance(self, rows, logits, state):
+        temperatures = [(r.job.settings or state.settings).temperature for r in rows]
+        bad = non_finite_rows(torch.from_numpy(np.stack(logits)), temperatures)
+        for i in bad:
+            self.on_bad_row(rows[i].job)
+            logits[i] = np.zeros_like(logits[i])
+        return super()._advance(rows, logits, state)
