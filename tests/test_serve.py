@@ -32,9 +32,13 @@ class Server(NamedTuple):
 @pytest.fixture()
 def server(tiny_lm):
     big = Steering({1: AddVector(torch.full((tiny_lm.hidden_size,), 50.0))}, "caa", tiny_lm.fingerprint())
-    # 1e38 per unit: the hidden states overflow, the logits turn NaN (at any strength >= 1)
+    # 1e38 per unit: at strength 10 the hidden states overflow to inf, the logits turn NaN
     huge = Steering({1: AddVector(torch.full((tiny_lm.hidden_size,), 1e38))}, "caa", tiny_lm.fingerprint())
-    engine = BatchEngine(tiny_lm, {"big": [big], "huge": [huge]}, max_batch=8, wait_s=0.02)
+    # a small tilt that changes the greedy answer differently at strengths 1 and 2
+    tilt = torch.randn(tiny_lm.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.002
+    tilted = Steering({1: AddVector(tilt)}, "caa", tiny_lm.fingerprint())
+    steerings = {"big": [big], "huge": [huge], "tilt": [tilted]}
+    engine = BatchEngine(tiny_lm, steerings, max_batch=8, wait_s=0.02)
     engine.start()
     gate = Gate(tiny_lm.model.model.layers[0])
     config = ServeConfig(model_name="tiny", api_key=KEY, max_request_bytes=4000, max_tokens_limit=16)
@@ -96,7 +100,7 @@ def _client(url, key=KEY):
 def test_models_and_chat(server):
     url = server.url
     client = _client(url)
-    assert [m.id for m in client.models.list()] == ["tiny", "tiny:big", "tiny:huge"]
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny:big", "tiny:huge", "tiny:tilt"]
     msgs = [{"role": "user", "content": "the good day"}]
     out = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
@@ -144,10 +148,19 @@ def test_streaming_matches_non_streaming(server):
 
 
 def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(server):
-    bodies = [{"prompt": f"the dog {w}", "max_tokens": 4, "temperature": 0} for w in ("is", "was", "ran")]
+    """Rows with different steerings, strengths, temperatures and top-p decoded in one batch
+    each get what they get alone."""
+    base = {"prompt": "the good day", "max_tokens": 6, "temperature": 0}
+    bodies = [
+        base,
+        {**base, "steering": "tilt"},
+        {**base, "steering": "tilt", "strength": 2},
+        {**base, "prompt": "the dog ran", "temperature": 1, "top_p": 0.5, "seed": 8},
+    ]
     alone = [_text(_post(server.url + "/completions", body)) for body in bodies]
-    together = _together(server, bodies)  # asserts that the three shared one admission
+    together = _together(server, bodies)  # asserts that the four shared one admission
     assert [_text(reply) for reply in together] == alone
+    assert len(set(alone[:3])) == 3  # the steering and its strength act per row
 
 
 def test_a_seeded_request_gets_the_same_answer_alone_and_beside_others(server):
@@ -174,8 +187,8 @@ def test_a_row_with_non_finite_logits_fails_alone(server):
     fine = [{"prompt": f"the {w} day", "max_tokens": 6, "temperature": 0} for w in ("good", "sad")]
     alone = [_text(_post(url, body)) for body in fine]
     broken = [
-        {"prompt": "the good day", "max_tokens": 6, "temperature": 1, "steering": "huge"},
-        {"prompt": "the good day", "max_tokens": 6, "temperature": 0, "steering": "huge"},
+        {"prompt": "the good day", "max_tokens": 6, "temperature": 1, "steering": "huge", "strength": 10},
+        {"prompt": "the good day", "max_tokens": 6, "temperature": 0, "steering": "huge", "strength": 10},
     ]
     replies = _together(server, [fine[0], *broken, fine[1]])
     assert [_text(replies[0]), _text(replies[3])] == alone

@@ -142,7 +142,7 @@ def test_a_row_taking_the_place_of_a_failed_row_decodes_as_alone(tiny_lm):
             return None if idle else []
 
         def steer(group, rows):
-            return huge.applied(tiny_lm.model, strength=1.0, rows=rows)
+            return huge.applied(tiny_lm.model, strength=10.0, rows=rows)  # 1e39: inf
 
         def on_finish(job, tokens):
             out[job.prompt] = tokens
