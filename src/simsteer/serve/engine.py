@@ -14,6 +14,10 @@ Sampling draws from per-row random streams (:mod:`simsteer.decoding`): a request
 ``seed`` gets the same answer whenever it arrives and whatever else is running; without
 one, rows take the server seed and their arrival number.
 
+A row whose logits go inf/NaN (an extreme steering) fails alone on the torch engine and
+its batch-mates decode on; on llama.cpp, whose rows share one cache, the rows decoding
+with it fail too and the cache is cleared (:class:`_RowSafeLlamaCpp`).
+
 The queue is bounded (``max_queue`` waiting rows; :meth:`BatchEngine.submit` raises
 :class:`QueueFull` rather than queue more), and a cancelled row (its client went away)
 is dropped from the queue or stops decoding at the next token.
@@ -49,10 +53,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, str], None]
 
 #: Why a row whose logits stopped being finite failed (told to its client).
-NON_FINITE = (
-    "the model's logits became inf/NaN for this completion (is the steering strength too large?); "
-    "the other completions went on"
-)
+NON_FINITE = "the model's logits became inf/NaN for this completion (is the steering strength too large?)"
 
 
 @dataclass
@@ -242,14 +243,18 @@ class BatchEngine:
                         engine.run(
                             self._prompts, [], defaults, self._finish, self._token, self._more, self._steer
                         )
+            except SharedCacheSpoiled as exc:  # a NaN row on llama.cpp: its batch-mates too
+                log.warning("a row's logits went non-finite; failing the rows sharing its cache")
+                self._fail_live(str(exc), kind="failed")
             except Exception as exc:  # one bad batch must not take the server down
                 log.exception("generation failed")
                 self._fail_live(f"{type(exc).__name__}: {exc}")
 
-    def _fail_live(self, message: str) -> None:
+    def _fail_live(self, message: str, kind: str = "error") -> None:
+        """Fail every row decoding now (a row that failed alone keeps its own reason)."""
         for live in self._live.values():
             if not live.req.cancelled.is_set():
-                _emit(live.req, "error", message)
+                _emit(live.req, "failed" if live.failure else kind, live.failure or message)
         self._live.clear()
         self._prompts.clear()
         self.active = []
@@ -394,10 +399,30 @@ class _RowSafeEngine(Engine):
         super()._admit(prompts, admitted, state, store, *rest)
 
 
+class SharedCacheSpoiled(Exception):
+    """A row's logits went non-finite on llama.cpp: its NaN keys and values sit in the
+    cache every row shares, so the rows decoding now cannot be trusted (see
+    :class:`_RowSafeLlamaCpp`)."""
+
+
+#: What the rows decoding beside such a row on llama.cpp are told.
+SPOILED = (
+    "a completion decoded in the same llama.cpp batch had its logits become inf/NaN (is a steering "
+    "strength too large?); llama.cpp shares one cache between the rows, so every row decoding then "
+    "was stopped; retry this request"
+)
+
+
 class _RowSafeLlamaCpp(LlamaCppBackend):
-    """:class:`simsteer.llamacpp.LlamaCppBackend` on which a row whose logits go
-    non-finite fails alone, as on :class:`_RowSafeEngine` (a finished row's cells are
-    removed from the cache, so nothing of it is read again)."""
+    """:class:`simsteer.llamacpp.LlamaCppBackend` that stops the run as soon as a row's
+    logits go non-finite (:class:`SharedCacheSpoiled`).
+
+    Unlike the torch engine's per-row store, llama.cpp's rows share one cache, and its
+    attention (flash attention stays off, see :mod:`simsteer.llamacpp`) reads the masked
+    cells of other rows as ``0 x value``: NaN there spreads to every row, and stays in the
+    freed cells for the rows after them (every later request failed before this). The
+    worker fails the rows decoding now and starts a new run, whose context clears the
+    cache with its data."""
 
     def __init__(self, path, on_bad_row: Callable[[Job], None]) -> None:
         super().__init__(path)
@@ -406,7 +431,8 @@ class _RowSafeLlamaCpp(LlamaCppBackend):
     def _advance(self, rows, logits, state):
         temperatures = [(r.job.settings or state.settings).temperature for r in rows]
         bad = non_finite_rows(torch.from_numpy(np.stack(logits)), temperatures)
-        for i in bad:
-            self.on_bad_row(rows[i].job)
-            logits[i] = np.zeros_like(logits[i])
+        if bad:
+            for i in bad:
+                self.on_bad_row(rows[i].job)
+            raise SharedCacheSpoiled(SPOILED)
         return super()._advance(rows, logits, state)
