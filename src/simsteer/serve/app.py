@@ -2,7 +2,9 @@
 
 Request bodies are read as plain JSON and checked by hand (:mod:`.params`), so any field
 an OpenAI client sends is accepted and the errors use OpenAI's ``{"error": {...}}`` shape.
-Every request passes :class:`~simsteer.serve.guard.Guard` first. A request's rows are
+Every request passes :class:`~simsteer.serve.guard.Guard` first; its body must arrive
+within ``body_timeout_s``, and its prompt is templated and tokenised beside the event loop
+(:mod:`.encoding`), then checked against the model's context. A request's rows are
 queued all together or refused with 429, and cancelled as soon as its client goes away,
 streaming or not, so an abandoned request stops costing decoding steps.
 """

@@ -19,11 +19,13 @@ class ServeConfig:
 
     Attributes:
         model_name: the id reported by ``/v1/models`` (any ``model`` is accepted).
-        api_key: bearer key required on every request (``None``: open; then only loopback
-            ``Host`` and ``Origin`` headers and ``application/json`` POST bodies are accepted).
+        api_key: bearer key required on every request, ``/health`` included (``None``: open;
+            then only loopback ``Host`` and ``Origin`` headers and ``application/json`` POST
+            bodies are accepted).
         max_request_bytes: larger bodies are refused with 413 (checked while the body streams in).
         max_tokens_limit: largest ``max_tokens`` a request may ask for.
-        max_prompt_tokens: longest prompt accepted.
+        max_prompt_tokens: longest prompt accepted (and a prompt with its ``max_tokens``
+            must fit the model's context, whatever this says).
         default_max_tokens: used when a request sets none.
         default_steering: policy used when a request names none.
         host: bind address (loopback only by default).

@@ -357,11 +357,12 @@ class BatchEngine:
 
 # -- rows that fail alone --------------------------------------------------------------------
 def non_finite_rows(logits: torch.Tensor, temperatures: list[float]) -> list[int]:
-    """The rows of ``[rows, vocab]`` logits that hold inf/NaN, or overflow once divided by
-    their temperature (sampling them would raise for the whole batch, greedy would pick
-    garbage)."""
+    """The rows of ``[rows, vocab]`` logits that hold NaN or +inf, or whose largest logit
+    overflows once divided by the row's temperature (sampling them would raise for the
+    whole batch, greedy would pick garbage); a ``-inf`` logit alone is only a token that
+    cannot be drawn."""
     scale = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32)
-    peak = logits.detach().float().abs().amax(dim=-1).cpu()  # NaN stays NaN
+    peak = logits.detach().float().amax(dim=-1).cpu()  # a NaN anywhere in a row gives NaN
     return (~torch.isfinite(peak / scale)).nonzero().flatten().tolist()
 
 
