@@ -13,7 +13,7 @@ import torch
 from simsteer.engine import DecodeSettings, Job
 from simsteer.functions import AddVector
 from simsteer.policy import Policy
-from simsteer.serve.engine import BatchEngine, GenerationRequest, _RowSafeEngine
+from simsteer.serve.engine import BatchEngine, GenerationRequest, _RowSafeEngine, non_finite_rows
 from simsteer.steering import Steering
 from simsteer.tokens import encode_prompt, eos_token_ids, pad_token_id
 
@@ -155,3 +155,18 @@ def test_a_row_taking_the_place_of_a_failed_row_decodes_as_alone(tiny_lm):
         run([Job(0, 0, 5), Job(1, 0, 6, group="huge")], [Job(2, 0, 7)])
     assert bad == [1] and len(out[0]) == 8
     assert out[2] == alone
+
+
+def test_non_finite_rows_are_nan_plus_inf_or_an_overflow_at_the_rows_temperature():
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor(
+        [
+            [1.0, nan, 0.5],
+            [-inf, 1.0, 2.0],
+            [1e38, 1.0, 0.0],
+            [1e38, 1.0, 0.0],
+            [inf, 0.0, 0.0],
+            [1.0, 2.0, 3.0],
+        ]
+    )
+    assert non_finite_rows(logits, [1.0, 1.0, 1.0, 0.001, 0.0, 0.5]) == [0, 3, 4]
