@@ -33,7 +33,8 @@ class PromptEncoder:
 
     def __init__(self, tokenizer: Any, config: ServeConfig, context: int | None) -> None:
         self.tok, self.config, self.context = tokenizer, config, context
-        self.waiting = 0  # requests waiting for or being served by the thread
+        self.waiting = 0  # requests waiting for or being served by the thread (loop-only)
+        # Its idle thread ends with the executor (garbage-collected with the app) or at exit.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sims-serve-tokenizer")
 
     async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
@@ -102,7 +103,3 @@ class PromptEncoder:
 
         joined = "\n\n".join(m["content"] for m in clean if m["role"] != "assistant")
         return list(tok(format_prompt(tok, joined))["input_ids"])
-
-    def close(self) -> None:
-        """Let the thread end (requests still waiting finish first)."""
-        self._thread.shutdown(wait=False)
