@@ -155,12 +155,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("generate-seed-negative", ["generate", "--no-steer", "-p", "hi", "--seed", "-5"], "2**32"),
     ("generate-duplicate-ids", ["generate", "--no-steer", "--prompts", "{dup_ids}"], "more than once"),
     ("generate-temperature-inf", ["generate", "--no-steer", "-p", "hi", "--temperature", "inf"], "finite"),
+    # the bounds sims serve puts on a request's strength (issue 23, item 12)
+    ("generate-strength-huge", ["generate", "--no-steer", "-p", "hi", "--strength", "1e300"], "-10 to 10"),
+    ("generate-strength-below", ["generate", "--no-steer", "-p", "hi", "--strength", "-10.5"], "-10 to 10"),
     # -- sims serve (refused before the model loads) ------------------------------------------
     ("serve-port-huge", ["serve", "--port", "70000"], "port"),
     ("serve-batch-wait-negative", ["serve", "--batch-wait-ms", "-1"], ">= 0"),
     ("serve-batch-wait-nan", ["serve", "--batch-wait-ms", "nan"], "finite"),
     ("serve-max-batch-zero", ["serve", "--max-batch", "0"], ">= 1"),
     ("serve-seed-huge", ["serve", "--seed", str(2**64)], "out of range"),
+    ("serve-body-timeout-zero", ["serve", "--body-timeout", "0"], "> 0"),
+    ("serve-body-timeout-nan", ["serve", "--body-timeout", "nan"], "finite"),
     # -- sims eval / baseline -------------------------------------------------------------
     ("eval-mc-limit-negative", ["eval", "{run}", "--mc-limit", "-1"], ">= 0"),
     ("eval-bootstrap-negative", ["eval", "{run}", "--bootstrap", "-1"], ">= 0"),
@@ -246,6 +251,16 @@ def test_prompt_longer_than_the_context(tmp_path, tiny_gpt2_dir, tiny_run, capsy
     long = " ".join(["the good day"] * 100)  # 300 words: past GPT-2's 256 positions
     line = one_line_error(capsys, ["generate", "--model", str(tiny_gpt2_dir), "--no-steer", "-p", long])
     assert "context of 256 tokens" in line
+
+
+def test_run_prompt_longer_than_the_context_is_refused_before_work(tmp_path, tiny_gpt2_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the good day\n" + " ".join(["the good day"] * 100) + "\n")  # 300 words
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_gpt2_dir), "--prompts", str(prompts), "--out", str(out), *TINY_RUN]
+    line = one_line_error(capsys, argv)
+    assert "context of 256 tokens" in line and "'1'" in line, line
+    assert not out.exists()  # refused before anything was written
 
 
 def test_nan_score_from_a_python_oracle_names_it(tmp_path, tiny_model_dir, files, capsys):

@@ -35,7 +35,7 @@ def test_vllm_refusals_name_what_it_cannot_run(tiny_lm, tiny_gpt2_dir, monkeypat
         "iti",
         tiny_lm.fingerprint(),
     )
-    with pytest.raises(SimsError, match="cannot serve the steering 'iti'.*attn_heads"):
+    with pytest.raises(SimsError, match=r"cannot serve the steering 'iti'.*attn_heads"):
         choose_engine("vllm", tiny_lm, {"iti": Policy((iti,))}, purpose="serve")
     caa = Steering({1: AddVector(torch.ones(tiny_lm.hidden_size))}, "caa", tiny_lm.fingerprint())
     assert choose_engine("vllm", tiny_lm, {"caa": Policy((caa,))}, purpose="serve") == "vllm"

@@ -19,6 +19,8 @@ from simsteer.serve.app import create_app
 from simsteer.serve.config import ServeConfig
 from simsteer.serve.engine import BatchEngine, GenerationRequest, QueueFull
 
+from .serving import running
+
 WAIT_S = 60  # generous bound for "eventually"; tests never depend on speed
 
 
@@ -84,6 +86,12 @@ BAD_BODIES = [
     ({"prompt": "a", "max_tokens": 2, "stop": [1, 2]}, "stop"),
     ({"prompt": "a", "max_tokens": 2, "stop": {"a": 1}}, "stop"),
     ({"prompt": "a", "max_tokens": 2, "steering": ["x"]}, "unknown steering"),
+    ({"prompt": "a", "max_tokens": 2, "stream": "false"}, "stream must be true or false"),
+    ({"prompt": "a", "max_tokens": 2, "stream": 0}, "stream must be true or false"),
+    ({"prompt": "a", "max_tokens": 2, "seed": "3"}, "seed must be"),
+    ({"prompt": "a", "max_tokens": 2, "seed": 1.5}, "seed must be"),
+    ({"prompt": "a", "max_tokens": 2, "seed": True}, "seed must be"),
+    ({"prompt": "a", "max_tokens": 2, "seed": 2**64}, "seed must be"),
     ({"prompt": "", "max_tokens": 2}, "empty"),
     ({"prompt": ["the"] * 40, "max_tokens": 2, "n": 2}, "limit per request"),
     ("[" * 10_000 + "]" * 10_000, "valid JSON"),
@@ -322,3 +330,38 @@ def test_cast_cache_is_a_small_lru():
     assert len(add._cast) == CAST_CACHE_SIZE and len(shift._cast) == CAST_CACHE_SIZE
     latest = add._cast.get((hidden.device, hidden.dtype, s), lambda: None)  # the latest is kept
     assert torch.equal(latest, s * torch.arange(4.0))
+
+
+def test_a_body_that_never_finishes_gets_408_and_the_connection_closes(tiny_lm):
+    """Issue 23, item 3: a client trickling its body holds the connection only until the
+    body deadline (for the whole body, not per chunk)."""
+    engine = BatchEngine(tiny_lm, max_batch=2, wait_s=0.0)
+    config = ServeConfig(model_name="tiny", max_tokens_limit=8, body_timeout_s=0.5)
+    stop = threading.Event()
+    with running(create_app(engine, config)) as port:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        )
+        sock.sendall((head + "Content-Length: 100000\r\n\r\n").encode() + b'{"prompt": "')
+
+        def trickle() -> None:  # a byte now and then, never the whole body
+            while not stop.wait(0.05):
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        reply = b""
+        while True:
+            part = sock.recv(4096)
+            if not part:  # the server closed the connection
+                break
+            reply += part
+        stop.set()
+        sender.join(WAIT_S)
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b"did not arrive within 0.5 s" in reply and b"connection: close" in reply.lower()

@@ -159,3 +159,71 @@ def test_a_group_vector_must_fit_the_model(embedded_lm):
         assert fine["end"] == ("done", "length") and fine["text"]
     finally:
         engine.close()
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_llamacpp_seeded_request_over_http(llama_engine, embedded_lm):
+    """Issue 23, item 1 on llama.cpp: a request's seed reaches the engine over HTTP. Alone,
+    the same body gets the same text; beside three other requests, the same text up to
+    llama.cpp's rounding in a shared batch (the README's caveat): its first 8 tokens."""
+    import threading
+
+    from simsteer.serve.app import create_app
+
+    from .serving import running
+    from .test_serve import _post, _text
+
+    config = ServeConfig(model_name="smol", max_tokens_limit=16)
+    with running(create_app(llama_engine, config)) as port:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0.9, "seed": 5, "steering": "caa"}
+        first = _text(_post(url, body, key=None))
+        assert _text(_post(url, body, key=None)) == first
+        assert _text(_post(url, {**body, "seed": 6}, key=None)) != first
+        others = [
+            {"prompt": f"{PROMPT} {w}", "max_tokens": 16, "temperature": 0.9}
+            for w in ("Dogs?", "Owls?", "Now.")
+        ]
+        replies: list = [None] * 4
+        bodies = [others[0], body, *others[1:]]
+
+        def send(i: int) -> None:
+            replies[i] = _post(url, bodies[i], key=None)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    head = embedded_lm.tokenizer.encode(first, add_special_tokens=False)[:8]
+    assert embedded_lm.tokenizer.encode(_text(replies[1]), add_special_tokens=False)[:8] == head
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_llamacpp_row_with_non_finite_logits_spoils_only_its_batch(embedded_lm):
+    """Issue 23, item 2 on llama.cpp: a row whose control vector overflows fails with its
+    own message; the rows sharing llama.cpp's cache with it then are told why they were
+    stopped (NaN in shared cells reaches them), and the rows after it decode as before
+    (before: every later request failed)."""
+    huge = Steering(
+        {3: AddVector(torch.full((embedded_lm.hidden_size,), 1e38))}, "caa", embedded_lm.fingerprint()
+    )
+    engine = BatchEngine(embedded_lm, {"huge": [huge]}, max_batch=4, wait_s=0.05, engine="llamacpp")
+    engine.start()
+    try:
+        fine = {"max_tokens": 8, "temperature": 0.0}
+        (alone,) = _serve(engine, embedded_lm, [fine])
+        broken = {"max_tokens": 8, "temperature": 1.0, "steering": "huge", "strength": 10.0}
+        (failed,) = _serve(engine, embedded_lm, [broken])
+        assert failed["end"][0] == "failed" and "inf/NaN" in failed["end"][1], failed
+        assert _serve(engine, embedded_lm, [fine])[0]["text"] == alone["text"]
+        together = _serve(engine, embedded_lm, [fine, broken, fine])
+        assert together[1]["end"] == failed["end"]
+        for event in (together[0], together[2]):
+            assert event["end"][0] == "failed" and "shares one cache" in event["end"][1], event
+        after = _serve(engine, embedded_lm, [fine, fine])
+        assert [e["text"] for e in after] == [alone["text"]] * 2
+    finally:
+        engine.close()

@@ -250,6 +250,21 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+#: Config fields that hold a model's context length, by family.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` was built for, if its config says (positions past it
+    index outside a learned position table, or give garbage)."""
+    cfg = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     """Resolve a layer selection: ``"all"``, ``"middle"`` (the middle 40%), ``"4-11"``,
     ``"3,5,7"`` or a list of indices. Negative indices count from the end."""

@@ -43,6 +43,11 @@ __all__ = [
 #: Metadata key of the steering folder that stands for the unsteered model.
 UNSTEERED_KEY = "unsteered"
 
+#: Largest multiplier (in absolute value) a command or a ``sims serve`` request may put on
+#: a saved strength: far past any useful steering, short of the overflow that turns a
+#: model's logits into inf/NaN garbage.
+STRENGTH_LIMIT = 10.0
+
 
 @dataclass(frozen=True)
 class Policy(Sequence[Steering]):

@@ -61,20 +61,6 @@ def _option_problem(default: Any, value: Any) -> str | None:
 
 
 # -- prompts against the model ------------------------------------------------------------
-#: Config fields that hold a model's context length, by family.
-CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
-
-
-def context_length(model: Any) -> int | None:
-    """The longest sequence ``model`` was built for, if its config says."""
-    cfg = getattr(model, "config", None)
-    for name in CONTEXT_FIELDS:
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_context(lm: Any, prompts: list[Any], max_new_tokens: int) -> None:
     """Refuse, in one line, a prompt that with its answer does not fit the model's context
     (positions past it index outside the position table or give garbage).
@@ -84,6 +70,7 @@ def check_context(lm: Any, prompts: list[Any], max_new_tokens: int) -> None:
         prompts: :class:`~simsteer.prompts.Prompt` objects.
         max_new_tokens: the answer length each prompt needs room for.
     """
+    from ..models import context_length
     from ..tokens import encode_prompt
 
     limit = context_length(lm.model)

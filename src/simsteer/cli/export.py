@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import SimsError
 from ..export import FORMATS
-from .options import model_source, number
+from .options import model_source, strength
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", required=True, help="file (gguf-cvec) or folder (hf-bias) to write")
     p.add_argument("--force", action="store_true", help="replace a previous export at --output")
-    p.add_argument("--strength", type=number, default=None, help="multiplier on the saved strength")
+    p.add_argument(
+        "--strength", type=strength, default=None, help="multiplier on the saved strength (-10 to 10)"
+    )
     group = p.add_argument_group("model (the one the steering was learned on)")
     group.add_argument(
         "--model",

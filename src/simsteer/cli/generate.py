@@ -14,10 +14,10 @@ from .options import (
     add_model_options,
     add_sampling_options,
     model_source,
-    number,
     positions,
     positive,
     sampling_config,
+    strength,
 )
 
 
@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--steering", default=None, help="steering folder or run directory")
     p.add_argument("--no-steer", action="store_true", help="answer with the unsteered model")
-    p.add_argument("--strength", type=number, default=None, help="multiplier on the saved strength")
+    p.add_argument(
+        "--strength", type=strength, default=None, help="multiplier on the saved strength (-10 to 10)"
+    )
     p.add_argument(
         "--positions",
         type=positions,

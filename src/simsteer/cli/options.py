@@ -108,6 +108,18 @@ def non_negative_number(text: str) -> float:
     return value
 
 
+def strength(text: str) -> float:
+    """A strength multiplier within the bounds ``sims serve`` puts on a request's ``strength``."""
+    from ..policy import STRENGTH_LIMIT
+
+    value = number(text)
+    if not -STRENGTH_LIMIT <= value <= STRENGTH_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be from {-STRENGTH_LIMIT:g} to {STRENGTH_LIMIT:g}, got {text}"
+        )
+    return value
+
+
 def budget(text: str) -> float | None:
     """A fluency budget, or ``off`` / ``none`` for the paper's unguarded loop."""
     return None if text.lower() in ("off", "none") else number(text)

@@ -17,6 +17,7 @@ from .options import (
     non_negative_number,
     port,
     positive,
+    positive_number,
     seed,
 )
 
@@ -53,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=base.seed)
     p.add_argument("--max-queue", type=positive, default=base.max_queue, help="waiting rows, then 429")
     p.add_argument(
+        "--body-timeout",
+        type=positive_number,
+        default=base.body_timeout_s,
+        help="seconds a request's whole body may take to arrive (then 408)",
+    )
+    p.add_argument(
         "--engine",
         choices=ENGINES,
         default=base.engine,
@@ -87,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_queue=args.max_queue,
         engine=args.engine,
+        body_timeout_s=args.body_timeout,
     )
     lm = load_model(
         model_source(args.model),

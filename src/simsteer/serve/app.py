@@ -2,7 +2,9 @@
 
 Request bodies are read as plain JSON and checked by hand (:mod:`.params`), so any field
 an OpenAI client sends is accepted and the errors use OpenAI's ``{"error": {...}}`` shape.
-Every request passes :class:`~simsteer.serve.guard.Guard` first. A request's rows are
+Every request passes :class:`~simsteer.serve.guard.Guard` first; its body must arrive
+within ``body_timeout_s``, and its prompt is templated and tokenised beside the event loop
+(:mod:`.encoding`), then checked against the model's context. A request's rows are
 queued all together or refused with 429, and cancelled as soon as its client goes away,
 streaming or not, so an abandoned request stops costing decoding steps.
 """
@@ -21,7 +23,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..models import context_length
 from .config import ServeConfig
+from .encoding import PromptEncoder
 from .engine import BatchEngine, GenerationRequest, QueueFull
 from .guard import Guard, error_body, internal_error_message, request_id
 from .params import BadRequest, Options, check_choices, parse_options, read_json
@@ -125,47 +129,21 @@ def create_app(engine: BatchEngine, config: ServeConfig):
     app = FastAPI(title="simsteer", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, config=config)
     add_playground(app)  # the static page at /playground
-    tok = engine.lm.tokenizer
+    encoder = PromptEncoder(engine.lm.tokenizer, config, context_length(engine.lm.model))
 
-    def check_length(ids: list[int]) -> list[int]:
-        if not ids:
-            raise BadRequest(400, "the prompt is empty")
-        if len(ids) > config.max_prompt_tokens:
-            raise BadRequest(
-                400, f"the prompt has {len(ids)} tokens; this server's limit is {config.max_prompt_tokens}"
-            )
-        return ids
-
-    def chat_ids(messages: Any) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest(400, "messages must be a non-empty list")
-        clean = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: keep the text ones
-                texts = [p["text"] for p in content if isinstance(p, dict) and "text" in p]
-                content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
-            if not isinstance(content, str):
-                raise BadRequest(400, "each message needs a role and text content")
-            clean.append({"role": str(m.get("role", "user")), "content": content})
-        if getattr(tok, "chat_template", None):
-            try:
-                text = tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # templates raise on, e.g., roles out of order
-                raise BadRequest(400, f"the chat template refused these messages: {exc}") from None
-            return check_length(list(tok(text, add_special_tokens=False)["input_ids"]))
-        from ..tokens import format_prompt
-
-        joined = "\n\n".join(m["content"] for m in clean if m["role"] != "assistant")
-        return check_length(list(tok(format_prompt(tok, joined))["input_ids"]))
-
-    def failed(request: Request, detail: str) -> str:
+    def failed(request: Request, kind: str, detail: str) -> str:
+        """What the client is told of a row that failed: its own failure ("failed"), or
+        only a request id when the batch failed ("error"; the details go to the log)."""
         rid = request_id(request)
+        if kind == "failed":
+            log.warning("request %s: a completion failed: %s", rid, detail)
+            return f"{detail} (request id {rid})"
         log.error("request %s: generation failed: %s", rid, detail)
         return internal_error_message(rid)
 
     async def respond(request: Request, prompts: list[list[int]], opts: Options, chat: bool):
         check_choices(len(prompts), opts, config)
+        opts = encoder.fit(prompts, opts)
         rows = _Rows(engine, prompts, opts)  # 429 here, before any response starts
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -223,8 +201,9 @@ def create_app(engine: BatchEngine, config: ServeConfig):
                         }
                         yield f"data: {json.dumps(first)}\n\n"
                 async for index, kind, payload in rows.events_until_done(request):
-                    if kind == "error":
-                        failure = {"error": {"message": failed(request, payload), "type": "server_error"}}
+                    if kind in ("error", "failed"):
+                        message = failed(request, kind, payload)
+                        failure = {"error": {"message": message, "type": "server_error", "index": index}}
                         yield f"data: {json.dumps(failure)}\n\n"
                         continue
                     text, finish = (payload, None) if kind == "delta" else (None, payload)
@@ -239,8 +218,8 @@ def create_app(engine: BatchEngine, config: ServeConfig):
         async for index, kind, payload in rows.events_until_done(request):
             if kind == "delta":
                 texts[index] = texts.get(index, "") + payload
-            elif kind == "error":
-                return error(500, failed(request, payload), "server_error")
+            elif kind in ("error", "failed"):
+                return error(500, failed(request, kind, payload), "server_error")
             else:
                 finish[index] = payload
         if len(finish) < len(rows.rows):  # the client left; nobody reads this
@@ -262,8 +241,10 @@ def create_app(engine: BatchEngine, config: ServeConfig):
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
-        retry = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {}
-        return error(exc.status, exc.message, exc.kind, **retry)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else {}
+        if exc.close:  # e.g. a body that never finished: the connection is not reused
+            headers["Connection"] = "close"
+        return error(exc.status, exc.message, exc.kind, **headers)
 
     @app.get("/health")
     async def health():
@@ -281,21 +262,19 @@ def create_app(engine: BatchEngine, config: ServeConfig):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request, config.max_request_bytes)
+        body = await read_json(request, config.max_request_bytes, config.body_timeout_s)
         opts = parse_options(body, config, engine.steerings)
-        return await respond(request, [chat_ids(body.get("messages"))], opts, chat=True)
+        return await respond(request, [await encoder.chat(body.get("messages"))], opts, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request, config.max_request_bytes)
+        body = await read_json(request, config.max_request_bytes, config.body_timeout_s)
         opts = parse_options(body, config, engine.steerings)
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise BadRequest(400, "prompt must be a string or a list of strings")
         check_choices(len(prompts), opts, config)  # before tokenizing hundreds of prompts
-        return await respond(
-            request, [check_length(list(tok(p)["input_ids"])) for p in prompts], opts, chat=False
-        )
+        return await respond(request, await encoder.completions(prompts), opts, chat=False)
 
     return app

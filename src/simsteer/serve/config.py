@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import SimsError
 from ..generation.engines import ENGINES
+from ..policy import STRENGTH_LIMIT
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,13 @@ class ServeConfig:
 
     Attributes:
         model_name: the id reported by ``/v1/models`` (any ``model`` is accepted).
-        api_key: bearer key required on every request (``None``: open; then only loopback
-            ``Host`` and ``Origin`` headers and ``application/json`` POST bodies are accepted).
+        api_key: bearer key required on every request, ``/health`` included (``None``: open;
+            then only loopback ``Host`` and ``Origin`` headers and ``application/json`` POST
+            bodies are accepted).
         max_request_bytes: larger bodies are refused with 413 (checked while the body streams in).
         max_tokens_limit: largest ``max_tokens`` a request may ask for.
-        max_prompt_tokens: longest prompt accepted.
+        max_prompt_tokens: longest prompt accepted (and a prompt with its ``max_tokens``
+            must fit the model's context, whatever this says).
         default_max_tokens: used when a request sets none.
         default_steering: policy used when a request names none.
         host: bind address (loopback only by default).
@@ -38,7 +41,10 @@ class ServeConfig:
         max_stop: most ``stop`` strings in one request.
         max_stop_chars: longest ``stop`` string.
         max_queue: most completions waiting for the engine; a request that does not fit
-            gets 429 with ``Retry-After``.
+            gets 429 with ``Retry-After``. Also the most requests waiting for their prompts
+            to be tokenised (on one thread beside the event loop).
+        body_timeout_s: a request's whole body must arrive within this many seconds of
+            its headers, else 408 and the connection is closed.
         engine: ``"torch"``, ``"llamacpp"`` (llama.cpp on the model's GGUF file, every
             steering additive) or ``"auto"`` (llamacpp where it can, else torch).
     """
@@ -55,13 +61,14 @@ class ServeConfig:
     max_batch: int = 32
     batch_wait_ms: float = 10.0
     seed: int = 0
-    max_strength: float = 10.0
+    max_strength: float = STRENGTH_LIMIT
     max_temperature: float = 2.0
     max_choices: int = 64
     max_stop: int = 16
     max_stop_chars: int = 256
     max_queue: int = 256
     engine: str = "torch"
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_tokens_limit < 1 or self.port < 0:
@@ -73,3 +80,5 @@ class ServeConfig:
         limits = (self.max_strength, self.max_temperature, self.batch_wait_ms)
         if not all(math.isfinite(x) and x >= 0 for x in limits):
             raise SimsError("max_strength, max_temperature and --batch-wait-ms must be finite and >= 0")
+        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
+            raise SimsError("--body-timeout must be a finite number of seconds > 0")

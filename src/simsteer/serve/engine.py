@@ -14,6 +14,10 @@ Sampling draws from per-row random streams (:mod:`simsteer.generation.decoding`)
 ``seed`` gets the same answer whenever it arrives and whatever else is running; without
 one, rows take the server seed and their arrival number.
 
+A row whose logits go inf/NaN (an extreme steering) fails alone on the torch engine and
+its batch-mates decode on; on llama.cpp, whose rows share one cache, the rows decoding
+with it fail too and the cache is cleared (:class:`_RowSafeLlamaCpp`).
+
 The queue is bounded (``max_queue`` waiting rows; :meth:`BatchEngine.submit` raises
 :class:`QueueFull` rather than queue more), and a cancelled row (its client went away)
 is dropped from the queue or stops decoding at the next token.
@@ -29,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import SimsError
@@ -43,9 +48,13 @@ from ..tokens import eos_token_ids, pad_token_id
 
 log = logging.getLogger(__name__)
 
-# emit(kind, payload): ("delta", text) any number of times, then ("done", finish_reason)
-# or ("error", message) exactly once.
+# emit(kind, payload): ("delta", text) any number of times, then exactly one of
+# ("done", finish_reason), ("failed", message for the client: this row alone failed) or
+# ("error", internal message: the batch failed; the client is told only a request id).
 Emit = Callable[[str, str], None]
+
+#: Why a row whose logits stopped being finite failed (told to its client).
+NON_FINITE = "the model's logits became inf/NaN for this completion (is the steering strength too large?)"
 
 
 @dataclass
@@ -95,6 +104,7 @@ class _Live:
     req: GenerationRequest
     sent: str = ""
     reason: str | None = None  # set when a stop string ended the row
+    failure: str | None = None  # set when the row failed alone (its logits went non-finite)
 
 
 class BatchEngine:
@@ -164,7 +174,7 @@ class BatchEngine:
             path = gguf_file(self.lm)
             if path is None:
                 raise SimsError(f"the llamacpp engine needs a GGUF model; {self.lm.source!r} is not one")
-            self._backend = LlamaCppBackend(path)
+            self._backend = _RowSafeLlamaCpp(path, on_bad_row=self._bad_row)
         if self.engine == "vllm" and self._backend is None:
             self._backend = vllm_backend(self.lm)
             self._backend.set_policy(Policy())
@@ -221,7 +231,9 @@ class BatchEngine:
 
     def _loop(self) -> None:
         defaults = DecodeSettings(1.0, 0, 1.0, 1, self.max_batch)
-        engine = Engine(self.lm.model, self.eos, self.pad) if self._backend is None else None
+        engine = None
+        if self._backend is None:
+            engine = _RowSafeEngine(self.lm.model, self.eos, self.pad, on_bad_row=self._bad_row)
         while not self._stop.is_set():
             try:
                 if self.engine == "vllm":
@@ -251,14 +263,18 @@ class BatchEngine:
                         engine.run(
                             self._prompts, [], defaults, self._finish, self._token, self._more, self._steer
                         )
+            except SharedCacheSpoiled as exc:  # a NaN row on llama.cpp: its batch-mates too
+                log.warning("a row's logits went non-finite; failing the rows sharing its cache")
+                self._fail_live(str(exc), kind="failed")
             except Exception as exc:  # one bad batch must not take the server down
                 log.exception("generation failed")
                 self._fail_live(f"{type(exc).__name__}: {exc}")
 
-    def _fail_live(self, message: str) -> None:
+    def _fail_live(self, message: str, kind: str = "error") -> None:
+        """Fail every row decoding now (a row that failed alone keeps its own reason)."""
         for live in self._live.values():
             if not live.req.cancelled.is_set():
-                _emit(live.req, "error", message)
+                _emit(live.req, "failed" if live.failure else kind, live.failure or message)
         self._live.clear()
         self._prompts.clear()
         self.active = []
@@ -319,10 +335,14 @@ class BatchEngine:
         name, strength = group
         return Policy(self.steerings.get(name, [])).applied(self.lm.model, strength=strength, rows=rows)
 
+    def _bad_row(self, job: Job) -> None:
+        """A row's logits went non-finite: it ends at this token and fails alone."""
+        self._live[job.prompt].failure = NON_FINITE
+
     def _token(self, job: Job, tokens: list[int]) -> bool:
         live = self._live[job.prompt]
         req = live.req
-        if req.cancelled.is_set():
+        if req.cancelled.is_set() or live.failure is not None:
             return False
         if tokens[-1] in self.eos:
             return True  # the engine ends the row; _finish says "stop"
@@ -346,6 +366,10 @@ class BatchEngine:
             with self._ready:
                 self.rows_cancelled += 1
             return
+        if live.failure is not None:
+            log.warning("a row failed alone: %s", live.failure)
+            _emit(req, "failed", live.failure)
+            return
         if live.reason is None:
             ended = bool(tokens) and tokens[-1] in self.eos
             if not ended:
@@ -357,3 +381,87 @@ class BatchEngine:
         if text.startswith(live.sent) and len(text) > len(live.sent):
             _emit(live.req, "delta", text[len(live.sent) :])
             live.sent = text
+
+
+# -- rows that fail alone --------------------------------------------------------------------
+def non_finite_rows(logits: torch.Tensor, temperatures: list[float]) -> list[int]:
+    """The rows of ``[rows, vocab]`` logits that hold NaN or +inf, or whose largest logit
+    overflows once divided by the row's temperature (sampling them would raise for the
+    whole batch, greedy would pick garbage); a ``-inf`` logit alone is only a token that
+    cannot be drawn."""
+    scale = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32)
+    peak = logits.detach().float().amax(dim=-1).cpu()  # a NaN anywhere in a row gives NaN
+    return (~torch.isfinite(peak / scale)).nonzero().flatten().tolist()
+
+
+class _RowSafeEngine(Engine):
+    """:class:`simsteer.generation.torch_engine.Engine` on which a row whose logits go non-finite fails
+    alone: ``on_bad_row(job)`` is told, the row gets a placeholder token (its ``on_token``
+    then ends it), and the batch-mates decode on.
+
+    Its keys and values, NaN from the bad layer on, stay in its store row; masked columns
+    count as ``0 x value``, so before another row is admitted every idle row is zeroed."""
+
+    def __init__(self, model, eos, pad, on_bad_row: Callable[[Job], None]) -> None:
+        super().__init__(model, eos, pad)
+        self.on_bad_row = on_bad_row
+        self._dirty = False  # a failed row's store row may hold NaN
+
+    def _choose(self, logits, rows, settings):
+        bad = non_finite_rows(logits, [(r.job.settings or settings).temperature for r in rows])
+        if bad:
+            for i in bad:
+                self.on_bad_row(rows[i].job)
+            logits = logits.clone()
+            logits[bad] = 0.0
+            self._dirty = True
+        return super()._choose(logits, rows, settings)
+
+    def _admit(self, prompts, admitted, state, store, *rest) -> None:
+        if self._dirty:
+            idle = [i for i, row in enumerate(state.rows) if row is None]
+            for buffers in (store.keys, store.values):
+                for buffer in buffers:
+                    if buffer is not None and idle:
+                        buffer[idle] = 0
+            self._dirty = False
+        super()._admit(prompts, admitted, state, store, *rest)
+
+
+class SharedCacheSpoiled(Exception):
+    """A row's logits went non-finite on llama.cpp: its NaN keys and values sit in the
+    cache every row shares, so the rows decoding now cannot be trusted (see
+    :class:`_RowSafeLlamaCpp`)."""
+
+
+#: What the rows decoding beside such a row on llama.cpp are told.
+SPOILED = (
+    "a completion decoded in the same llama.cpp batch had its logits become inf/NaN (is a steering "
+    "strength too large?); llama.cpp shares one cache between the rows, so every row decoding then "
+    "was stopped; retry this request"
+)
+
+
+class _RowSafeLlamaCpp(LlamaCppBackend):
+    """:class:`simsteer.generation.llamacpp.LlamaCppBackend` that stops the run as soon as a row's
+    logits go non-finite (:class:`SharedCacheSpoiled`).
+
+    Unlike the torch engine's per-row store, llama.cpp's rows share one cache, and its
+    attention (flash attention stays off, see :mod:`simsteer.generation.llamacpp`) reads the masked
+    cells of other rows as ``0 x value``: NaN there spreads to every row, and stays in the
+    freed cells for the rows after them (every later request failed before this). The
+    worker fails the rows decoding now and starts a new run, whose context clears the
+    cache with its data."""
+
+    def __init__(self, path, on_bad_row: Callable[[Job], None]) -> None:
+        super().__init__(path)
+        self.on_bad_row = on_bad_row
+
+    def _advance(self, rows, logits, state):
+        temperatures = [(r.job.settings or state.settings).temperature for r in rows]
+        bad = non_finite_rows(torch.from_numpy(np.stack(logits)), temperatures)
+        if bad:
+            for i in bad:
+                self.on_bad_row(rows[i].job)
+            raise SharedCacheSpoiled(SPOILED)
+        return super()._advance(rows, logits, state)

@@ -8,7 +8,9 @@ would stand between the endpoints and the client's disconnect). In order, it:
   that rebinds its DNS name to 127.0.0.1 sends its own name), a loopback ``Origin`` when
   there is one (a browser on another site), and ``application/json`` POST bodies (the
   only bodies a web page cannot send without the browser asking the server first);
-- compares the bearer key in constant time (:func:`hmac.compare_digest`);
+- compares the bearer key in constant time (:func:`hmac.compare_digest`), on every path
+  (``/health`` says what decodes and how busy the server is: a load balancer's check
+  sends the key, or counts a 401 as "the process answers");
 - refuses a declared ``Content-Length`` over the limit (a chunked body is counted as it
   streams in, by :func:`simsteer.serve.params.read_json`);
 - turns any unexpected exception into a generic 500 that names the request id; the
@@ -99,8 +101,8 @@ class Guard:
         size = headers.get("content-length", "")
         if size.isdigit() and int(size) > self.config.max_request_bytes:
             return 413, f"request body over {self.config.max_request_bytes} bytes", "invalid_request_error"
-        # /health and the playground's static page hold no data: no key needed.
-        if self.expected is not None and scope["path"] != "/health" and not is_public(scope["path"]):
+        # The playground's static page holds no data; every other path (/health too) needs the key.
+        if self.expected is not None and not is_public(scope["path"]):
             given = headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(given, self.expected):
                 return 401, "invalid or missing API key", "authentication_error"

@@ -8,6 +8,7 @@ a device assert that poisons every later request).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 class BadRequest(Exception):
     """A request the server refuses; becomes ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", close: bool = False
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.close = status, message, kind, close
 
 
 @dataclass(frozen=True)
@@ -44,27 +47,39 @@ class Options:
     top_p: float
     stream: bool
     seed: int | None = None
+    max_tokens_given: bool = True  # False: the server's default, shortened to fit the context
 
 
 def _constant(name: str) -> float:
     raise BadRequest(400, f"the body contains {name}, which is not JSON; send finite numbers")
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, refused with 413 as soon as it grows past ``limit`` bytes.
-
-    Args:
-        request: the incoming request (its body is read here, chunk by chunk).
-        limit: most bytes accepted; a chunked body carries no length, so it is counted.
-    """
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise BadRequest(413, f"request body over {limit} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:
+    """The body as a JSON object, refused with 413 as soon as it grows past ``limit`` bytes,
+    and with 408 when the whole of it has not arrived ``timeout_s`` seconds after the
+    headers (a client trickling its body must not hold a connection forever).
+
+    Args:
+        request: the incoming request (its body is read here, chunk by chunk).
+        limit: most bytes accepted; a chunked body carries no length, so it is counted.
+        timeout_s: the deadline for the whole body, not for each chunk.
+    """
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_constant)
+        data = await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(408, f"the request body did not arrive within {timeout_s:g} s", close=True) from None
+    try:
+        body = json.loads(data, parse_constant=_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise BadRequest(400, "the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -88,6 +103,17 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
     return number
 
 
+def _switch(body: dict[str, Any], name: str) -> bool:
+    """``body[name]`` as a JSON boolean (absent or ``null``: false); ``"false"`` is refused,
+    never read as true."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(400, f"{name} must be true or false (a JSON boolean), got {json.dumps(value)[:40]}")
+    return value
+
+
 def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest(400, f"{name} must be a positive integer")
@@ -109,6 +135,7 @@ def _stop(value: Any, config: ServeConfig) -> tuple[str, ...]:
 
 
 def _seed(value: Any) -> int | None:
+    """A request's ``seed``: a signed 64-bit integer (``None``: unseeded)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
@@ -130,7 +157,8 @@ def parse_options(body: dict[str, Any], config: ServeConfig, steerings: dict[str
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
-    if max_tokens is None:
+    given = max_tokens is not None
+    if not given:
         max_tokens = min(config.default_max_tokens, config.max_tokens_limit)
     max_tokens = _integer(max_tokens, "max_tokens")
     if max_tokens > config.max_tokens_limit:
@@ -161,8 +189,9 @@ def parse_options(body: dict[str, Any], config: ServeConfig, steerings: dict[str
         stop=_stop(body.get("stop"), config),
         temperature=_number(body, "temperature", 1.0, 0.0, config.max_temperature),
         top_p=top_p,
-        stream=bool(body.get("stream", False)),
+        stream=_switch(body, "stream"),
         seed=_seed(body.get("seed")),
+        max_tokens_given=given,
     )
 
 
