@@ -37,6 +37,7 @@ import ipaddress
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -185,7 +186,7 @@ class JudgeConfig:
     """
 
     model: str
-    base_url: str
+    base_url: str = ""
     api_key_env: str | None = None
     mode: str = "pairwise"
     template: str | None = None
@@ -390,7 +391,7 @@ class JudgeOracle(Oracle):
                 wait = asked if asked is not None else min(cfg.backoff * 2**attempt, cfg.timeout)
                 self.notify(
                     f"judge {self.base_url}: {reason} on attempt {attempt + 1} of {cfg.retries + 1}, "
-                    f"next in {wait:.1f} s"
+                    f"next in {wait:g} s"
                 )
                 _sleep(wait)
             except errors.APIStatusError as exc:
@@ -426,10 +427,17 @@ class JudgeOracle(Oracle):
         missing = {key: msg for _, _, key, msg in jobs if answers[key] is None}
 
         refused: set[str] = set()
+        failed = threading.Event()  # after a failure, no queued request is sent
 
         def fetch(item: tuple[str, str]) -> None:
+            if failed.is_set():
+                return
             key, message = item
-            answer = self._ask(message)
+            try:
+                answer = self._ask(message)
+            except BaseException:
+                failed.set()
+                raise
             if answer is None:  # refused or empty: unparsed, and the run goes on
                 refused.add(key)
                 answer = ""
