@@ -69,7 +69,9 @@ def test_a_judge_that_never_answers_gives_up_after_the_typed_retries(command, tm
         assert main([*argv, "--judge-cache", str(tmp_path / "c.sqlite")]) == 2
         assert len(fake.requests) == 2 and not fake.hold.is_set()
     _, progress = _one_error(capsys, "failed after 2 attempts (APITimeoutError)")
-    assert progress == [f"judge {fake.url}: APITimeoutError on attempt 1 of 2, next in 0.2 s"]
+    # The wait is shown (beside the progress bar), once: the second attempt was the last.
+    waits = [line.strip() for line in progress if line.strip().startswith("judge http")]
+    assert waits == [f"judge {fake.url}: APITimeoutError on attempt 1 of 2, next in 0.2 s"]
 
 
 @pytest.mark.parametrize("command", ["judge-check", "arena"])
@@ -114,15 +116,20 @@ def test_a_run_goes_on_when_the_judge_refuses_some_requests(tmp_path, tiny_model
         assert main([*argv, "--judge-cache", str(tmp_path / "c.sqlite")]) == 0, capsys.readouterr().err
         asked = len(fake.requests)
     assert RunDir(run).is_complete() and asked >= 4
-    failures = sum(r.judge_parse_failures or 0 for r in RunDir(run).history())
-    assert failures >= asked // 4  # at least each refused one, recorded as unparsed
+    summaries = [json.loads(p.read_text()) for p in sorted(run.glob("iter_*/summary.json"))]
+    failures = sum(s.get("judge_parse_failures", 0) for s in summaries)
+    assert failures == sum(n % 4 in (1, 3) for n in range(asked))  # each refused one, recorded
 
 
 # -- item 4: a consent names its target; an edited point is refused before anything is sent -----
 def _interrupt(run: Path) -> None:
-    """Make a finished T=1 run look interrupted after its first policy."""
-    (run / "summary.json").unlink()
-    (run / "iter_1" / "summary.json").unlink()
+    """Make a finished run look killed while it sampled its first iteration (the resume
+    samples and judges again): only the prepared run is left."""
+    for path in run.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.name in ("summary.json", "outcome.json"):
+            path.unlink()
 
 
 def _tree(root: Path) -> dict[Path, bytes]:
@@ -194,4 +201,3 @@ def test_a_judge_url_with_credentials_resumes_without_saving_them(
     saved = json.loads((run / "config.json").read_text())["oracle"]
     assert saved["base_url"] == fake.url.replace("http://", "http://***@") + "?key=***"
     assert saved["base_url_env"] == "JUDGE_URL"
-    shutil.rmtree(run)
