@@ -136,11 +136,22 @@ def _tree(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_a_sweep_point_whose_judge_url_was_edited_is_refused(tmp_path, tiny_model_dir, capsys):
+@pytest.mark.parametrize("named_by", ["oracle", "base-url"])
+def test_a_sweep_point_whose_judge_url_was_edited_is_refused(named_by, tmp_path, tiny_model_dir, capsys):
+    """The sweep types the judge's URL again on each resume (as --oracle judge:m@URL or
+    --judge-base-url URL); a point whose config.json now names another URL is refused in one
+    line, before any point runs or any request is sent (the old sweep left --judge-base-url
+    out and resumed with whatever URL the point named)."""
     sweep = tmp_path / "sweep"
     with FakeJudge(answer=_longer_wins) as judge, FakeJudge(answer=_longer_wins) as other:
         run_args = ["--model", str(tiny_model_dir), "--dtype", "fp32", *TINY]
-        run_args += ["--oracle", f"judge:m@{judge.url}", "--judge-cache", str(tmp_path / "c.sqlite")]
+        if named_by == "oracle":
+            run_args += ["--oracle", f"judge:m@{judge.url}"]
+            refusal = f"--oracle is judge:m@{judge.url} here but judge:m@{other.url}"
+        else:
+            run_args += ["--oracle", "judge", "--judge-model", "m", "--judge-base-url", judge.url]
+            refusal = f"--judge-base-url is {judge.url} here but {other.url}"
+        run_args += ["--judge-cache", str(tmp_path / "c.sqlite")]
         argv = ["sweep", "-o", str(sweep), "--grid", "seed=0,1", "--", *run_args]
         assert main(argv) == 0
         point = sweep / "seed=1"
@@ -152,7 +163,7 @@ def test_a_sweep_point_whose_judge_url_was_edited_is_refused(tmp_path, tiny_mode
         before, asked = _tree(sweep), len(judge.requests)
         capsys.readouterr()
         assert main(argv) == 2
-        _one_error(capsys, "sweep point seed=1", f"judge:m@{judge.url} here but judge:m@{other.url}")
+        _one_error(capsys, "sweep point seed=1", refusal)
         assert not other.requests and len(judge.requests) == asked  # nothing sent anywhere
         assert _tree(sweep) == before
         # A plain resume of a judge run names the judge's URL, keyless or not.
