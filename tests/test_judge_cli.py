@@ -200,6 +200,17 @@ def test_a_judge_url_with_credentials_resumes_without_saving_them(
         cache.unlink()  # the resume asks the judge again
         assert main(["run", "--resume", str(run), "--quiet"]) == 2
         _one_error(capsys, "add --judge-url-env JUDGE_URL to the resume command")
+        # A resume takes the judge's waits too (how long, not what): a judge that stopped
+        # answering ends it after one request of 0.2 s, not the saved 60 s x 5.
+        fake.hold = threading.Event()
+        resume = ["run", "--resume", str(run), "--judge-url-env", "JUDGE_URL", "--quiet"]
+        assert (
+            main([*resume, "--judge-timeout", "0.2", "--judge-retries", "0", "--judge-concurrency", "1"]) == 2
+        )
+        _one_error(capsys, "failed after 1 attempts (APITimeoutError)")
+        assert len(fake.requests) == first + 1
+        fake.hold.set()
+        fake.hold = None
         assert main(["run", "--resume", str(run), "--judge-url-env", "JUDGE_URL", "--quiet"]) == 0
         assert RunDir(run).is_complete() and len(fake.requests) > first
         auth = "Basic " + base64.b64encode(b"me:s3cret").decode()

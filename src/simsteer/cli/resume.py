@@ -4,8 +4,9 @@ The model, oracle, learner and loop config come from the run's saved spec
 (:class:`~simsteer.loop.spec.RunSpec`), never from the command line. A flag typed on the
 resume command line is checked against the saved value: equal is fine, different is
 refused in one line that names the flag and both values (silently dropping it would run
-something other than what the user asked for). ``--device`` and ``--quiet`` say where
-and how to run, not what, and may change.
+something other than what the user asked for). ``--device``, ``--quiet`` and a judge's
+``--judge-timeout`` / ``--judge-retries`` / ``--judge-concurrency`` say where and how to
+run, not what, and may change.
 
 A run directory is data that anyone with write access may have edited, so a resume is
 explicit about trust (:mod:`.trust`): code the run names (a ``python:`` oracle,
@@ -30,8 +31,21 @@ from .checks import checked_learner
 from .options import flag, model_source
 from .trust import check_model_config, check_paths, check_rebuilt, check_trust
 
-#: Options that may differ from the saved run: where and how it runs, not what it does.
-FREE = frozenset({"resume", "quiet", "device", "workers", "ray_address", "cache_mb"})
+#: Options that may differ from the saved run: where and how it runs, not what it does
+#: (a judge's waits: how long and how much at once, never what is asked).
+FREE = frozenset(
+    {
+        "resume",
+        "quiet",
+        "device",
+        "workers",
+        "ray_address",
+        "cache_mb",
+        "judge_concurrency",
+        "judge_timeout",
+        "judge_retries",
+    }
+)
 
 #: ``--dtype`` spellings -> the name a run saves.
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -221,6 +235,16 @@ def check_flags(args: argparse.Namespace, spec: RunSpec) -> None:
             )
 
 
+def _judge_waits(args: argparse.Namespace, spec: RunSpec) -> dict[str, Any]:
+    """The judge's waits typed on the resume command line (``--judge-timeout``,
+    ``--judge-retries``, ``--judge-concurrency``), for a run whose oracle is a judge."""
+    from ..oracles.llm_judge import JUDGE_WAITS
+
+    if spec.oracle.get("name") != "judge":
+        return {}
+    return {k: getattr(args, f"judge_{k}") for k in JUDGE_WAITS if f"judge_{k}" in args.given}
+
+
 def read_spec(path: Path) -> RunSpec:
     """The saved spec of a run directory that ``sims run`` can continue."""
     from ..loop.rundir import RunDir
@@ -280,6 +304,7 @@ def rebuild_run(args: argparse.Namespace) -> tuple[Any, Any, Any, SIMSConfig, Pa
     )
     model = ModelSpec.of(lm)
     check_rebuilt(out, spec, model)  # before the oracle: it may be a model or user code
-    oracle = get_oracle(spec.oracle, device=args.device, lm=lm)
-    check_rebuilt(out, spec, model, oracle.describe())
+    waits = _judge_waits(args, spec)
+    oracle = get_oracle({**spec.oracle, **waits}, device=args.device, lm=lm)
+    check_rebuilt(out, spec, model, oracle.describe())  # the waits are no change (RunSpec.mismatches)
     return lm, oracle, learner, spec.sims, out

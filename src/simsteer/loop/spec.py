@@ -136,6 +136,16 @@ def consents(
     return out
 
 
+def _what_is_asked(oracle: dict[str, Any]) -> dict[str, Any]:
+    """An oracle spec without a judge's waits (timeout, retries, concurrency): how long
+    and how much at once, never what is asked, so a resume may change them."""
+    if oracle.get("name") != "judge":
+        return oracle
+    from ..oracles.llm_judge import JUDGE_WAITS
+
+    return {k: v for k, v in oracle.items() if k not in JUDGE_WAITS}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that rebuilds a run (see the module docstring).
@@ -245,8 +255,8 @@ class RunSpec:
 
     def mismatches(self, current: RunSpec) -> list[str]:
         """What ``current`` changes of this (saved) spec that a resume cannot change:
-        the loop's settings, the oracle and learner specs, the model's fingerprint and
-        dtype; one ``field: saved ... now ...`` entry per differing field.
+        the loop's settings, the oracle and learner specs (a judge's waits aside), the
+        model's fingerprint and dtype; one ``field: saved ... now ...`` entry per differing field.
 
         For a format-1 spec, the oracle and learner are compared on the keys both specs
         have (newer versions describe them with more keys).
@@ -256,7 +266,7 @@ class RunSpec:
         """
         pairs = {
             "sims": (self.sims.to_dict(), current.sims.to_dict()),
-            "oracle": (self.oracle, current.oracle),
+            "oracle": (_what_is_asked(self.oracle), _what_is_asked(current.oracle)),
             "learner": (self.learner, current.learner),
             "model.fingerprint": (self.model.fingerprint, current.model.fingerprint),
             "model.dtype": (self.model.dtype, current.model.dtype),
