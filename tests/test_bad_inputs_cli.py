@@ -136,6 +136,35 @@ CASES: list[tuple[str, list[str], str]] = [
     ("judge-timeout-zero", ["run", "--judge-timeout", "0"], "must be > 0"),
     ("judge-concurrency-zero", ["run", "--judge-concurrency", "0"], "must be >= 1"),
     ("judge-retries-negative", ["run", "--judge-retries", "-1"], "must be >= 0"),
+    ("judge-url-credentials", ["run", "--oracle", "judge:m@https://me:s3cret@h/v1"], "--judge-url-env"),
+    (
+        "judge-url-query-secret",
+        ["run", "--oracle", "judge", "--judge-model", "m", "--judge-base-url", "https://h/v1?api_key=s3cret"],
+        "--judge-url-env",
+    ),
+    (
+        "judge-url-twice",
+        [
+            "run",
+            "--oracle",
+            "judge",
+            "--judge-model",
+            "m",
+            "--judge-base-url",
+            "https://h/v1",
+            "--judge-url-env",
+            "V",
+        ],
+        "give the judge's URL once",
+    ),
+    (
+        "judge-url-env-unset",
+        ["run", "--oracle", "judge", "--judge-model", "m", "--judge-url-env", "SIMS_TEST_UNSET_VARIABLE"],
+        "$SIMS_TEST_UNSET_VARIABLE is empty",
+    ),
+    ("judge-check-judge-timeout-zero", ["judge-check", "--oracle", "length", "--judge-timeout", "0"], "> 0"),
+    ("arena-judge-retries-negative", [*ARENA, "--judge-retries", "-1"], "must be >= 0"),
+    ("eval-judge-timeout-nan", ["eval", "{run}", "--judge-timeout", "nan"], "not a finite number"),
     # -- sims run: prompt files (read before the model loads) --------------------------------
     ("prompts-duplicate-ids", ["run", "--prompts", "{dup_ids}"], "appears more than once"),
     ("prompts-list-id", ["run", "--prompts", "{list_id}"], "'id' must be text"),
@@ -238,6 +267,7 @@ def test_bad_input_gives_one_line(argv, message, files, tiny_run, tiny_model_dir
     before = tree_hash(tiny_run)
     line = one_line_error(capsys, argv)
     assert message in line, line
+    assert "s3cret" not in line  # a secret typed in a URL is never printed
     assert tree_hash(tiny_run) == before
     assert not (tmp_path / "out").exists()  # a refused run writes nothing
 

@@ -218,7 +218,9 @@ def test_eval_of_a_judge_trained_run_uses_its_judge_and_template(tmp_path, tiny_
         trained = len(fake.requests)
         assert trained and all(m.startswith("MARKER") for m in fake.requests)
         cache.unlink()  # every judgment of the evaluation is asked anew
-        assert main(["eval", str(out), "--scorers", "length:50", "--bootstrap", "20"]) == 0
+        # The run's judge is used with its URL typed again (the consent names the endpoint).
+        argv = ["eval", str(out), "--scorers", "length:50", "--bootstrap", "20"]
+        assert main([*argv, "--judge-base-url", fake.url]) == 0
         asked = fake.requests[trained:]
     # 3 held-out prompts in both orders; an order is asked once when the two answers are equal.
     assert 3 <= len(asked) <= 3 * 2 and len(set(asked)) == len(asked)

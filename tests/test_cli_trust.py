@@ -142,17 +142,29 @@ def _judge_key(cfg: dict) -> None:
 @pytest.mark.parametrize(
     ("edit", "extra", "needle"),
     [
-        (_remote_code, ["--oracle", "{oracle}"], "add --trust-remote-code to the resume command"),
-        (_judge_key, [], "add --judge-api-key-env HOME to the resume command"),
+        (_remote_code, ["--oracle", "{oracle}"], "add --trust-remote-code --model {model} to the resume"),
+        (
+            _remote_code,
+            ["--oracle", "{oracle}", "--trust-remote-code"],
+            "--trust-remote-code --model {model}",
+        ),
+        (_judge_key, [], "add --judge-base-url https://judge.invalid/v1 to the resume command"),
+        (
+            _judge_key,
+            ["--judge-base-url", "https://judge.invalid/v1"],
+            "add --judge-api-key-env HOME to the resume command",
+        ),
     ],
-    ids=["trust-remote-code", "judge-api-key"],
+    ids=["trust-remote-code", "trust-remote-code-without-model", "judge-url", "judge-api-key"],
 )
 def test_edited_config_cannot_switch_on_code_or_keys(started, tmp_path, capsys, edit, extra, needle):
-    """A config.json edited to load the model with its shipped code, or to send a secret
-    from the environment to another host, is refused unless the flag is typed again."""
+    """A config.json edited to load the model with its shipped code, or to send prompts
+    (and a secret from the environment) to another host, is refused unless the flags naming
+    the target are typed again."""
     run = _copy(started, tmp_path, edit)
     before = _tree(run)
     argv = [a.format(oracle=started.oracle) for a in extra]
+    needle = needle.format(model=started.home / "model")
     _refused(["run", "--resume", str(run), *argv, "--quiet"], capsys, needle, "edited by someone else")
     assert not started.marker.exists()
     assert _tree(run) == before
@@ -168,9 +180,21 @@ def test_check_trust_names_every_kind_of_consent(started):
     remote = replace(spec, oracle={"name": "sentiment"}, model=replace(spec.model, trust_remote_code=True))
     with pytest.raises(SimsError, match="--trust-remote-code"):
         check_trust(_args(base), remote)
-    check_trust(_args([*base, "--trust-remote-code"]), remote)
+    with pytest.raises(SimsError, match="add --trust-remote-code --model"):
+        check_trust(_args([*base, "--trust-remote-code"]), remote)  # the consent names the model
+    check_trust(_args([*base, "--trust-remote-code", "--model", spec.model.source]), remote)
+    # A keyless judge still sends prompts and answers: its URL is named, typed or in --oracle.
     plain = replace(spec, oracle={"name": "judge", "model": "m", "base_url": "http://127.0.0.1:1/v1"})
-    check_trust(_args(base), plain)  # no key named: nothing to consent to
+    with pytest.raises(SimsError, match=r"add --judge-base-url http://127\.0\.0\.1:1/v1 to the resume"):
+        check_trust(_args(base), plain)
+    check_trust(_args([*base, "--judge-base-url", "http://127.0.0.1:1/v1"]), plain)
+    check_trust(_args([*base, "--oracle", "judge:m@http://127.0.0.1:1/v1"]), plain)
+    with pytest.raises(SimsError, match="--judge-base-url"):
+        check_trust(_args([*base, "--oracle", "judge"]), plain)  # names no URL
+    from_env = replace(spec, oracle={**plain.oracle, "base_url_env": "JUDGE_URL"})
+    with pytest.raises(SimsError, match=r"to the URL in \$JUDGE_URL .*add --judge-url-env JUDGE_URL"):
+        check_trust(_args([*base, "--judge-base-url", "http://127.0.0.1:1/v1"]), from_env)
+    check_trust(_args([*base, "--judge-url-env", "JUDGE_URL"]), from_env)
 
 
 # -- saved paths are absolute, never looked up from the current folder ------------------------
@@ -301,7 +325,9 @@ def test_sweep_resume_types_the_consent_flags_again(tmp_path):
         return 2
 
     run_args = ["--oracle", "python:/s.py:f", "-T", "1", "--trust-remote-code", "--judge-api-key-env=KEY"]
+    run_args += ["--model", "/m", "--judge-base-url", "https://j/v1", "--judge-url-env=U"]
     with pytest.raises(SimsError, match="failed"):
         run_sweep(tmp_path, {"K": ["2"]}, run_args, runner)
     consent = ["--oracle", "python:/s.py:f", "--trust-remote-code", "--judge-api-key-env=KEY"]
+    consent += ["--model", "/m", "--judge-base-url", "https://j/v1", "--judge-url-env=U"]
     assert seen == [["run", "--resume", str(point), *consent, "--quiet"]]

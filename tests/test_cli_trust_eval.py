@@ -146,16 +146,21 @@ def test_trust_remote_code_is_refused_before_any_model_load(finished, tmp_path, 
         if command == "eval"
         else ["baseline", "ms", "--like", str(run), "--out", str(out)]
     )
+    source = json.loads((run / "config.json").read_text())["model"]["source"]
     _refused(
         [*argv, "--oracle", finished.oracle],
         capsys,
-        f"add --trust-remote-code to the {command} command",
+        f"add --trust-remote-code --model {source} to the {command} command",
         "runs the code shipped with it",
     )
+    # The consent names the model: the flag alone, or another model, is not enough.
+    argv += ["--oracle", finished.oracle, "--trust-remote-code"]
+    _refused(argv, capsys, f"add --trust-remote-code --model {source}")
+    _refused([*argv, "--model", str(tmp_path)], capsys, f"--model is {tmp_path} here but {source}")
     assert not no_load and not finished.marker.exists() and not out.exists()
     assert _tree(run) == before
     # Typed again: the model is loaded with the code it ships (here refused by the stub).
-    _refused([*argv, "--oracle", finished.oracle, "--trust-remote-code"], capsys, "the model was loaded")
+    _refused([*argv, "--model", source], capsys, "the model was loaded")
     assert [call.get("trust_remote_code") for call in no_load] == [True]
     assert not finished.marker.exists()
 
@@ -163,8 +168,9 @@ def test_trust_remote_code_is_refused_before_any_model_load(finished, tmp_path, 
 def test_eval_with_trust_remote_code_typed_again_runs(finished, tmp_path):
     run = _copy(finished, tmp_path, _remote_code)
     report = tmp_path / "report"
-    argv = ["eval", str(run), "--oracle", finished.oracle, "--trust-remote-code", *EVAL, "--out", str(report)]
-    assert main(argv) == 0
+    source = json.loads((run / "config.json").read_text())["model"]["source"]
+    argv = ["eval", str(run), "--oracle", finished.oracle, "--trust-remote-code", "--model", source]
+    assert main([*argv, *EVAL, "--out", str(report)]) == 0
     assert (report / "eval.json").is_file()
 
 
@@ -187,6 +193,12 @@ def test_judge_key_is_sent_only_with_the_same_variable_typed(finished, tmp_path,
         if command == "eval"
         else ["baseline", "ms", "--like", str(run), "--out", str(out)]
     )
+    url = "https://judge.invalid/v1"
+    _refused(argv, capsys, f"add --judge-base-url {url} to the {command} command", "prompts and answers")
+    _refused(
+        [*argv, "--judge-base-url", "https://other.invalid/v1"], capsys, "--judge-base-url is https://other"
+    )
+    argv += ["--judge-base-url", url]
     _refused(argv, capsys, f"add --judge-api-key-env HOME to the {command} command", "https://judge.invalid")
     _refused([*argv, "--judge-api-key-env", "PATH"], capsys, "--judge-api-key-env is PATH here but HOME")
     assert not no_load and not out.exists()

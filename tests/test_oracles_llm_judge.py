@@ -4,6 +4,7 @@ WAL, corrupt files), the API key policy, URL redaction and clear errors."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import threading
@@ -21,14 +22,19 @@ from simsteer.oracles.llm_judge import parse_verdict, redact_url, retry_after
 
 class FakeJudge:
     """A loopback server answering chat completions; ``script`` lists the statuses of the
-    first answers (an int, or ``(status, headers)``), then every answer is 200."""
+    first answers (an int, or ``(status, headers)``), then every answer is 200. ``status``
+    picks a status from each message instead (``"empty"``: 200 with no ``choices``);
+    ``hold`` keeps every request unanswered until the event is set (a judge that never
+    answers); ``paths`` records each request's path and query."""
 
-    def __init__(self, script=None, answer=None, delay: float = 0.0) -> None:
+    def __init__(self, script=None, answer=None, status=None, hold: threading.Event | None = None) -> None:
         self.script = list(script or [])
         self.answer = answer or (lambda message: "[[A]]")
-        self.delay = delay
+        self.status = status or (lambda message: 200)
+        self.hold = hold
         self.requests: list[str] = []
         self.headers: list[dict[str, str]] = []  # each request's headers
+        self.paths: list[str] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,10 +46,21 @@ class FakeJudge:
                 message = body["messages"][0]["content"]
                 fake.requests.append(message)
                 fake.headers.append(dict(self.headers))
-                status = fake.script.pop(0) if fake.script else 200
+                fake.paths.append(self.path)
+                status = fake.script.pop(0) if fake.script else fake.status(message)
                 status, extra = status if isinstance(status, tuple) else (status, {})
-                time.sleep(fake.delay)
-                if status != 200:
+                if fake.hold is not None:
+                    fake.hold.wait(600)  # a guard against a hang only: the test sets it at the end
+                if status == "empty":
+                    payload = {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "m",
+                        "choices": [],
+                    }
+                    status = 200
+                elif status != 200:
                     payload = {"error": {"message": "busy", "type": "x", "code": status}}
                 else:
                     payload = {
@@ -80,6 +97,8 @@ class FakeJudge:
         return self
 
     def __exit__(self, *exc):
+        if self.hold is not None:
+            self.hold.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -148,12 +167,15 @@ def test_gives_up_with_one_line_error(tmp_path):
 
 
 def test_timeout_and_unreachable(tmp_path):
-    with FakeJudge(delay=1.0) as fake:
+    # A judge that never answers (until the test ends): each attempt ends at the timeout,
+    # the client's own doing (the server answers none), and the judge gives up after
+    # retries + 1 attempts. Had the timeout not worked, the first request would still be
+    # waiting and no second one would have come. No clock is read.
+    with FakeJudge(hold=threading.Event()) as fake:
         oracle = _oracle(fake.url, tmp_path, timeout=0.2, retries=1, concurrency=1)
-        start = time.perf_counter()
-        with pytest.raises(SimsError, match="failed after 2 attempts"):
+        with pytest.raises(SimsError, match=r"failed after 2 attempts \(APITimeoutError\)"):
             oracle.judge(["q"], [["a", "b"]])
-        assert time.perf_counter() - start < 5
+        assert len(fake.requests) == 2 and not fake.hold.is_set()
         url = fake.url
     with pytest.raises(SimsError, match="is the server running"):
         _oracle(url, tmp_path, retries=1, timeout=1).judge(["q"], [["a", "b"]])
@@ -278,6 +300,39 @@ def test_no_api_key_is_sent_unless_its_variable_is_named(tmp_path, monkeypatch):
         assert auth == {"Bearer k-123"}
 
 
+def test_a_refused_request_or_empty_choices_count_as_unparsed(tmp_path):
+    """HTTP 400 / 413 / 422 or a 200 without choices fails that request only: it counts as
+    an unparsed answer, is never cached, and the other answers are used."""
+
+    def status(message: str):
+        return {"x": 400, "y": "empty", "z": 422}.get(message.split("[Answer A]\n")[1][0], 200)
+
+    responses = [["x", "aa"], ["y", "aa"], ["z", "aa"], ["bb", "a"]]
+    with FakeJudge(status=status, answer=_longer_wins) as fake:
+        judged = _oracle(fake.url, tmp_path, retries=0).judge(["q"] * 4, responses)
+        assert [j.info["refused"] for j in judged] == [1, 1, 1, 0]
+        assert [j.info["parse_failures"] for j in judged] == [1, 1, 1, 0]
+        assert all(j.parsed for j in judged)
+        assert judged[0].preference[1, 0] == 1.0 and judged[3].preference[0, 1] == 1.0
+        assert len(fake.requests) == 8  # no retries of a refused request
+        # Never cached: a rerun asks those three again, the five answers come from the cache.
+        again = _oracle(fake.url, tmp_path, retries=0).judge(["q"] * 4, responses)
+        assert sum(j.info["requests"] for j in again) == 3 and len(fake.requests) == 11
+    with FakeJudge(script=[400, 400]) as fake, pytest.raises(SimsError, match="refused all 2 requests"):
+        _oracle(fake.url, tmp_path, cache=str(tmp_path / "c2")).judge(["q"], [["a", "b"]])
+
+
+def test_an_answer_holding_a_placeholder_reaches_the_judge_verbatim(tmp_path):
+    answers = ["see {response_b} and {prompt}", "{response_a}{responses}{num_responses}"]
+    with FakeJudge() as fake:
+        _oracle(fake.url, tmp_path, concurrency=1).judge(["tell {response_a}"], [answers])
+    first = fake.requests[0]
+    assert "[Answer A]\nsee {response_b} and {prompt}\n" in first
+    assert "[Answer B]\n{response_a}{responses}{num_responses}\n" in first
+    assert "tell {response_a}" in first
+    assert sum(m.count("{response_b}") for m in fake.requests) == 2  # once per order
+
+
 @pytest.mark.parametrize(
     "url, refused",
     [
@@ -301,33 +356,63 @@ def test_a_key_never_goes_over_plain_http_to_another_host(tmp_path, monkeypatch,
     else:
         JudgeOracle(JudgeConfig("m", url, **options))  # builds; nothing is sent yet
     JudgeOracle(JudgeConfig("m", url, cache=options["cache"]))  # no key: any URL
-    if refused:  # credentials inside the URL count as a key
-        with pytest.raises(SimsError, match="credentials in the base URL"):
-            JudgeOracle(JudgeConfig("m", url.replace("//", "//me:pw@"), cache=options["cache"]))
+    # Secrets inside the URL (through the variable that holds it) count as a key.
+    for secret in (url.replace("//", "//me:pw@"), url + "?api_key=pw"):
+        monkeypatch.setenv("JUDGE_URL", secret)
+        config = JudgeConfig("m", base_url_env="JUDGE_URL", cache=options["cache"])
+        if refused:
+            with pytest.raises(SimsError, match="secrets in the base URL over plain http") as err:
+                JudgeOracle(config)
+            assert "pw" not in str(err.value)
+        else:
+            JudgeOracle(config)
 
 
-def test_credentials_in_the_url_are_redacted(tmp_path):
+def test_credentials_in_the_url_are_redacted(tmp_path, monkeypatch):
     assert redact_url("https://me:s3cret@api.example.com:443/v1") == "https://***@api.example.com:443/v1"
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert redact_url("https://h/v1?api-version=2&key=s3&SIG=s4&token=s5") == (
+        "https://h/v1?api-version=2&key=***&SIG=***&token=***"
+    )
+    # Given directly, a secret-holding URL is refused (it could never be saved, so never
+    # resumed), without the secret in the message.
+    for url in ("https://me:s3cret@h/v1", "https://h/v1?api_key=s3cret", "https://h/v1?sig=s3cret"):
+        with pytest.raises(SimsError, match="--judge-url-env") as err:
+            get_oracle(f"judge:fake@{url}", judge_options={"cache": str(tmp_path / "c")})
+        assert "s3cret" not in str(err.value)
     with FakeJudge(script=[503, 503]) as fake:
-        url = fake.url.replace("http://", "http://me:s3cret@")
-        options = {"cache": str(tmp_path / "c"), "retries": 1, "concurrency": 1}
-        oracle = get_oracle(f"judge:fake@{url}", judge_options=options)
+        url = fake.url.replace("http://", "http://me:s3cret@") + "?key=q-s3cret&v=1"
+        monkeypatch.setenv("JUDGE_URL", url)
+        options = {"cache": str(tmp_path / "c"), "retries": 1, "concurrency": 1, "base_url_env": "JUDGE_URL"}
+        oracle = get_oracle("judge", judge_options={"model": "fake", **options})
         spec = oracle.describe()
-        assert spec["base_url"] == fake.url.replace("http://", "http://***@")
+        assert spec["base_url"] == fake.url.replace("http://", "http://***@") + "?key=***&v=1"
+        assert spec["base_url_env"] == "JUDGE_URL"
         assert "s3cret" not in json.dumps(spec) + oracle.name
-        assert get_oracle(json.loads(json.dumps(spec))).describe() == spec  # still round-trips
+        rebuilt = get_oracle(json.loads(json.dumps(spec)))  # the URL read again from $JUDGE_URL
+        assert rebuilt.describe() == spec
         with pytest.raises(SimsError, match="failed after 2 attempts") as failed:
             oracle.judge(["q"], [["aa", "a"]])
         fake.script.append(401)  # (the other request of the first call is done: the pool waited)
         with pytest.raises(SimsError, match="HTTP 401") as refused:
             oracle.judge(["q"], [["aa", "a"]])
+        # The rebuilt judge sends the real credentials, as basic auth, and the query.
+        rebuilt.judge(["q"], [["aa", "a"]])
+        auth = "Basic " + base64.b64encode(b"me:s3cret").decode()
+        assert {h.get("Authorization") for h in fake.headers[-2:]} == {auth}
+        assert all(p == "/v1/chat/completions?key=q-s3cret&v=1" for p in fake.paths)
         plain = _oracle(fake.url, tmp_path, retries=0)
         fake.script.append(401)
         with pytest.raises(SimsError, match="no API key was sent: see --judge-api-key-env"):
             plain.judge(["q"], [["aa", "a"]])
-    for err in (failed, refused):
-        assert "s3cret" not in str(err.value) and "***@127.0.0.1" in str(err.value)
+        # $JUDGE_URL now naming another endpoint than the saved one is refused.
+        monkeypatch.setenv("JUDGE_URL", "http://me:s3cret@127.0.0.2:9/v1")
+        with pytest.raises(
+            SimsError, match=r"JUDGE_URL holds the judge URL http://\*\*\*@127\.0\.0\.2"
+        ) as moved:
+            get_oracle(json.loads(json.dumps(spec)))
+    for err in (failed, refused, moved):
+        assert "s3cret" not in str(err.value) and "***@127.0.0" in str(err.value)
 
 
 # -- Retry-After ----------------------------------------------------------------------------
@@ -336,16 +421,29 @@ def test_retry_after_is_honoured_and_capped(tmp_path, monkeypatch):
     monkeypatch.setattr(llm_judge, "_sleep", slept.append)  # no real waits
     script = [
         (429, {"Retry-After": "7"}),
-        (503, {"Retry-After": "86400"}),
         500,
         (429, {"retry-after-ms": "1500"}),
+        500,
     ]
     with FakeJudge(script=script, answer=_longer_wins) as fake:
         oracle = _oracle(fake.url, tmp_path, retries=5, concurrency=1, timeout=30.0, backoff=0.01)
         oracle.judge(["q"], [["aa", "a"]])
         assert len(fake.requests) == 6
-    # The server's wait, capped at the timeout; the own backoff when it names none.
-    assert slept == [7.0, 30.0, 0.04, 1.5]
+        # The server's wait; the own backoff when it names none, capped at the timeout.
+        assert slept == [7.0, 0.02, 1.5, 0.08]
+        slept.clear()
+        capped = _oracle(
+            fake.url, tmp_path, retries=5, concurrency=1, timeout=0.05, backoff=0.04, max_tokens=9
+        )
+        fake.script += [500, 500, 500]
+        capped.judge(["q"], [["aa", "a"]])
+        assert slept == [0.04, 0.05, 0.05]
+        # A Retry-After beyond the timeout is not waited: the request fails at once.
+        slept.clear()
+        fake.script.append((503, {"Retry-After": "86400"}))
+        with pytest.raises(SimsError, match=r"asks to wait 86400 s .*longer than the judge timeout"):
+            _oracle(fake.url, tmp_path, retries=5, concurrency=1, max_tokens=7).judge(["q"], [["aa", "a"]])
+        assert slept == [] and len(fake.requests) == 6 + 5 + 1
 
 
 def test_retry_after_values():

@@ -11,7 +11,16 @@ from ..evaluation.datasets import MC_TASKS
 from ..evaluation.run_eval import SCORERS, EvalConfig
 from ..oracles import ORACLE_NAMES
 from .checks import reading
-from .options import add_worker_options, check_workers, count, names, positive
+from .options import (
+    add_judge_options,
+    add_worker_options,
+    check_workers,
+    count,
+    judge_options,
+    names,
+    positive,
+    typed_judge_options,
+)
 from .refusal import add_refusal_options, cmd_refusal
 from .trust import add_consent_options, check_consent
 
@@ -57,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--bootstrap", type=count, default=base.bootstrap_rounds, help="bootstrap resamples")
     ev.add_argument("--out", default=None, help="report folder (default: the run directory)")
-    add_consent_options(ev, "the run")
+    add_consent_options(ev, "the run", judge=False)
+    add_judge_options(ev, "--judge judge:MODEL@BASE_URL; a judge the run names is allowed by its URL")
     add_worker_options(ev)
     add_refusal_options(ev)
     ev.set_defaults(func=cmd_eval)
@@ -83,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="data folder holding hh_rlhf/ (default $SIMSTEER_DATA, else the HF hub)",
     )
+    add_judge_options(jc)
     jc.set_defaults(func=cmd_judge_check)
 
 
@@ -109,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         data=args.data,
         bootstrap_rounds=args.bootstrap,
+        judge_options=typed_judge_options(args),
     )
     workers = {"workers": args.workers, "ray_address": args.ray_address}
     result = evaluate_run(args.run, config, trusted=trusted, **workers)
@@ -154,7 +166,7 @@ def cmd_judge_check(args: argparse.Namespace) -> int:
         from ..models import load_model
 
         lm = load_model(args.model, dtype=args.dtype)
-    oracle = get_oracle(args.oracle, lm=lm)
+    oracle = get_oracle(args.oracle, lm=lm, judge_options=judge_options(args))
     result = check_judge(oracle, pairs, progress=True)
     print(json.dumps({"pairs": str(path), **result.to_dict()}, indent=2))
     return 0

@@ -8,6 +8,7 @@ import sys
 from ..errors import SimsError
 from ..oracles import ORACLE_NAMES
 from .checks import reading
+from .options import add_judge_options, judge_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ar.add_argument("--judgments", nargs="*", default=[], help="existing judgment JSONL files instead")
     ar.add_argument("--baseline-name", default=None)
     ar.add_argument("--out", default=None, help="write judgments JSONL here")
+    add_judge_options(ar, "--judge judge:MODEL@BASE_URL")
     ar.set_defaults(func=cmd_arena)
 
 
@@ -85,7 +87,10 @@ def cmd_arena(args: argparse.Namespace) -> int:
             with reading(path, "answer file"):
                 load_answers(path)
         baseline, judged = judge_answer_files(
-            get_oracle(args.judge), args.questions, args.baseline, args.answers
+            get_oracle(args.judge, judge_options=judge_options(args)),
+            args.questions,
+            args.baseline,
+            args.answers,
         )
         judgments += judged
         if args.out:

@@ -362,12 +362,33 @@ def add_bank_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_judge_options(p: argparse.ArgumentParser) -> None:
-    """The LLM judge's flags (:class:`JudgeConfig`); model and base URL have no default."""
+def add_judge_options(p: argparse.ArgumentParser, title: str = "--oracle judge:MODEL@BASE_URL") -> None:
+    """The LLM judge's flags (:class:`JudgeConfig`), the same on every command that judges
+    (``run``, ``eval``, ``judge-check``, ``arena``); model and base URL have no default.
+
+    Args:
+        title: how the command names its judge, for the group's heading.
+    """
     fields = JudgeConfig.__dataclass_fields__
-    group = p.add_argument_group("LLM judge (--oracle judge:MODEL@BASE_URL, or --oracle judge)")
+    group = p.add_argument_group(
+        f"LLM judge ({title}, or judge with --judge-model and --judge-base-url / --judge-url-env); "
+        "--judge-timeout bounds every wait, --judge-retries how many"
+    )
     group.add_argument("--judge-model", default=None, help="model name at the endpoint")
-    group.add_argument("--judge-base-url", default=None, help="e.g. http://127.0.0.1:8000/v1")
+    group.add_argument(
+        "--judge-base-url",
+        default=None,
+        metavar="URL",
+        help="e.g. http://127.0.0.1:8000/v1 (no credentials or secret query values: see --judge-url-env)",
+    )
+    group.add_argument(
+        "--judge-url-env",
+        default=fields["base_url_env"].default,
+        metavar="VAR",
+        help="environment variable holding the whole base URL, for one with credentials "
+        "(https://user:pass@host/v1) or a secret query value (?key=...): read again on every resume, "
+        "only its redacted form is saved",
+    )
     group.add_argument(
         "--judge-api-key-env",
         default=fields["api_key_env"].default,
@@ -378,10 +399,17 @@ def add_judge_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--judge-mode", choices=MODES, default=fields["mode"].default)
     group.add_argument("--judge-concurrency", type=positive, default=fields["concurrency"].default)
     group.add_argument(
-        "--judge-timeout", type=positive_number, default=fields["timeout"].default, help="seconds per request"
+        "--judge-timeout",
+        type=positive_number,
+        default=fields["timeout"].default,
+        help="seconds per request, and the longest wait between attempts: a Retry-After beyond it "
+        "fails at once (default %(default)s)",
     )
     group.add_argument(
-        "--judge-retries", type=count, default=fields["retries"].default, help="retries on 429/5xx/timeouts"
+        "--judge-retries",
+        type=count,
+        default=fields["retries"].default,
+        help="retries on 429/5xx/timeouts (default %(default)s)",
     )
     group.add_argument(
         "--judge-max-tokens",
@@ -442,6 +470,8 @@ def bank_config(args: argparse.Namespace) -> BankConfig:
 
 def judge_options(args: argparse.Namespace) -> dict[str, Any]:
     """:class:`JudgeConfig` fields from the judge flags (model and base URL when given)."""
+    if args.judge_base_url and args.judge_url_env:
+        raise SimsError("give the judge's URL once: --judge-base-url URL or --judge-url-env VAR")
     options: dict[str, Any] = {
         "api_key_env": args.judge_api_key_env,
         "mode": args.judge_mode,
@@ -454,6 +484,16 @@ def judge_options(args: argparse.Namespace) -> dict[str, Any]:
         options["model"] = args.judge_model
     if args.judge_base_url:
         options["base_url"] = args.judge_base_url
+    if args.judge_url_env:
+        options["base_url_env"] = args.judge_url_env
     if args.judge_max_tokens is not None:  # absent: the spec of runs without it is unchanged
         options["max_tokens"] = args.judge_max_tokens
     return options
+
+
+def typed_judge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`judge_options` restricted to the flags typed on the command line
+    (``args.given``): those not typed keep the judge's own (or saved) settings."""
+    options = judge_options(args)
+    typed = {"base_url_env": "judge_url_env"}
+    return {k: v for k, v in options.items() if typed.get(k, f"judge_{k}") in args.given}

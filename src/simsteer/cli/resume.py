@@ -4,13 +4,15 @@ The model, oracle, learner and loop config come from the run's saved spec
 (:class:`~simsteer.loop.spec.RunSpec`), never from the command line. A flag typed on the
 resume command line is checked against the saved value: equal is fine, different is
 refused in one line that names the flag and both values (silently dropping it would run
-something other than what the user asked for). ``--device`` and ``--quiet`` say where
-and how to run, not what, and may change.
+something other than what the user asked for). ``--device``, ``--quiet`` and a judge's
+``--judge-timeout`` / ``--judge-retries`` / ``--judge-concurrency`` say where and how to
+run, not what, and may change.
 
 A run directory is data that anyone with write access may have edited, so a resume is
 explicit about trust (:mod:`.trust`): code the run names (a ``python:`` oracle,
-``trust_remote_code``) and the API key variable of its judge are used only when the same
-flag is typed on the resume command line; saved paths are absolute and never looked up again
+``trust_remote_code`` with its model source), the endpoint its judge sends to and the API key
+variable of that judge are used only when the same flags, naming the same targets, are typed
+on the resume command line; saved paths are absolute and never looked up again
 from the current folder; the model (fingerprint, dtype) and the oracle rebuilt are compared
 with the saved ones, the model's config before its weights load.
 """
@@ -29,8 +31,21 @@ from .checks import checked_learner
 from .options import flag, model_source
 from .trust import check_model_config, check_paths, check_rebuilt, check_trust
 
-#: Options that may differ from the saved run: where and how it runs, not what it does.
-FREE = frozenset({"resume", "quiet", "device", "workers", "ray_address", "cache_mb"})
+#: Options that may differ from the saved run: where and how it runs, not what it does
+#: (a judge's waits: how long and how much at once, never what is asked).
+FREE = frozenset(
+    {
+        "resume",
+        "quiet",
+        "device",
+        "workers",
+        "ray_address",
+        "cache_mb",
+        "judge_concurrency",
+        "judge_timeout",
+        "judge_retries",
+    }
+)
 
 #: ``--dtype`` spellings -> the name a run saves.
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -75,11 +90,16 @@ def _oracle_label(spec: dict[str, Any]) -> str:
 
 def _oracle(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
     from ..oracles import oracle_spec
+    from ..oracles.llm_judge import redact_url
 
-    # The oracle's identity: its name, and for a judge the endpoint it names.
+    # The oracle's identity: its name, and for a judge the endpoint it names (compared and
+    # shown redacted: a typed URL's credentials never reach a message).
     wanted = oracle_spec(given)
+    if "base_url" in wanted:
+        wanted["base_url"] = redact_url(wanted["base_url"])
     same = all(wanted[k] == spec.oracle.get(k) for k in ("name", "model", "base_url") if k in wanted)
-    return [("--oracle", given, given if same else _oracle_label(spec.oracle))]
+    shown = redact_url(given)
+    return [("--oracle", shown, shown if same else _oracle_label(spec.oracle))]
 
 
 def _template(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
@@ -88,14 +108,20 @@ def _template(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) ->
     return [("--oracle-template", template_ref(given), spec.oracle.get("template"))]
 
 
-def _judge(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
-    from ..oracles.llm_judge import JudgeConfig
+#: Judge flags whose spec key is not the flag's name without ``judge_``.
+_JUDGE_KEYS = {"judge_url_env": "base_url_env"}
 
-    key = dest.removeprefix("judge_")
+
+def _judge(dest: str, given: Any, spec: RunSpec, args: argparse.Namespace) -> list[Comparison]:
+    from ..oracles.llm_judge import JudgeConfig, redact_url
+
+    key = _JUDGE_KEYS.get(dest, dest.removeprefix("judge_"))
     saved = spec.oracle.get(key)
     if key not in spec.oracle and spec.oracle.get("name") == "judge":
         # Older specs leave out settings at their default.
         saved = JudgeConfig.__dataclass_fields__[key].default
+    if key == "base_url" and isinstance(given, str):
+        given = redact_url(given)  # compared and shown as saved: never a credential in a message
     return [(flag(dest), given, saved)]
 
 
@@ -138,6 +164,7 @@ def _settings() -> dict[str, Compare]:
     judge = (
         "model",
         "base_url",
+        "url_env",
         "api_key_env",
         "mode",
         "concurrency",
@@ -209,6 +236,16 @@ def check_flags(args: argparse.Namespace, spec: RunSpec) -> None:
             )
 
 
+def _judge_waits(args: argparse.Namespace, spec: RunSpec) -> dict[str, Any]:
+    """The judge's waits typed on the resume command line (``--judge-timeout``,
+    ``--judge-retries``, ``--judge-concurrency``), for a run whose oracle is a judge."""
+    from ..oracles.llm_judge import JUDGE_WAITS
+
+    if spec.oracle.get("name") != "judge":
+        return {}
+    return {k: getattr(args, f"judge_{k}") for k in JUDGE_WAITS if f"judge_{k}" in args.given}
+
+
 def read_spec(path: Path) -> RunSpec:
     """The saved spec of a run directory that ``sims run`` can continue."""
     from ..loop.rundir import RunDir
@@ -219,6 +256,26 @@ def read_spec(path: Path) -> RunSpec:
     spec = run.spec()
     if "baseline" in spec.extra:
         raise SimsError(f"{path} is a {spec.extra['baseline']} baseline, not a run `sims run` can continue")
+    return spec
+
+
+def check_resume(args: argparse.Namespace) -> RunSpec:
+    """The checks of ``--resume RUN`` that read only files: the run's spec, its saved
+    paths, the typed flags against it and the consents it needs (each naming its target).
+    Nothing of the run's is imported, loaded or sent. ``sims sweep`` runs them on every
+    point it would resume before it runs any point.
+
+    Args:
+        args: the parsed ``sims run`` options (``--resume``, ``args.given``).
+
+    Returns:
+        the run's saved spec.
+    """
+    out = Path(args.resume)
+    spec = read_spec(out)
+    check_paths(spec, out / "config.json")
+    check_flags(args, spec)
+    check_trust(args, spec)  # before anything of the run's is imported or loaded
     return spec
 
 
@@ -236,10 +293,7 @@ def rebuild_run(args: argparse.Namespace) -> tuple[Any, Any, Any, SIMSConfig, Pa
     from ..oracles import get_oracle
 
     out = Path(args.resume)
-    spec = read_spec(out)
-    check_paths(spec, out / "config.json")
-    check_flags(args, spec)
-    check_trust(args, spec)  # before anything of the run's is imported or loaded
+    spec = check_resume(args)
     options = dict(spec.learner)  # checked before the slow model load
     learner = checked_learner(options.pop("name", None), options, where=f"{out / 'config.json'}: learner")
     check_model_config(out, spec)  # a changed model refused before its weights load
@@ -251,6 +305,7 @@ def rebuild_run(args: argparse.Namespace) -> tuple[Any, Any, Any, SIMSConfig, Pa
     )
     model = ModelSpec.of(lm)
     check_rebuilt(out, spec, model)  # before the oracle: it may be a model or user code
-    oracle = get_oracle(spec.oracle, device=args.device, lm=lm)
-    check_rebuilt(out, spec, model, oracle.describe())
+    waits = _judge_waits(args, spec)
+    oracle = get_oracle({**spec.oracle, **waits}, device=args.device, lm=lm)
+    check_rebuilt(out, spec, model, oracle.describe())  # the waits are no change (RunSpec.mismatches)
     return lm, oracle, learner, spec.sims, out

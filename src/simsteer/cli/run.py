@@ -65,8 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         default=None,
         help="continue an interrupted run with its saved settings (flags that differ are refused; "
-        "a run that names code to run or a key to send needs its --oracle python:..., "
-        "--trust-remote-code or --judge-api-key-env typed again)",
+        "a run that names code to run, a judge to send to or a key to send needs its "
+        "--oracle python:..., --trust-remote-code --model SOURCE, --judge-base-url URL "
+        "(or --judge-url-env VAR) or --judge-api-key-env VAR typed again)",
     )
     plug = p.add_argument_group("oracle and learner")
     plug.add_argument(
@@ -247,6 +248,7 @@ def _new_run(args: argparse.Namespace) -> RunPlan:
     }
     if contrast is not None:
         sources["contrast_prompts"] = absolute_path(args.contrast_prompts)
+    check_judge(args)  # its URL and settings, before the slow model load
     lm = load_model(
         model_source(args.model),
         device=args.device,
@@ -263,6 +265,20 @@ def _new_run(args: argparse.Namespace) -> RunPlan:
         judge_options=judge_options(args),
     )
     return RunPlan(lm, oracle, learner, config, out, prompts, eval_prompts, sources, contrast)
+
+
+def check_judge(args: argparse.Namespace) -> None:
+    """Refuse a judge's bad settings (a URL holding a secret, an empty ``--judge-url-env``
+    variable, ...) in one line, before anything is loaded or sent."""
+    from ..oracles import oracle_spec
+    from ..oracles.llm_judge import JudgeConfig
+
+    spec = oracle_spec(args.oracle or default_oracle(args.variant), judge_options=judge_options(args))
+    if spec.pop("name") == "judge":
+        try:
+            JudgeConfig(**spec).url()
+        except TypeError as exc:
+            raise SimsError(f"judge: {exc}") from None
 
 
 def learner_options(args: argparse.Namespace) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..evaluation.sweep import GRID_KEYS, Runner
 from .options import add_worker_options, check_workers
@@ -30,6 +31,22 @@ def add_parser(sub: argparse._SubParsersAction, runner: Runner) -> None:
     p.set_defaults(func=cmd_sweep, runner=runner)
 
 
+def check_point(argv: list[str]) -> None:
+    """The checks ``sims run --resume`` makes before it imports, loads or sends anything
+    (:func:`~simsteer.cli.resume.check_resume`), for one point's resume command line: an
+    edited point (another judge URL, another model) is refused in one line naming it."""
+    from ..errors import SimsError
+    from .main import build_parser, given_options
+    from .resume import check_resume
+
+    args = build_parser().parse_args(argv)
+    args.given = given_options(argv)
+    try:
+        check_resume(args)
+    except SimsError as exc:
+        raise SimsError(f"sweep point {Path(args.resume).name}: {exc}") from None
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run (or resume) every grid point and print the results table."""
     from ..evaluation.sweep import format_sweep, parse_grid, run_sweep
@@ -45,6 +62,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     worker_args += ["--ray-address", args.ray_address] if args.ray_address else []
     # One Ray for the whole sweep: each point's run starts its workers on it.
     with ray_session(args.workers, args.ray_address):
-        rows = run_sweep(args.out, grid, run_args, args.runner, worker_args)
+        rows = run_sweep(args.out, grid, run_args, args.runner, worker_args, check=check_point)
     print(format_sweep(rows, list(grid)))
     return 0

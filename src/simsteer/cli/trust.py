@@ -2,9 +2,10 @@
 anything a run directory names.
 
 ``config.json`` is only as trustworthy as the folder it sits in, which anyone with write
-access may have edited. So code the run names (a ``python:`` oracle, ``trust_remote_code``)
-and a credential it sends (a judge's API key variable) are used only when the same flag is
-typed on the resume command line (:func:`check_trust`), or on the ``sims eval RUN`` /
+access may have edited. So code the run names (a ``python:`` oracle, ``trust_remote_code``),
+the endpoint a judge sends prompts and answers to and the API key variable it sends are used
+only when the same flags, naming the same targets, are typed on the resume command line
+(:func:`check_trust`), or on the ``sims eval RUN`` /
 ``sims baseline KIND --like RUN`` command line (:func:`check_consent`); a saved path is
 absolute and never looked up again from the current folder (:func:`check_paths`); the model and oracle rebuilt
 must match the saved ones (:func:`check_rebuilt`, first from the model's config, before its
@@ -25,16 +26,20 @@ from ..loop.spec import ModelSpec, RunSpec, consents
 #: Why a resume asks for the flag again (config.json is only as trustworthy as its folder).
 _WHY = "a run directory may have been edited by someone else"
 
+Consent = tuple[tuple[str, ...], str, str]
 
-def _needs_consent(spec: RunSpec) -> list[tuple[str, str, str]]:
-    """(parser dest, flag to type, what it allows) for each thing the run would execute
+
+def _needs_consent(spec: RunSpec) -> list[Consent]:
+    """(parser dests, flags to type, what it allows) for each thing the run would execute
     or send that only an explicit flag may allow (:func:`~simsteer.loop.spec.consents`)."""
     return consents(spec.oracle, spec.model)
 
 
 def check_trust(args: argparse.Namespace, spec: RunSpec) -> None:
-    """Refuse to resume a run that names code to run (or a key to send) unless the resume
-    command line names it too; a typed value must also be equal (:func:`check_flags`).
+    """Refuse to resume a run that names code to run, an endpoint to send to or a key to
+    send, unless the resume command line names it too: the flags typed are compared with
+    the saved values (:func:`~simsteer.cli.resume.check_flags`), so a consent is bound to
+    its target (a changed URL or model source is refused there, in one line).
 
     Args:
         args: the parsed ``sims run`` options; ``args.given`` names those typed.
@@ -43,11 +48,21 @@ def check_trust(args: argparse.Namespace, spec: RunSpec) -> None:
     _refuse_unasked(args, _needs_consent(spec), args.resume, "resume")
 
 
-def _refuse_unasked(
-    args: argparse.Namespace, needs: list[tuple[str, str, str]], where: Any, command: str
-) -> None:
-    for dest, typed, what in needs:
-        if dest not in args.given:
+def _typed(args: argparse.Namespace, dest: str) -> bool:
+    """Whether the option ``dest`` was typed; a judge's URL is also named by an
+    ``--oracle judge:MODEL@URL`` (compared with the saved one like ``--judge-base-url``)."""
+    if dest in args.given:
+        return True
+    if dest == "judge_base_url" and "oracle" in args.given and args.oracle:
+        from ..oracles import oracle_spec
+
+        return "base_url" in oracle_spec(args.oracle)
+    return False
+
+
+def _refuse_unasked(args: argparse.Namespace, needs: list[Consent], where: Any, command: str) -> None:
+    for dests, typed, what in needs:
+        if not all(_typed(args, dest) for dest in dests):
             raise SimsError(
                 f"{where}: {what}; since {_WHY}, that happens only when you ask: "
                 f"add {typed} to the {command} command"
@@ -63,6 +78,36 @@ def _same_oracle(typed: str, saved: dict[str, Any]) -> bool:
     return all(wanted[k] == saved.get(k) for k in ("name", "model", "base_url") if k in wanted)
 
 
+def _typed_differences(
+    args: argparse.Namespace, saved: dict[str, Any], model: ModelSpec | dict[str, Any]
+) -> list[tuple[str, str, str]]:
+    """(flag, typed, saved) for each consent flag typed with another target than the saved
+    one; values are shown redacted (a URL's credentials never reach a message)."""
+    from ..oracles.llm_judge import redact_url
+    from .options import model_source
+
+    source = model.source if isinstance(model, ModelSpec) else model.get("source")
+    judge = saved.get("name") == "judge"
+    # A command with other judges of its own (sims eval --judge) types judge flags for
+    # those too: they are compared only when the folder's oracle is a judge.
+    typed = {"model": ("--model", source)}
+    if judge:
+        typed["judge_api_key_env"] = ("--judge-api-key-env", saved.get("api_key_env"))
+        typed["judge_url_env"] = ("--judge-url-env", saved.get("base_url_env"))
+    out = []
+    for dest, (name, value) in typed.items():
+        given = getattr(args, dest, None)
+        if dest == "model":
+            given = model_source(given)
+        if dest in args.given and given != value:
+            out.append((name, str(given), str(value or "none")))
+    if judge and "judge_base_url" in args.given and args.judge_base_url:
+        given_url = redact_url(args.judge_base_url)
+        if given_url != saved.get("base_url"):
+            out.append(("--judge-base-url", given_url, str(saved.get("base_url"))))
+    return out
+
+
 def check_consent(
     args: argparse.Namespace,
     oracle: dict[str, Any] | str,
@@ -72,9 +117,10 @@ def check_consent(
 ) -> frozenset[str]:
     """:func:`check_trust` for a command that uses a folder's saved oracle and model without
     resuming it (``sims eval RUN``, ``sims baseline KIND --like RUN``): each consent the
-    folder needs must be typed (``--oracle``, ``--trust-remote-code``,
-    ``--judge-api-key-env``), and a typed ``--oracle`` or key variable must be the saved one.
-    Nothing of the folder's is imported or loaded here.
+    folder needs must be typed (``--oracle``, ``--trust-remote-code --model SOURCE``,
+    ``--judge-base-url URL`` or ``--judge-url-env VAR``, ``--judge-api-key-env VAR``), and
+    each typed one must name the saved target. Nothing of the folder's is imported or loaded
+    here, and nothing is sent.
 
     Args:
         args: the parsed options; ``args.given`` names those typed.
@@ -88,24 +134,31 @@ def check_consent(
     """
     saved = {"name": oracle} if isinstance(oracle, str) else dict(oracle)
     if "oracle" in args.given and not _same_oracle(args.oracle, saved):
+        from ..oracles.llm_judge import redact_url
+
         raise SimsError(
-            f"--oracle is {args.oracle} here but {saved.get('name')} in {where}: "
+            f"--oracle is {redact_url(args.oracle)} here but {saved.get('name')} in {where}: "
             "type the folder's own oracle (it is named only to allow its code to run)"
         )
-    key = saved.get("api_key_env") if saved.get("name") == "judge" else None
-    if "judge_api_key_env" in args.given and args.judge_api_key_env != key:
+    for name, given, value in _typed_differences(args, saved, model):
         raise SimsError(
-            f"--judge-api-key-env is {args.judge_api_key_env} here but {key or 'none'} in {where}: "
-            "the key variable is the folder's judge's own; leave the flag out or type that one"
+            f"{name} is {given} here but {value} in {where}: a consent names the folder's own target; "
+            "leave the flag out or type that one"
         )
     needs = consents(saved, model)
     _refuse_unasked(args, needs, where, command)
     return frozenset(typed for _, typed, _ in needs)
 
 
-def add_consent_options(p: argparse.ArgumentParser, folder: str) -> None:
-    """The flags that allow what a saved folder names to run code or send a key
-    (:func:`check_consent`), for a command that reads a folder it did not start."""
+def add_consent_options(p: argparse.ArgumentParser, folder: str, judge: bool = True) -> None:
+    """The flags that allow what a saved folder names to run code or send to an endpoint
+    (:func:`check_consent`), for a command that reads a folder it did not start.
+
+    Args:
+        folder: how the help names the folder.
+        judge: also add the judge's URL and key flags (left out by a command that has the
+            whole judge option group, :func:`~simsteer.cli.options.add_judge_options`).
+    """
     group = p.add_argument_group(
         f"consent: typed again for what {folder} names (its config.json may have been edited)"
     )
@@ -118,7 +171,28 @@ def add_consent_options(p: argparse.ArgumentParser, folder: str) -> None:
     group.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help=f"allow the model {folder} names to run the code shipped with it",
+        help=f"allow the model {folder} names to run the code shipped with it (with --model)",
+    )
+    group.add_argument(
+        "--model",
+        default=None,
+        metavar="SOURCE",
+        help=f"the model source {folder} names (typed with --trust-remote-code: the consent names it); "
+        f"{folder}'s own model is used",
+    )
+    if not judge:
+        return
+    group.add_argument(
+        "--judge-base-url",
+        default=None,
+        metavar="URL",
+        help=f"allow the judge {folder} names to send prompts and answers to URL (type the saved one)",
+    )
+    group.add_argument(
+        "--judge-url-env",
+        default=None,
+        metavar="VAR",
+        help=f"allow the judge {folder} names to send to the URL in $VAR (type the saved VAR)",
     )
     group.add_argument(
         "--judge-api-key-env",

@@ -74,10 +74,11 @@ class RandomOracle(ScoreOracle):
 def check_trusted(
     where: Any, oracle: dict[str, Any] | str, model: ModelSpec | dict[str, Any], trusted: Collection[str]
 ) -> None:
-    """Refuse a saved oracle or model that would run code or send a key (a ``python:``
-    oracle, ``trust_remote_code``, a judge's API key variable) unless ``trusted`` holds
-    its consent flag (:func:`~simsteer.loop.spec.consents`): a folder's ``config.json`` is
-    only as trustworthy as the folder."""
+    """Refuse a saved oracle or model that would run code or send to an endpoint (a
+    ``python:`` oracle, ``trust_remote_code``, a judge's URL and API key variable) unless
+    ``trusted`` holds its consent flag, which names the target
+    (:func:`~simsteer.loop.spec.consents`): a folder's ``config.json`` is only as
+    trustworthy as the folder."""
     for _, flag, what in consents(oracle, model):
         if flag not in trusted:
             raise SimsError(

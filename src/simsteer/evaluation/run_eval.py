@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
+from ..oracles.llm_judge import JUDGE_WAITS
 from ..policy import load_policy
 from ..stats import bootstrap_ci
 from ..steering import Steering
@@ -65,6 +66,10 @@ class EvalConfig:
             the Hugging Face hub).
         bootstrap_rounds: resamples for every interval.
         samples_shown: prompts shown side by side in the report.
+        judge_options: :class:`~simsteer.oracles.JudgeConfig` fields for the LLM judges of
+            ``judges`` (timeout, retries, key variable, ...); of these, only how long to
+            wait and how much at once (:data:`~simsteer.oracles.llm_judge.JUDGE_WAITS`)
+            also apply to a judge the run names.
     """
 
     judges: tuple[str, ...] = ()
@@ -79,6 +84,7 @@ class EvalConfig:
     bootstrap_rounds: int = 1000
     samples_shown: int = 4
     seed: int = 0
+    judge_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mc_limit is not None and self.mc_limit < 1:
@@ -229,12 +235,14 @@ def evaluate_run(
     )
     # The run's oracle rebuilt from its saved spec (a judge's endpoint, a custom
     # template); self-judges (self-rank, self-judge*) judge with the unsteered backbone.
-    oracle = get_oracle(oracle_spec, lm=lm)
+    waits = {k: v for k, v in config.judge_options.items() if k in JUDGE_WAITS}
+    is_judge = isinstance(oracle_spec, dict) and oracle_spec.get("name") == "judge"
+    oracle = get_oracle({**oracle_spec, **waits} if is_judge else oracle_spec, lm=lm)
     # A DPO baseline's policy is the base with its LoRA adapter merged (a second copy).
     policy_lm = load_dpo_model(info.path, lm) if info.kind == "dpo" else lm
     judges = {oracle_name: oracle}
     for name in config.judges:
-        judges.setdefault(name, get_oracle(name, lm=lm))
+        judges.setdefault(name, get_oracle(name, lm=lm, judge_options=config.judge_options))
 
     refs = load_alpaca_reference(config.data, config.alpaca) if config.alpaca else []
     instr = [r.instruction for r in refs]

@@ -62,15 +62,22 @@ def _flag(key: str) -> str:
     return GRID_KEYS.get(key, "--" + key.replace("_", "-"))
 
 
+#: ``sims run`` flags that allow code, an endpoint or a key, each naming its target:
+#: ``sims run --resume`` runs or sends those only when typed again, with the same values.
+CONSENT_FLAGS = ("--oracle", "--model", "--judge-base-url", "--judge-url-env", "--judge-api-key-env")
+
+
 def _consent(argv: Sequence[str]) -> list[str]:
-    """The flags of ``argv`` that allow code or a key (``--oracle``, ``--trust-remote-code``,
-    ``--judge-api-key-env``): ``sims run --resume`` runs those only when typed again."""
+    """The flags of ``argv`` that allow code, an endpoint or a key (``--oracle``,
+    ``--trust-remote-code`` with ``--model``, ``--judge-base-url`` / ``--judge-url-env``,
+    ``--judge-api-key-env``), as typed: the resume compares each with what the point's
+    ``config.json`` saved, so an edited point (another URL, another model) is refused."""
     out: list[str] = []
     for i, arg in enumerate(argv):
         name, eq, _ = arg.partition("=")
         if name == "--trust-remote-code":
             out.append(arg)
-        elif name in ("--oracle", "--judge-api-key-env"):
+        elif name in CONSENT_FLAGS:
             out += [arg] if eq else list(argv[i : i + 2])
     return out
 
@@ -81,6 +88,7 @@ def run_sweep(
     run_args: Sequence[str],
     runner: Runner,
     worker_args: Sequence[str] = (),
+    check: Callable[[list[str]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every grid point and return one row per point.
 
@@ -92,6 +100,9 @@ def run_sweep(
             (``simsteer.cli.main``; passed in, so studies never import the CLI).
         worker_args: ``--workers N`` / ``--ray-address A`` given to every point's run,
             new or resumed; not a setting of the sweep (any pool gives the same results).
+        check: called with each resume command line before any point runs; raises to
+            refuse the sweep (``sims sweep``: the resume's own checks, so an edited point
+            is refused in one line before anything runs or is sent).
 
     Example:
         >>> from simsteer.cli import main
@@ -112,19 +123,25 @@ def run_sweep(
             raise SimsError(f"{out} holds a sweep with other settings: pick another folder")
     else:
         write_json(meta, spec)
-    rows = []
+    plans = []  # (point, run, command line or None when done, status)
     for point in grid_points(grid):
         run = RunDir(out / point_name(point))
-        status = "done"
-        if not run.is_complete():
-            if run.is_run():
-                # Code or a key the point names needs its flag typed again on resume.
-                consent = _consent([*run_args, *(x for k, v in point.items() for x in (_flag(k), v))])
-                argv = ["run", "--resume", str(run.root), *consent, *worker_args, "--quiet"]
-                status = "resumed"
-            else:
-                flags = [x for k, v in point.items() for x in (_flag(k), v)]
-                argv, status = ["run", *run_args, *flags, *worker_args, "--out", str(run.root)], "ran"
+        flags = [x for k, v in point.items() for x in (_flag(k), v)]
+        if run.is_complete():
+            plans.append((point, run, None, "done"))
+        elif run.is_run():
+            # Code, an endpoint or a key the point names needs its flag typed again on resume.
+            consent = _consent([*run_args, *flags])
+            argv = ["run", "--resume", str(run.root), *consent, *worker_args, "--quiet"]
+            if check is not None:
+                check(argv)  # every resumed point checked before any point runs
+            plans.append((point, run, argv, "resumed"))
+        else:
+            argv = ["run", *run_args, *flags, *worker_args, "--out", str(run.root)]
+            plans.append((point, run, argv, "ran"))
+    rows = []
+    for point, run, argv, status in plans:
+        if argv is not None:
             code = runner(argv)
             if code != 0 or not run.is_complete():
                 raise SimsError(f"sweep point {point_name(point)} failed (exit status {code})")

@@ -79,15 +79,22 @@ class ModelSpec:
         )
 
 
-def consents(oracle: dict[str, Any] | str, model: ModelSpec | dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(option dest, flag to type, what it allows) for each thing a saved oracle spec and
-    model would execute or send that only an explicit consent may allow: a ``python:``
-    oracle's code, the model's shipped code (``trust_remote_code``), a judge's API key.
+def consents(
+    oracle: dict[str, Any] | str, model: ModelSpec | dict[str, Any]
+) -> list[tuple[tuple[str, ...], str, str]]:
+    """(option dests, flags to type, what it allows) for each thing a saved oracle spec and
+    model would execute or send that only an explicit consent may allow, each bound to its
+    target: a ``python:`` oracle's code (its file or module), the model's shipped code
+    (``trust_remote_code``: the flag and the model's source), a judge's endpoint (its
+    URL, or the variable holding it: prompts and answers go there, key or not) and its API
+    key variable. A consent typed for another target is refused where the typed value is
+    compared with the saved one (``sims run --resume``: its flag checks; ``sims eval`` /
+    ``sims baseline``: :func:`~simsteer.cli.trust.check_consent`).
 
     ``config.json`` is only as trustworthy as its folder, so ``sims run --resume``,
-    ``sims eval`` and ``sims baseline`` use these only with the same flag typed again,
+    ``sims eval`` and ``sims baseline`` use these only with the same flags typed again,
     and :func:`~simsteer.evaluation.run_eval.evaluate_run` /
-    :func:`~simsteer.evaluation.baselines.build_baseline` only with the flag in ``trusted``.
+    :func:`~simsteer.evaluation.baselines.build_baseline` only with the flags in ``trusted``.
 
     Args:
         oracle: the saved oracle spec (or its name).
@@ -98,25 +105,45 @@ def consents(oracle: dict[str, Any] | str, model: ModelSpec | dict[str, Any]) ->
         source, remote = model.source, model.trust_remote_code
     else:
         source, remote = model.get("source"), bool(model.get("trust_remote_code", False))
-    out = []
+    out: list[tuple[tuple[str, ...], str, str]] = []
     name = str(spec.get("name", ""))
     if name.startswith("python:"):
         out.append(
-            ("oracle", f"--oracle {name}", f"its oracle imports and runs {name.removeprefix('python:')}")
+            (("oracle",), f"--oracle {name}", f"its oracle imports and runs {name.removeprefix('python:')}")
         )
     if remote:
         out.append(
             (
-                "trust_remote_code",
-                "--trust-remote-code",
+                ("trust_remote_code", "model"),
+                f"--trust-remote-code --model {source}",
                 f"its model {source} runs the code shipped with it (trust_remote_code)",
             )
         )
-    key = spec.get("api_key_env")
-    if name == "judge" and key:
+    if name == "judge":
         where = spec.get("base_url") or "the judge"
-        out.append(("judge_api_key_env", f"--judge-api-key-env {key}", f"its judge sends ${key} to {where}"))
+        url_env = spec.get("base_url_env")
+        if url_env:
+            what = f"its judge sends prompts and answers to the URL in ${url_env} ({where})"
+            out.append((("judge_url_env",), f"--judge-url-env {url_env}", what))
+        else:
+            what = f"its judge sends prompts and answers to {where}"
+            out.append((("judge_base_url",), f"--judge-base-url {where}", what))
+        key = spec.get("api_key_env")
+        if key:
+            out.append(
+                (("judge_api_key_env",), f"--judge-api-key-env {key}", f"its judge sends ${key} to {where}")
+            )
     return out
+
+
+def _what_is_asked(oracle: dict[str, Any]) -> dict[str, Any]:
+    """An oracle spec without a judge's waits (timeout, retries, concurrency): how long
+    and how much at once, never what is asked, so a resume may change them."""
+    if oracle.get("name") != "judge":
+        return oracle
+    from ..oracles.llm_judge import JUDGE_WAITS
+
+    return {k: v for k, v in oracle.items() if k not in JUDGE_WAITS}
 
 
 @dataclass(frozen=True)
@@ -228,8 +255,8 @@ class RunSpec:
 
     def mismatches(self, current: RunSpec) -> list[str]:
         """What ``current`` changes of this (saved) spec that a resume cannot change:
-        the loop's settings, the oracle and learner specs, the model's fingerprint and
-        dtype; one ``field: saved ... now ...`` entry per differing field.
+        the loop's settings, the oracle and learner specs (a judge's waits aside), the
+        model's fingerprint and dtype; one ``field: saved ... now ...`` entry per differing field.
 
         For a format-1 spec, the oracle and learner are compared on the keys both specs
         have (newer versions describe them with more keys).
@@ -239,7 +266,7 @@ class RunSpec:
         """
         pairs = {
             "sims": (self.sims.to_dict(), current.sims.to_dict()),
-            "oracle": (self.oracle, current.oracle),
+            "oracle": (_what_is_asked(self.oracle), _what_is_asked(current.oracle)),
             "learner": (self.learner, current.learner),
             "model.fingerprint": (self.model.fingerprint, current.model.fingerprint),
             "model.dtype": (self.model.dtype, current.model.dtype),

@@ -9,14 +9,25 @@ Modes:
 
 Requests are built and answers parsed separately; they run on ``concurrency`` threads
 with a per-request timeout and retries with exponential backoff on 429, 5xx, timeouts
-and refused connections, honouring a ``Retry-After`` header (capped at the timeout).
-Every answer that parses is cached on disk (:mod:`.judge_cache`) as soon as it arrives.
+and refused connections. Every wait is bounded by the timeout: the backoff is capped at
+it, and a ``Retry-After`` longer than it is not waited at all (the request fails at once,
+in one line, so ``retries`` x ``timeout`` bounds how long one request can hold a command);
+each wait is announced on stderr. A request the judge refuses on its own merits (HTTP 400,
+413 or 422) or answers with no ``choices`` counts as an unparsed answer (``parse_failures``,
+and ``refused`` in the judgment's info) and the run goes on: it is never cached, so a
+resume asks again, but it cannot stop the run. Every answer that parses is cached on disk
+(:mod:`.judge_cache`) as soon as it arrives. Answers are placed in the template in one
+pass (:meth:`~.templates.Template.render`): an answer holding ``{response_b}`` reaches the
+judge as written.
 
 Credentials: no API key is sent unless ``api_key_env`` names the environment variable that
-holds it (no ``$OPENAI_API_KEY`` by default), and a key (or ``user:pass@`` in the base URL)
-is never sent over plain ``http://`` to a host other than loopback. The key is never written
-anywhere, and credentials inside the base URL are redacted (``https://***@host/v1``) in
-``describe()`` (so in ``config.json``), in the oracle's name and in every error message.
+holds it (no ``$OPENAI_API_KEY`` by default), and a key (or URL credentials) is never sent
+over plain ``http://`` to a host other than loopback. A URL holding secrets (``user:pass@``,
+or a query parameter such as ``key``, ``token``, ``api_key`` or ``sig``) is given only
+through an environment variable the user names (``base_url_env``, ``--judge-url-env``): it
+is read from there again on every resume, and only its redacted form
+(``https://***@host/v1?key=***``) is saved (``describe()``, so ``config.json``), shown in the
+oracle's name or put in a message. A secret-holding URL given directly is refused.
 """
 
 from __future__ import annotations
@@ -25,13 +36,17 @@ import email.utils
 import ipaddress
 import os
 import re
+import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import SimsError
 from .base import Judgment, Oracle
@@ -48,17 +63,65 @@ TEMPERATURE = 0.0
 _sleep = time.sleep
 
 
+def _announce(message: str) -> None:
+    """A wait on stderr, beside any progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
+#: Query parameters whose value is a secret (matched in the name, any case): redacted.
+SECRET_QUERY = re.compile(r"key|token|secret|sig|password|passwd|pwd|auth|credential|session", re.I)
+
+#: Settings that say how long to wait and how much at once, not what is asked (no cache
+#: key holds them): a command may change them for a judge a folder saved (``sims eval RUN``).
+JUDGE_WAITS = ("concurrency", "timeout", "retries")
+
+#: HTTP statuses that refuse one request on its own merits (too long, malformed): that
+#: pair counts as unparsed and the run goes on.
+REFUSED_REQUEST = (400, 413, 422)
+
+
+def _secret_query(url: str) -> list[str]:
+    """The names of ``url``'s query parameters that hold a secret."""
+    return [
+        name
+        for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        if SECRET_QUERY.search(name)
+    ]
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced by ``***@``, safe to save or print.
+    """``url`` with any ``user:password@`` replaced by ``***@`` and the value of every
+    secret query parameter (:data:`SECRET_QUERY`) by ``***``, safe to save or print.
 
     Example:
-        >>> redact_url("https://me:s3cret@api.example.com/v1")
-        'https://***@api.example.com/v1'
+        >>> redact_url("https://me:s3cret@api.example.com/v1?api_key=abc&v=2")
+        'https://***@api.example.com/v1?api_key=***&v=2'
     """
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    if _secret_query(url):
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        hidden = [(k, "***" if SECRET_QUERY.search(k) else v) for k, v in query]
+        parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return urlunsplit(parts)
+
+
+def _secret_parts(url: str) -> list[str]:
+    """The secret strings inside ``url`` (user info, secret query values), longest first."""
+    parts = urlsplit(url)
+    found = [parts.netloc.rpartition("@")[0]] if "@" in parts.netloc else []
+    found += [parts.password or "", parts.username or ""] if found else []
+    found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if SECRET_QUERY.search(k)]
+    return sorted({f for f in found if len(f) >= 3}, key=len, reverse=True)
+
+
+def url_secrets(url: str) -> str | None:
+    """What in ``url`` is secret (``"credentials"``, ``"the query parameter key"``), or ``None``."""
+    if "@" in urlsplit(url).netloc:
+        return "credentials (user:password@)"
+    names = _secret_query(url)
+    return f"the query parameter {names[0]}" if names else None
 
 
 def is_loopback(url: str) -> bool:
@@ -102,7 +165,9 @@ class JudgeConfig:
 
     Attributes:
         model: the model name the endpoint serves.
-        base_url: e.g. ``http://127.0.0.1:8000/v1``.
+        base_url: e.g. ``http://127.0.0.1:8000/v1``; no secret in it (refused): a URL
+            with credentials or a secret query value goes in ``base_url_env``. With
+            ``base_url_env`` set, the redacted URL that variable must hold (a resume's check).
         api_key_env: name of the environment variable holding the key; ``None`` (the
             default) sends no key, whatever the environment holds. A key goes only over
             https, or plain http to a loopback host.
@@ -115,10 +180,13 @@ class JudgeConfig:
         backoff: first wait in seconds, doubled after each failure.
         max_tokens: answer length cap.
         cache: cache file (default: ``judgments.sqlite`` in the simsteer cache folder).
+        base_url_env: name of an environment variable holding the whole base URL (for a
+            URL with credentials or a secret query value: read again on every resume,
+            never saved; only its redacted form is).
     """
 
     model: str
-    base_url: str
+    base_url: str = ""
     api_key_env: str | None = None
     mode: str = "pairwise"
     template: str | None = None
@@ -129,30 +197,58 @@ class JudgeConfig:
     backoff: float = 0.5
     max_tokens: int = 256
     cache: str | None = None
+    base_url_env: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SimsError(f"unknown judge mode {self.mode!r}: use {' or '.join(MODES)}")
-        if not self.model or not self.base_url.startswith(("http://", "https://")):
+        if not self.model or not (self.base_url_env or self.base_url.startswith(("http://", "https://"))):
             raise SimsError(
                 "the judge needs a model and an http(s) base URL: judge:MODEL@http://HOST:PORT/v1"
             )
         if self.concurrency < 1 or self.timeout <= 0 or self.retries < 0:
             raise SimsError("judge concurrency >= 1, timeout > 0 and retries >= 0 are required")
+        secret = None if self.base_url_env else url_secrets(self.base_url)
+        if secret:
+            raise SimsError(
+                f"the judge URL {redact_url(self.base_url)} holds {secret}, which is never saved or "
+                "printed (so a resume could not send it): put the whole URL in an environment variable "
+                "and name it with --judge-url-env VAR (JudgeConfig.base_url_env)"
+            )
+
+    def url(self) -> str:
+        """The URL requests go to: ``base_url``, or the value of ``$base_url_env`` (whose
+        redacted form must be ``base_url`` when that is set: the endpoint a run was started with).
+
+        Raises:
+            SimsError: the variable is empty or holds no http(s) URL, or another endpoint.
+        """
+        if not self.base_url_env:
+            return self.base_url
+        url = os.environ.get(self.base_url_env, "").strip()
+        if not url.startswith(("http://", "https://")):
+            state = "is empty" if not url else "holds no http(s) URL"
+            raise SimsError(f"${self.base_url_env} {state}: it should hold the judge's base URL")
+        if self.base_url and redact_url(url) != self.base_url:
+            raise SimsError(
+                f"${self.base_url_env} holds the judge URL {redact_url(url)}, but this judge's is "
+                f"{self.base_url}: set ${self.base_url_env} to that endpoint, or start a new run"
+            )
+        return url
 
     def api_key(self) -> str | None:
         """The key to send: the named variable's value, checked against the URL.
 
         Raises:
-            SimsError: a key (or URL credentials) would go over plain http to a host
-                that is not loopback.
+            SimsError: a key (or URL secrets) would go over plain http to a host that is
+                not loopback.
         """
         key = (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
-        in_url = "@" in urlsplit(self.base_url).netloc
-        if (key or in_url) and self.base_url.startswith("http://") and not is_loopback(self.base_url):
-            what = f"the API key from ${self.api_key_env}" if key else "the credentials in the base URL"
+        url = self.url()
+        if (key or url_secrets(url)) and url.startswith("http://") and not is_loopback(url):
+            what = f"the API key from ${self.api_key_env}" if key else "the secrets in the base URL"
             raise SimsError(
-                f"refusing to send {what} over plain http to {redact_url(self.base_url)}: "
+                f"refusing to send {what} over plain http to {redact_url(url)}: "
                 "use https:// (plain http is allowed to 127.0.0.1 / localhost / ::1 only)"
             )
         return key
@@ -189,7 +285,11 @@ class JudgeOracle(Oracle):
             raise SimsError('the judge oracle needs the openai client: pip install -e ".[judge]"') from None
 
         self.config = config
-        self.base_url = redact_url(config.base_url)  # what is saved and printed
+        url = config.url()
+        self.base_url = redact_url(url)  # what is saved and printed
+        self._secrets = _secret_parts(url)  # scrubbed from any text the server sends back
+        #: where each wait (a retry, a Retry-After) is announced
+        self.notify: Callable[[str], None] = _announce
         self.name = f"judge:{config.model}@{self.base_url}"
         default = "judge_pairwise" if config.mode == "pairwise" else "judge_rank"
         self.template: Template = load_template(config.template or default)
@@ -215,8 +315,11 @@ class JudgeOracle(Oracle):
             "max_tokens": config.max_tokens,
             "temperature": TEMPERATURE,
         }
+        # The query goes to every request (the client would append paths after it).
+        query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
         self.client = openai.OpenAI(
-            base_url=config.base_url,
+            base_url=urlunsplit(urlsplit(url)._replace(query="")),
+            default_query=query or None,
             # the client falls back to $OPENAI_API_KEY when given None: pass a placeholder
             api_key=key or "no-key",
             timeout=config.timeout,
@@ -224,6 +327,12 @@ class JudgeOracle(Oracle):
             # the client also reads $OPENAI_ORG_ID / $OPENAI_PROJECT_ID: send neither
             default_headers={"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()},
         )
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without any secret of the URL (a server may echo the request back)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     # -- requests ------------------------------------------------------------------
     def _requests(self, prompt: str, responses: list[str]) -> list[tuple[int, ...]]:
@@ -247,7 +356,9 @@ class JudgeOracle(Oracle):
             return parse_verdict(text) is not None
         return parse_ranking(text, k) is not None
 
-    def _ask(self, message: str) -> str:
+    def _ask(self, message: str) -> str | None:
+        """The judge's answer, or ``None`` when it refused this one request (HTTP 400,
+        413, 422) or answered without ``choices``: counted as unparsed, never cached."""
         cfg, errors = self.config, self._errors
         retryable = (errors.RateLimitError, errors.InternalServerError, errors.APIConnectionError)
         for attempt in range(cfg.retries + 1):
@@ -258,26 +369,42 @@ class JudgeOracle(Oracle):
                     temperature=self._request["temperature"],
                     max_tokens=cfg.max_tokens,
                 )
-                return reply.choices[0].message.content or ""
+                choices = getattr(reply, "choices", None)
+                if not choices:
+                    return None
+                return choices[0].message.content or ""
             except retryable as exc:
+                reason = getattr(exc, "status_code", None) or type(exc).__name__
                 if attempt == cfg.retries:
-                    reason = getattr(exc, "status_code", None) or type(exc).__name__
                     raise SimsError(
                         f"judge endpoint {self.base_url} failed after {attempt + 1} attempts ({reason}); "
                         "is the server running? finished judgments are cached: rerun with --resume"
                     ) from None
-                # The server's own Retry-After first, capped so a bad header cannot stall the run.
+                # The server's own Retry-After first; one beyond the timeout is not waited.
                 asked = retry_after(getattr(getattr(exc, "response", None), "headers", None))
-                _sleep(min(asked, cfg.timeout) if asked is not None else cfg.backoff * 2**attempt)
+                if asked is not None and asked > cfg.timeout:
+                    raise SimsError(
+                        f"judge endpoint {self.base_url} asks to wait {asked:.0f} s ({reason}, Retry-After), "
+                        f"longer than the judge timeout ({cfg.timeout:g} s): rerun later with --resume, "
+                        "or raise --judge-timeout"
+                    ) from None
+                wait = asked if asked is not None else min(cfg.backoff * 2**attempt, cfg.timeout)
+                self.notify(
+                    f"judge {self.base_url}: {reason} on attempt {attempt + 1} of {cfg.retries + 1}, "
+                    f"next in {wait:g} s"
+                )
+                _sleep(wait)
             except errors.APIStatusError as exc:
+                if exc.status_code in REFUSED_REQUEST:
+                    return None
                 hint = ""
-                if exc.status_code in (401, 403) and not (self._sends_key or "@" in self.base_url):
+                if exc.status_code in (401, 403) and not (self._sends_key or url_secrets(self.base_url)):
                     where = f"${cfg.api_key_env} is empty" if cfg.api_key_env else "see --judge-api-key-env"
                     hint = f" (no API key was sent: {where})"
                 detail = str(exc.message).splitlines()[0][:200] if str(exc.message) else ""
                 raise SimsError(
                     f"judge endpoint {self.base_url} refused the request (HTTP {exc.status_code}){hint}: "
-                    f"{detail.replace(cfg.base_url, self.base_url)}"
+                    f"{self._scrub(detail)}"
                 ) from None
         raise AssertionError("unreachable")
 
@@ -299,10 +426,22 @@ class JudgeOracle(Oracle):
         hits = {key for key, a in answers.items() if a is not None}
         missing = {key: msg for _, _, key, msg in jobs if answers[key] is None}
 
+        refused: set[str] = set()
+        failed = threading.Event()  # after a failure, no queued request is sent
+
         def fetch(item: tuple[str, str]) -> None:
+            if failed.is_set():
+                return
             key, message = item
-            answer = self._ask(message)
-            if self._parses(answer, sizes[key]):  # never replay an unparseable answer
+            try:
+                answer = self._ask(message)
+            except BaseException:
+                failed.set()
+                raise
+            if answer is None:  # refused or empty: unparsed, and the run goes on
+                refused.add(key)
+                answer = ""
+            elif self._parses(answer, sizes[key]):  # never replay an unparseable answer
                 self.cache.put(key, answer)  # saved at once: a crash keeps what was paid for
             answers[key] = answer
 
@@ -315,18 +454,23 @@ class JudgeOracle(Oracle):
                 for f in futures:
                     f.cancel()
                 raise
-        out = [self._combine(n, len(rs), jobs, answers, hits) for n, rs in enumerate(responses)]
+        out = [self._combine(n, len(rs), jobs, answers, hits, refused) for n, rs in enumerate(responses)]
         total = sum(j.info["requests"] + j.info["cache_hits"] for j in out)
         failures = sum(j.info["parse_failures"] for j in out)
         if total and failures == total:
-            sample = next(iter(answers.values()), "") or ""
+            if len(refused) == len(answers):
+                raise SimsError(
+                    f"{self.name}: the judge refused all {total} requests (HTTP 400 / 413 / 422, or no "
+                    "choices): check --judge-model, --judge-max-tokens and the template"
+                )
+            sample = next((a for a in answers.values() if a), "") or ""
             raise SimsError(
                 f"{self.name}: none of {total} answers could be parsed "
                 f"(first: {sample.strip()[:80]!r}); check the template or the judge mode"
             )
         return out
 
-    def _combine(self, n, k, jobs, answers, hits) -> Judgment:
+    def _combine(self, n, k, jobs, answers, hits, refused=frozenset()) -> Judgment:
         mine = [(order, key) for m, order, key, _ in jobs if m == n]
         wins, counts = np.zeros((k, k)), np.zeros((k, k))
         shown_first: list[list[float | None]] = [[None] * k for _ in range(k)]
@@ -358,6 +502,7 @@ class JudgeOracle(Oracle):
             "requests": sum(key not in hits for _, key in mine),
             "cache_hits": sum(key in hits for _, key in mine),
             "parse_failures": failures,
+            "refused": sum(key in refused for _, key in mine),  # counted in parse_failures too
         }
         if self.config.mode == "pairwise":
             info["shown_first"] = shown_first  # P(first shown wins) per order: position bias
@@ -380,4 +525,6 @@ class JudgeOracle(Oracle):
             "max_tokens": cfg.max_tokens,
             # absolute: the saved spec finds the same cache from any folder
             "cache": str(Path(cfg.cache).expanduser().resolve()) if cfg.cache else None,
+            # the variable's name only (an older spec without it is unchanged)
+            **({"base_url_env": cfg.base_url_env} if cfg.base_url_env else {}),
         }

@@ -2,7 +2,8 @@
 
 The defaults ship in ``simsteer/oracles/templates/``; any oracle that takes a template
 accepts a path to your own file instead. Placeholders are written ``{name}`` and
-replaced literally (no ``str.format``), so JSON braces in a template need no escaping:
+replaced literally (no ``str.format``) in one pass, so JSON braces in a template need no
+escaping and an answer holding ``{response_b}`` is sent as written:
 
 - ``{prompt}``: the user request;
 - ``{response}``: one answer (pointwise templates);
@@ -13,6 +14,7 @@ replaced literally (no ``str.format``), so JSON braces in a template need no esc
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,11 +36,13 @@ class Template:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
     def render(self, **fields: str) -> str:
-        """Fill the placeholders; a template that lacks a required one is refused."""
-        text = self.text
-        for key, value in fields.items():
-            text = text.replace("{" + key + "}", value)
-        return text
+        """Fill the placeholders in one pass over the template: a value is inserted
+        verbatim, so an answer that itself contains ``{response_b}`` (or any placeholder)
+        reaches the judge as written, never filled in turn."""
+        if not fields:
+            return self.text
+        pattern = re.compile("|".join(re.escape("{" + key + "}") for key in fields))
+        return pattern.sub(lambda found: fields[found.group(0)[1:-1]], self.text)
 
     def require(self, *names: str) -> Template:
         missing = [n for n in names if "{" + n + "}" not in self.text]
