@@ -205,8 +205,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             contrast_prompts=plan.contrast_prompts,
         )
     print(format_table(result.history))
-    print(format_outcome(RunDir(result.run_dir).read_outcome()))
-    print(f"steering saved to {result.run_dir / 'final'}")
+    outcome = RunDir(result.run_dir).read_outcome()
+    print(format_outcome(outcome))
+    if outcome.steered:
+        print(f"steering saved to {result.run_dir / 'final'}")
+    else:
+        print(f"no steering kept: {result.run_dir / 'final'} holds the unsteered model")
     return 0
 
 
