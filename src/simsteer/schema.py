@@ -125,6 +125,49 @@ def undefined_fields(cls: type) -> frozenset[str]:
     )
 
 
+@dataclass(frozen=True)
+class Leaf:
+    """One value a record's JSON holds (:func:`leaves`).
+
+    Attributes:
+        name: its dotted path (``held_out.ci95``).
+        kind: its annotation, ``Optional`` and ``Annotated`` taken off.
+        required: whether it must be present.
+        nullable: whether ``null`` is allowed.
+        rules: the :class:`Rule` bounds on it.
+    """
+
+    name: str
+    kind: Any
+    required: bool
+    nullable: bool
+    rules: tuple[Rule, ...]
+
+
+def leaves(cls: type, prefix: str = "") -> list[Leaf]:
+    """Every value a JSON object of the dataclass ``cls`` may hold, nested records walked
+    into (the field table the checker reads: what a test of bad inputs enumerates)."""
+    out: list[Leaf] = []
+    for name, (kind, required) in _fields(cls).items():
+        path = _join(prefix, name)
+        nullable = False
+        if typing.get_origin(kind) in (Union, types.UnionType):
+            options = [a for a in typing.get_args(kind) if a is not type(None)]
+            nullable = len(options) < len(typing.get_args(kind))
+            if len(options) != 1:
+                out.append(Leaf(path, kind, required, nullable, ()))
+                continue
+            kind = options[0]
+        rules = tuple(_rules(kind))
+        if rules:
+            kind = typing.get_args(kind)[0]
+        if dataclasses.is_dataclass(kind):
+            out.extend(leaves(kind, path))  # type: ignore[arg-type]
+        else:
+            out.append(Leaf(path, kind, required, nullable, rules))
+    return out
+
+
 # -- the walk -------------------------------------------------------------------------
 @functools.cache
 def _fields(cls: type) -> dict[str, tuple[Any, bool]]:

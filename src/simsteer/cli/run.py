@@ -205,12 +205,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             contrast_prompts=plan.contrast_prompts,
         )
     print(format_table(result.history))
-    outcome = RunDir(result.run_dir).read_outcome()
-    print(format_outcome(outcome))
-    if outcome.steered:
-        print(f"steering saved to {result.run_dir / 'final'}")
-    else:
+    print(format_outcome(RunDir(result.run_dir).read_outcome()))
+    if result.policy.is_unsteered:
         print(f"no steering kept: {result.run_dir / 'final'} holds the unsteered model")
+    else:
+        print(f"steering saved to {result.run_dir / 'final'}")
     return 0
 
 
