@@ -47,7 +47,7 @@ def flat_run(tmp_path_factory, tiny_model_dir, prompts) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def length_run(tmp_path_factory, tiny_model_dir, prompts) -> Path:
-    """A run without the guard: it keeps its last, steered policy."""
+    """A finished run without the guard."""
     out = tmp_path_factory.mktemp("length") / "run"
     argv = ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--oracle", "length:3"]
     assert main([*argv, "--layers", "1-2", "--fluency-budget", "off", "--out", str(out), *TINY_RUN]) == 0
@@ -78,9 +78,16 @@ def test_generate_with_an_unsteered_final_says_steered_false(flat_run, tiny_mode
     assert "holds no steering" in err
 
 
-def test_generate_with_a_steering_says_steered_true(length_run, tiny_model_dir, capsys):
+def test_generate_with_a_steering_says_steered_true(tiny_lm, tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    from simsteer.functions import AddVector
+    from simsteer.steering import Steering
+
+    folder = tmp_path / "steering"
+    Steering({1: AddVector(torch.ones(tiny_lm.hidden_size))}, "caa", tiny_lm.fingerprint()).save(folder)
     capsys.readouterr()
-    argv = ["generate", "--model", str(tiny_model_dir), "--steering", str(length_run), "-p", "the good day"]
+    argv = ["generate", "--model", str(tiny_model_dir), "--steering", str(folder), "-p", "the good day"]
     assert main([*argv, "--max-new-tokens", "3", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["steered"] is True
 
