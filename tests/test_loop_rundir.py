@@ -59,7 +59,7 @@ def test_typed_readers(old_run):
     assert len(bank) == 4 and bank.config.top == 3
     assert [p.multiplier for p in old_run.read_calibration(0)] == [0.5, 1.0]
     assert old_run.read_calibration_base().perplexity > 0
-    assert old_run.read_outcome()["final_policy"] == 0
+    assert old_run.read_outcome().final_policy == 0
     assert [p.id for p in old_run.read_prompts(old_run.eval_prompts)] == ["7", "8"]
     assert old_run.read_prompts(old_run.root / "missing.jsonl") == []
 
