@@ -66,6 +66,10 @@ def test_a_run_that_kept_the_unsteered_model_says_so(flat_run):
     assert load_policy(run / "final").is_unsteered
     assert "steering saved to" not in printed
     assert f"no steering kept: {run / 'final'} holds the unsteered model" in printed
+    info = subprocess.run(
+        [sys.executable, "-m", "simsteer", "info", str(run)], capture_output=True, text=True, env=_env()
+    )
+    assert f"no steering kept: {run / 'final'} holds the unsteered model" in info.stdout
 
 
 def test_generate_with_an_unsteered_final_says_steered_false(flat_run, tiny_model_dir, capsys):

@@ -68,7 +68,7 @@ def test_unreadable_row_is_one_clear_error(old_run):
     row = json.loads(old_run.iteration_summary(1).read_text())
     del row["policy"]
     old_run.iteration_summary(1).write_text(json.dumps(row))
-    with pytest.raises(SimsError, match=r"iter_1/summary.json was not written by this simsteer version"):
+    with pytest.raises(SimsError, match=r"iter_1/summary\.json: field 'policy' is missing"):
         old_run.history()
 
 

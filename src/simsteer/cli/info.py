@@ -48,6 +48,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _print_run(run: RunDir, path: Path) -> None:
     from ..loop.outcome import format_outcome
     from ..loop.table import format_table
+    from ..policy import load_policy
 
     spec = run.spec()
     baseline = spec.extra.get("baseline")
@@ -93,6 +94,8 @@ def _print_run(run: RunDir, path: Path) -> None:
             if own_scores:
                 text = text.replace("held-out score ", "held-out score under the random oracle ")
             print(text)
+        if load_policy(run.final).is_unsteered:
+            print(f"no steering kept: {run.final} holds the unsteered model")
         print("status: complete")
     else:
         learned = sum(1 for row in rows if row.fit is not None)
