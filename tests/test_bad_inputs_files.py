@@ -6,6 +6,7 @@ variant, and SIMS-CS for its response bank); every case edits its own copy."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import typing
@@ -619,3 +620,63 @@ def test_the_generated_cases_cover_every_record_field():
         "selection.best_calibrated",
     } <= fields
     assert {"iteration", "sample_fluency.perplexity", "judge_requests", "sims.sampling.top_k"} <= fields
+
+
+# -- eval.json, read back by sims compare ------------------------------------------------------
+def _eval_result() -> dict[str, Any]:
+    from simsteer.evaluation.run_eval import EvalResult, MeanCI, ScoreComparison
+
+    ci = MeanCI(0.1, 0.0, 0.2)
+    fluency = {"perplexity": 9.0, "repetition": 0.1, "distinct_2": 0.9, "loop_share": 0.0, "mean_tokens": 4.0}
+    rate = {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    return EvalResult(
+        run="run",
+        kind="sims",
+        model="m",
+        oracle="length:3",
+        learner="caa",
+        steered=True,
+        num_prompts=2,
+        max_new_tokens=4,
+        scores={"length:3": ScoreComparison(ci, ci, ci)},
+        fluency={"base": fluency, "policy": {**fluency, "perplexity": math.nan}},
+        win_rates_vs_base={"length:3": {"win_rate": rate, "lc_win_rate": rate, "position_flips": 0.0}},
+        costs={"total": {"seconds": 1.0}},
+        training_costs={"seconds": 2.0, "tokens_generated": 10, "tokens_forward": 5},
+    ).to_json()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("scores.length:3.policy.mean", "high"),
+        ("scores.length:3.delta.ci_low", NAN),
+        ("fluency.base.perplexity", "x"),
+        ("num_prompts", -1),
+        ("steered", "yes"),
+        ("training_costs.seconds", -1.0),
+        ("oracle", MISSING),
+    ],
+)
+def test_a_hand_edited_eval_json_is_refused_by_compare(field, value, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    good = _eval_result()
+    assert json.loads(json.dumps(good))["fluency"]["policy"]["perplexity"] is None  # NaN written null
+    (run / "eval.json").write_text(json.dumps(good))
+    assert main(["compare", str(run), "-o", str(tmp_path / "cmp")]) == 0  # the unedited file is fine
+    data = json.loads(json.dumps(good))
+    node = data
+    *parents, last = field.replace("length:3", "length|3").split(".")
+    parents = [p.replace("length|3", "length:3") for p in parents]
+    for key in parents:
+        node = node[key]
+    if value is MISSING:
+        node.pop(last)
+    else:
+        node[last] = value
+    (run / "eval.json").write_text(json.dumps(data))
+    before = tree_hash(run)
+    line = one_line_error(capsys, ["compare", str(run), "-o", str(tmp_path / "cmp2")])
+    assert "eval.json" in line and f"'{field}" in line, line
+    assert tree_hash(run) == before

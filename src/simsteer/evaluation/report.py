@@ -300,7 +300,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             f"{100 * r['win_ci'][1]:.1f}] ({r['judge']})"
             if r["win_ci"]
             else "-",
-            f"{r['perplexity']:.2f}",
+            "-" if r["perplexity"] is None else f"{r['perplexity']:.2f}",  # undefined: no tokens
             f"{r['distinct_2']:.3f}",
             f"{r['mean_tokens']:.1f}",
             *[f"{r[t][0]:.3f} ± {r[t][1]:.3f}" if t in r else "-" for t in tasks],

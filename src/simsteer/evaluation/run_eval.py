@@ -159,6 +159,8 @@ class EvalResult:
         seconds: the evaluation's wall time; config: the :class:`EvalConfig` used.
     """
 
+    schema_open: ClassVar[bool] = True  # an older eval.json may hold keys no longer written
+
     run: str
     kind: str
     model: str
@@ -170,20 +172,28 @@ class EvalResult:
     scores: dict[str, ScoreComparison]
     fluency: dict[str, dict[str, UndefinedFloat]]
     win_rates_vs_base: dict[str, dict[str, Any]]
-    alpaca_eval: dict[str, Any]
-    mc: dict[str, Any]
-    history: list[dict[str, Any]]
-    samples: list[dict[str, str]]
-    answers: dict[str, list[str]]
-    per_prompt: dict[str, Any]
     costs: dict[str, Any]
     training_costs: dict[str, Annotated[float, Rule(low=0.0)]]
-    seconds: Annotated[float, Rule(low=0.0)]
-    config: dict[str, Any]
+    # What ``sims compare`` does not need may be missing from an older eval.json.
+    alpaca_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mc: dict[str, Any] = dataclasses.field(default_factory=dict)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    samples: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    answers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    per_prompt: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: Annotated[float, Rule(low=0.0)] = 0.0
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    #: The keys of ``eval.json``, in the order it has always written them.
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "run", "kind", "model", "oracle", "learner", "steered", "num_prompts", "max_new_tokens",
+        "scores", "fluency", "win_rates_vs_base", "alpaca_eval", "mc", "history", "samples",
+        "answers", "per_prompt", "costs", "training_costs", "seconds", "config",
+    )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """What ``eval.json`` holds (NaN fluency values as null: JSON has no NaN)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {name: getattr(self, name) for name in self.KEYS}
         out["scores"] = {name: dataclasses.asdict(c) for name, c in self.scores.items()}
         out["fluency"] = {
             side: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report.items()}
