@@ -451,6 +451,14 @@ def evaluate_run(
     )
 
 
+@dataclass(frozen=True)
+class MCCache:
+    """A cached multiple-choice result of the unsteered model (``$SIMSTEER_CACHE/mc``)."""
+
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
 def _mc_with_cached_base(
     lm: LoadedModel, model_cfg: dict, task: str, items: list, policy: list[Steering], config: EvalConfig
 ) -> dict[str, Any]:
@@ -476,6 +484,7 @@ def _mc_with_cached_base(
     policies: dict[str, list[Steering]] = {"policy": policy} if policy else {}
     if path.is_file():
         cached = read_json(path)
+        check(MCCache, cached, str(path))
         out = {"base": {**cached["summary"], "cached": True}}
         if policies:
             out |= evaluate_mc(
