@@ -21,6 +21,7 @@ FLOORS: dict[str, int] = {
     "_version": 0,
     "errors": 0,
     "io": 1,
+    "schema": 1,  # the one checker of every file read back (imports only errors)
     "prompts": 1,
     "stats": 1,
     "architecture": 1,

@@ -6,7 +6,10 @@ variant, and SIMS-CS for its response bank); every case edits its own copy."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from simsteer.errors import SimsError
 from simsteer.functions import AddVector, HeadShift
 from simsteer.loop.records import SampleRecord
 from simsteer.loop.rundir import RunDir
+from simsteer.schema import Leaf, leaves
 from simsteer.steering import Steering
 
 from .conftest import TINY_RUN
@@ -506,3 +510,173 @@ def test_an_undefined_perplexity_is_written_null_and_read_back_nan():
     assert math.isnan(FluencyRecord.from_json(record.to_json()).perplexity)
     with pytest.raises(ValueError):
         write_json("/dev/null", {"x": math.nan})  # allow_nan=False: never the NaN token
+
+
+# -- generated from the checker's field table ------------------------------------------------
+def _bad_values(leaf: Leaf) -> list[tuple[str, Any]]:
+    """(label, value) pairs the field must refuse: the wrong type, a bool for a number, a
+    non-finite number, a value under its bound, and its absence when it is required."""
+    kind, out = leaf.kind, []
+    if kind in (int, float):
+        out += [("text", "7"), ("bool", True)]
+        if kind is int:
+            out.append(("fraction", 1.5))
+        if not any(r.undefined for r in leaf.rules):
+            out += [("nan", NAN), ("inf", float("inf"))]
+        low = next((r.low for r in leaf.rules if r.low is not None), None)
+        if low is not None:
+            out.append(("below", low - 1))
+    elif kind is str:
+        out.append(("number", 5))
+    elif kind is bool:
+        out.append(("text", "yes"))
+    elif typing.get_origin(kind) in (list, tuple):
+        out += [("text", "x"), ("list-of-text", ["x"])]
+    elif typing.get_origin(kind) is dict:
+        out.append(("list", []))
+    if leaf.required:
+        out.append(("missing", MISSING))
+    return out
+
+
+MISSING = object()
+
+
+def _edit_at(data: Any, dotted: str, value: Any) -> Any:
+    node = data
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    if value is MISSING:
+        node.pop(last)
+    else:
+        node[last] = value
+    return data
+
+
+def _present(data: Any, dotted: str) -> bool:
+    node = data
+    for key in dotted.split(".")[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            return False
+        node = node[key]
+    return True
+
+
+def _schema_cases() -> list[tuple[str, str, str, Any]]:
+    """(case id, file, dotted field, bad value) for every leaf of the records
+    ``sims info`` reads back: ``outcome.json``, an iteration row and ``config.json``'s loop
+    settings; a leaf whose section the tiny run does not write is skipped when applied."""
+    from simsteer.loop.config import SIMSConfig
+    from simsteer.loop.outcome import OutcomeRecord
+    from simsteer.loop.records import IterationRecord, JudgingStats
+
+    tables = [
+        (OUTCOME, leaves(OutcomeRecord)),
+        (
+            SUMMARY,
+            [x for x in leaves(IterationRecord) if not x.name.startswith(("judging.", "calibration."))],
+        ),
+        (SUMMARY, leaves(JudgingStats)),
+        (CONFIG, leaves(SIMSConfig, "sims")),
+    ]
+    cases = []
+    for name, table in tables:
+        for leaf in table:
+            for label, value in _bad_values(leaf):
+                cases.append((f"schema-{name.split('/')[-1]}-{leaf.name}-{label}", name, leaf.name, value))
+    return cases
+
+
+SCHEMA_CASES = _schema_cases()
+#: Valid sections the tiny run does not write (it runs without the guard).
+VALID_SECTIONS = {"selection": {"rule": "one-se", "best_calibrated": 0}}
+
+
+@pytest.mark.parametrize(
+    "name, field, value", [c[1:] for c in SCHEMA_CASES], ids=[c[0] for c in SCHEMA_CASES]
+)
+def test_every_field_of_a_saved_record_is_checked(name, field, value, tiny_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, copy_function=os.link)  # cheap: only the edited file is new
+    data = json.loads((copy / name).read_text())
+    (copy / name).unlink()  # never write through the link into the shared run
+    if not _present(data, field):  # a section this run has none of: a valid one first
+        data[field.split(".")[0]] = dict(VALID_SECTIONS[field.split(".")[0]])
+    (copy / name).write_text(json.dumps(_edit_at(data, field, value)))
+    before = tree_hash(copy)
+    line = one_line_error(capsys, ["info", str(copy)])
+    assert f"'{field}" in line and name.split("/")[-1] in line, line
+    assert tree_hash(copy) == before
+
+
+def test_the_generated_cases_cover_every_record_field():
+    assert len(SCHEMA_CASES) >= 100
+    fields = {c[2] for c in SCHEMA_CASES}
+    assert {
+        "final_policy",
+        "held_out.ci95",
+        "fluency.perplexity_ratio",
+        "selection.best_calibrated",
+    } <= fields
+    assert {"iteration", "sample_fluency.perplexity", "judge_requests", "sims.sampling.top_k"} <= fields
+
+
+# -- eval.json, read back by sims compare ------------------------------------------------------
+def _eval_result() -> dict[str, Any]:
+    from simsteer.evaluation.run_eval import EvalResult, MeanCI, ScoreComparison
+
+    ci = MeanCI(0.1, 0.0, 0.2)
+    fluency = {"perplexity": 9.0, "repetition": 0.1, "distinct_2": 0.9, "loop_share": 0.0, "mean_tokens": 4.0}
+    rate = {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    return EvalResult(
+        run="run",
+        kind="sims",
+        model="m",
+        oracle="length:3",
+        learner="caa",
+        steered=True,
+        num_prompts=2,
+        max_new_tokens=4,
+        scores={"length:3": ScoreComparison(ci, ci, ci)},
+        fluency={"base": fluency, "policy": {**fluency, "perplexity": math.nan}},
+        win_rates_vs_base={"length:3": {"win_rate": rate, "lc_win_rate": rate, "position_flips": 0.0}},
+        costs={"total": {"seconds": 1.0}},
+        training_costs={"seconds": 2.0, "tokens_generated": 10, "tokens_forward": 5},
+    ).to_json()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("scores.length:3.policy.mean", "high"),
+        ("scores.length:3.delta.ci_low", NAN),
+        ("fluency.base.perplexity", "x"),
+        ("num_prompts", -1),
+        ("steered", "yes"),
+        ("training_costs.seconds", -1.0),
+        ("oracle", MISSING),
+    ],
+)
+def test_a_hand_edited_eval_json_is_refused_by_compare(field, value, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    good = _eval_result()
+    assert json.loads(json.dumps(good))["fluency"]["policy"]["perplexity"] is None  # NaN written null
+    (run / "eval.json").write_text(json.dumps(good))
+    assert main(["compare", str(run), "-o", str(tmp_path / "cmp")]) == 0  # the unedited file is fine
+    data = json.loads(json.dumps(good))
+    node = data
+    *parents, last = field.replace("length:3", "length|3").split(".")
+    parents = [p.replace("length|3", "length:3") for p in parents]
+    for key in parents:
+        node = node[key]
+    if value is MISSING:
+        node.pop(last)
+    else:
+        node[last] = value
+    (run / "eval.json").write_text(json.dumps(data))
+    before = tree_hash(run)
+    line = one_line_error(capsys, ["compare", str(run), "-o", str(tmp_path / "cmp2")])
+    assert "eval.json" in line and f"'{field}" in line, line
+    assert tree_hash(run) == before

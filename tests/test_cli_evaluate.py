@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from simsteer.cli.main import main
-from simsteer.evaluation.run_eval import EvalConfig, evaluate_run
+from simsteer.evaluation.run_eval import EvalConfig, EvalResult, evaluate_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -128,9 +128,11 @@ def test_baselines_eval_report_and_compare(tmp_path, tiny_run, capsys):
 def test_eval_api_on_a_run_with_other_prompts(tmp_path, tiny_run, tiny_lm):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"instruction": "a good cat"}\n{"prompt": "the rain"}\n')
-    result = evaluate_run(
+    record = evaluate_run(
         tiny_run, EvalConfig(prompts=str(prompts), scorers=("sentiment",), bootstrap_rounds=20), lm=tiny_lm
     )
+    result = json.loads(json.dumps(record.to_json()))  # what eval.json holds
+    assert EvalResult.from_json(result).to_json() == result  # read back as written
     assert result["num_prompts"] == 2 and len(result["samples"]) == 2
     assert result["history"] and result["training_costs"]["tokens_generated"] > 0
     # Per-prompt values, for pooling seeds (evaluation/pooled.py), agree with the summaries.
@@ -190,8 +192,8 @@ def test_eval_mc_caches_the_unsteered_scores(tmp_path, tiny_run, tiny_lm, eval_d
         mc_limit=3,
         data=str(eval_data),
     )
-    first = evaluate_run(tiny_run, config, lm=tiny_lm)["mc"]
-    second = evaluate_run(tiny_run, config, lm=tiny_lm)["mc"]
+    first = evaluate_run(tiny_run, config, lm=tiny_lm).mc
+    second = evaluate_run(tiny_run, config, lm=tiny_lm).mc
     for task in ("arc_easy", "truthfulqa_mc2"):
         assert second[task]["base"].pop("cached") is True
         assert second[task]["base"] == first[task]["base"]

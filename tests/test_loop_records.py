@@ -20,6 +20,7 @@ from simsteer.loop.records import (
     SampleRecord,
     TrainingPair,
 )
+from simsteer.schema import SchemaError
 
 #: A run directory written by simsteer 0.1.0 (``sims run --variant cs`` with the guard,
 #: T=1, on the tiny test model), before the records existed: config format 1.
@@ -149,7 +150,7 @@ def test_sample_judge_info_only_when_given():
 def test_missing_required_entry_is_an_error():
     row = EvalRecord(0, "p", "prompt", "answer", 3, True, None).to_json()
     del row["response"]
-    with pytest.raises(KeyError, match="response"):
+    with pytest.raises(SchemaError, match="'response' is missing"):
         EvalRecord.from_json(row)
 
 

@@ -59,7 +59,7 @@ def test_typed_readers(old_run):
     assert len(bank) == 4 and bank.config.top == 3
     assert [p.multiplier for p in old_run.read_calibration(0)] == [0.5, 1.0]
     assert old_run.read_calibration_base().perplexity > 0
-    assert old_run.read_outcome()["final_policy"] == 0
+    assert old_run.read_outcome().final_policy == 0
     assert [p.id for p in old_run.read_prompts(old_run.eval_prompts)] == ["7", "8"]
     assert old_run.read_prompts(old_run.root / "missing.jsonl") == []
 
@@ -68,7 +68,7 @@ def test_unreadable_row_is_one_clear_error(old_run):
     row = json.loads(old_run.iteration_summary(1).read_text())
     del row["policy"]
     old_run.iteration_summary(1).write_text(json.dumps(row))
-    with pytest.raises(SimsError, match=r"iter_1/summary.json was not written by this simsteer version"):
+    with pytest.raises(SimsError, match=r"iter_1/summary\.json: field 'policy' is missing"):
         old_run.history()
 
 

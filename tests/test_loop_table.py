@@ -16,7 +16,7 @@ EXPECTED_TABLE = (
     "  iter 0 calibration: strength x0.5 (score +0.000)"
 )
 EXPECTED_OUTCOME = (
-    "final policy: iteration 0\n"
+    "final policy: iteration 0 (the unsteered model)\n"
     "held-out score -0.125 -> -0.125 (improvement +0.000, 95% CI [+0.000, +0.000], 2 prompts)\n"
     "fluency vs unsteered: perplexity x1.000, repetition +0.000, loops +0.000"
 )

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 import torch
-from simsteer.generation.torch_engine import DecodeSettings, Job
 
 from simsteer.functions import AddVector
+from simsteer.generation.torch_engine import DecodeSettings, Job
 from simsteer.policy import Policy
 from simsteer.serve.engine import BatchEngine, GenerationRequest, _RowSafeEngine, non_finite_rows
 from simsteer.steering import Steering

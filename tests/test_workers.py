@@ -316,3 +316,32 @@ def test_worker_spec_records_how_the_model_was_loaded(tiny_lm, tiny_model_dir):
         WorkerSpec.of(tiny_lm, get_oracle(SELF_JUDGE, lm=tiny_lm)).oracle
         == get_oracle(SELF_JUDGE, lm=tiny_lm).describe()
     )
+
+
+def test_the_model_digest_tells_other_weights_apart(tiny_lm, tiny_model_dir, tmp_path):
+    from simsteer.workers.pool import model_digest
+
+    from .conftest import build_tiny_model
+
+    same = load_model(str(tiny_model_dir), device="cpu", dtype="fp32")
+    other = load_model(str(build_tiny_model(tmp_path / "other", seed=1)), device="cpu", dtype="fp32")
+    assert model_digest(tiny_lm) == model_digest(same) == WorkerSpec.of(tiny_lm).digest
+    assert model_digest(other) != model_digest(tiny_lm)
+
+
+@needs_ray
+def test_a_worker_that_loads_other_weights_at_the_path_is_refused(cluster, tmp_path):
+    """A node whose files at the model's path are another model's (here: the folder is
+    rewritten between the driver's load and the pool's start) would change every artefact."""
+    from .conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "model", seed=0)
+    lm = load_model(str(path), device="cpu", dtype="fp32")
+    spec = WorkerSpec.of(lm)
+    build_tiny_model(path, seed=1)  # what the worker finds at that path
+    with pytest.raises(SimsError, match="loaded another model from") as err:
+        RayPool(spec, workers=1)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    build_tiny_model(path, seed=0)  # the same weights again: the pool starts
+    with RayPool(spec, workers=1) as pool:
+        assert pool.worker_info()[0]["digest"] == spec.digest

@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import SimsError
+from .schema import check
 
 DEFAULT_PROMPTS = "everyday_prompts.jsonl"
 
@@ -22,17 +23,23 @@ class Prompt:
     @classmethod
     def from_json(cls, row: Any) -> Prompt:
         """A prompt row of a run directory (``{"id": ..., "prompt": ...}``); a row of
-        another shape raises ``TypeError`` naming the field.
+        another shape raises :class:`~simsteer.schema.SchemaError` naming the field.
 
         Args:
             row: the parsed JSON row.
         """
-        if not isinstance(row, dict):
-            raise TypeError(f"a prompt row must be a JSON object, got {type(row).__name__}")
-        for key in ("id", "prompt"):
-            if not isinstance(row.get(key), str):
-                raise TypeError(f"field {key!r} must be text, got {row.get(key)!r}")
+        check(PromptRow, row)
         return cls(row["id"], row["prompt"])
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """A row of a run's prompt files, as :func:`simsteer.schema.check` reads it."""
+
+    schema_open: ClassVar[bool] = True  # a file may carry other keys (a source's metadata)
+
+    id: str
+    prompt: str
 
 
 def load_prompts(path: str | Path | None = None) -> list[Prompt]:

@@ -18,13 +18,12 @@ policy, possibly empty) is :class:`simsteer.policy.Policy`.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -36,6 +35,7 @@ from .errors import SimsError
 from .functions import SteeringFunction, function_kind
 from .hooks import POSITIONS, Edit, RowSelector, check_positions, steer
 from .io import atomic_write_bytes, is_temporary, staged_dir, write_json
+from .schema import Rule, SchemaError, check
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Steering", "SteeringFunction", "function_kind"]
 
@@ -72,6 +72,42 @@ def site_width(model: nn.Module, index: int, site: str) -> int | None:
     return int(width) if width else None
 
 
+@dataclass(frozen=True)
+class _LayerEntry:
+    """One layer's function in ``steering_config.json``."""
+
+    schema_open: ClassVar[bool] = True
+
+    kind: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _ModelSizes:
+    """What a steering's ``fingerprint`` says of the model's sizes (other keys are free)."""
+
+    schema_open: ClassVar[bool] = True
+
+    hidden_size: Annotated[int, Rule(low=1)] | None = None
+    num_layers: Annotated[int, Rule(low=1)] | None = None
+
+
+@dataclass(frozen=True)
+class SteeringFile:
+    """The fields of ``steering_config.json`` that :func:`check_config` checks (with
+    :func:`simsteer.schema.check`); the layer keys and positions are checked beside."""
+
+    schema_open: ClassVar[bool] = True
+
+    learner: str
+    layers: dict[str, _LayerEntry]
+    fingerprint: _ModelSizes
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    positions: str = "all"
+    strength: float = 1.0
+
+
 def check_config(file: Path, config: Any) -> None:
     """Refuse a ``steering_config.json`` whose fields have the wrong type, in one line
     naming the file and the field (a hand edit must not end in a traceback or a NaN).
@@ -80,40 +116,19 @@ def check_config(file: Path, config: Any) -> None:
         file: the file, for the message.
         config: its parsed JSON.
     """
-
-    def bad(name: str, expected: str, value: Any) -> SimsError:
-        return SimsError(f"{file}: field {name!r} must be {expected}, got {json.dumps(value)[:80]}")
-
     if not isinstance(config, dict):
-        raise bad("(top level)", "a JSON object", config)
+        raise SchemaError(f"{file}: must hold a JSON object, got {json.dumps(config)[:80]}")
     if config.get("format_version") != FORMAT_VERSION:
         raise SimsError(f"{file.parent}: steering format {config.get('format_version')!r} is not supported")
-    for name, kind, expected in (
-        ("learner", str, "text"),
-        ("layers", dict, "an object of layer index -> function"),
-        ("fingerprint", dict, "an object"),
-    ):
-        if not isinstance(config.get(name), kind):
-            raise bad(name, expected, config.get(name))
-    for name in ("hyperparameters", "metadata"):
-        if not isinstance(config.get(name, {}), dict):
-            raise bad(name, "an object", config.get(name))
-    if config.get("positions", "all") not in POSITIONS:
-        raise bad("positions", f"one of {', '.join(POSITIONS)}", config.get("positions"))
-    strength = config.get("strength", 1.0)
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
-        raise bad("strength", "a finite number", strength)
-    for key, info in config["layers"].items():
+    layers = config.get("layers")
+    for key in layers if isinstance(layers, dict) else ():
         if not key.isdigit():
-            raise bad(f"layers.{key}", "keyed by a layer index", key)
-        if not isinstance(info, dict) or not isinstance(info.get("kind"), str):
-            raise bad(f"layers.{key}.kind", "text", info.get("kind") if isinstance(info, dict) else info)
-        if not isinstance(info.get("params"), dict):
-            raise bad(f"layers.{key}.params", "an object", info.get("params"))
-    for name in ("hidden_size", "num_layers"):
-        value = config["fingerprint"].get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise bad(f"fingerprint.{name}", "a positive integer", value)
+            raise SchemaError(f"{file}: field 'layers.{key}' must be keyed by a layer index, got {key!r}")
+    check(SteeringFile, config, str(file))
+    if config.get("positions", "all") not in POSITIONS:
+        raise SchemaError(
+            f"{file}: field 'positions' must be one of {', '.join(POSITIONS)}, got {config['positions']!r}"
+        )
 
 
 def check_replaceable(path: Path) -> None:

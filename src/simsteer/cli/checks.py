@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SimsError
-from .options import INT_LIMIT
+from ..schema import expected
 
 
 # -- learners from options ----------------------------------------------------------------
@@ -46,15 +45,11 @@ def checked_learner(name: Any, options: dict[str, Any], where: str = "-L") -> An
 
 
 def _option_problem(default: Any, value: Any) -> str | None:
-    """What is wrong with ``value`` for an option whose default is ``default`` (None: fine)."""
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "true or false"
-    if isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool) and -INT_LIMIT <= value < INT_LIMIT
-        return None if ok else "an integer"
-    if isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else "a finite number"
+    """What is wrong with ``value`` for an option whose default is ``default`` (None: fine):
+    a number, integer or switch default takes what :mod:`simsteer.schema` allows for its
+    type; text options keep what JSON gives."""
+    if isinstance(default, bool | int | float):
+        return expected(type(default), value)
     if isinstance(default, str):
         return None if not isinstance(value, bool | float | dict) and value is not None else "text"
     return None

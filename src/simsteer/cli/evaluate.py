@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     workers = {"workers": args.workers, "ray_address": args.ray_address}
     result = evaluate_run(args.run, config, trusted=trusted, **workers)
     path = write_report(result, Path(args.out or args.run))
-    for judge, w in result["win_rates_vs_base"].items():
+    for judge, w in result.win_rates_vs_base.items():
         v = w["win_rate"]
         print(
             f"win rate vs base ({judge}): {100 * v['value']:.1f}% "

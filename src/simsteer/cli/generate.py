@@ -91,6 +91,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=False if args.quiet else "generating",
     )
+    # A run that kept the unsteered model has a final/ without layers: its answers are unsteered.
+    steered = not policy.is_unsteered
+    if args.steering and not steered and not args.quiet:
+        print(
+            f"{args.steering} holds no steering (the unsteered model): answers are unsteered", file=sys.stderr
+        )
     rows = [
         {
             "id": p.id,
@@ -98,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "sample": k,
             "response": g.text,
             "num_tokens": g.num_tokens,
-            "steered": bool(args.steering),
+            "steered": steered,
         }
         for p, gs in zip(prompts, gens, strict=True)
         for k, g in enumerate(gs)

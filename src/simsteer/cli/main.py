@@ -33,6 +33,9 @@ from .sweep import add_parser as add_sweep
 #: Exit status of a known user mistake (a :class:`SimsError`) and of an unexpected error.
 EXIT_MISTAKE = 2
 EXIT_UNEXPECTED = 1
+#: Exit status when the reader of the output closed it early (128 + SIGPIPE, as a shell
+#: reports a tool that the closed pipe stopped); nothing is printed.
+EXIT_BROKEN_PIPE = 141
 #: Set to 1 to see the traceback of an unexpected error (the one line is printed too).
 DEBUG_ENV = "SIMS_DEBUG"
 
@@ -99,7 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.given = given_options(argv)
         _quiet_libraries()
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
+    except BrokenPipeError:
+        # Whoever read the output stopped (`sims info RUN | head`): nothing went wrong.
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except SimsError as exc:
         _report(str(exc))
         return EXIT_MISTAKE
@@ -111,6 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         _report(f"{type(exc).__name__}: {exc}")
         return EXIT_UNEXPECTED
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still
+    buffered for a closed pipe does not print a traceback at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (captured): nothing buffered to lose
+        pass
 
 
 def _report(message: str) -> None:

@@ -22,6 +22,7 @@ from ..loop.bank import BankConfig
 from ..loop.config import SIMSConfig
 from ..loop.guard import SELECTIONS, GuardConfig
 from ..oracles.llm_judge import MODES, JudgeConfig
+from ..schema import INT_LIMIT  # beyond a 64-bit range no setting is sensible (torch overflows)
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,8 +33,6 @@ class Parser(argparse.ArgumentParser):
 
 
 # -- argument types (argparse reports their ValueError-like failures in one line) -------
-#: Integers beyond a 64-bit range reach no setting sensibly (and overflow torch).
-INT_LIMIT = 2**63
 #: Seeds are mixed with step and batch indices before torch sees them: kept below 2**32.
 SEED_LIMIT = 2**32
 

@@ -207,7 +207,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     print(format_table(result.history))
     print(format_outcome(RunDir(result.run_dir).read_outcome()))
-    print(f"steering saved to {result.run_dir / 'final'}")
+    if result.policy.is_unsteered:
+        print(f"no steering kept: {result.run_dir / 'final'} holds the unsteered model")
+    else:
+        print(f"steering saved to {result.run_dir / 'final'}")
     return 0
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import atomic_write_bytes, read_json, write_json
+
+if TYPE_CHECKING:
+    from .run_eval import EvalResult
 
 
 def _plt():
@@ -137,8 +140,9 @@ def _cost_table(costs: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(result: dict[str, Any], folder: Path) -> Path:
+def write_report(record: EvalResult, folder: Path) -> Path:
     """Write ``eval.json``, ``report.md`` and the PNG plots into ``folder``."""
+    result = record.to_json()
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "eval.json", result)
     has_history = plot_history(result["history"], folder / "eval_curves.png")
@@ -296,7 +300,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
             f"{100 * r['win_ci'][1]:.1f}] ({r['judge']})"
             if r["win_ci"]
             else "-",
-            f"{r['perplexity']:.2f}",
+            "-" if r["perplexity"] is None else f"{r['perplexity']:.2f}",  # undefined: no tokens
             f"{r['distinct_2']:.3f}",
             f"{r['mean_tokens']:.1f}",
             *[f"{r[t][0]:.3f} ± {r[t][1]:.3f}" if t in r else "-" for t in tasks],
@@ -309,6 +313,13 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _read_result(path: Path) -> dict[str, Any]:
+    """``eval.json``, checked (:meth:`EvalResult.from_json`): one line naming a bad field."""
+    from .run_eval import EvalResult
+
+    return EvalResult.from_json(read_json(path), str(path)).to_json()
+
+
 def write_comparison(runs: Sequence[str | Path], out: Path, judge: str | None = None) -> str:
     """Read each run's ``eval.json``; write ``compare.md`` and ``compare.png`` into ``out``."""
     from ..errors import SimsError
@@ -318,7 +329,7 @@ def write_comparison(runs: Sequence[str | Path], out: Path, judge: str | None = 
         path = Path(run) / "eval.json"
         if not path.is_file():
             raise SimsError(f"{run} has no eval.json: run `sims eval {run}` first")
-        results.append(read_json(path))
+        results.append(_read_result(path))
     rows = compare_rows(results, judge)
     table = compare_table(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,13 @@ held-out prompts with the unsteered model and with the run's policy, then measur
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
 from ..oracles.llm_judge import JUDGE_WAITS
 from ..policy import load_policy
+from ..schema import NonNegativeInt, Rule, UndefinedFloat, check
 from ..stats import bootstrap_ci
 from ..steering import Steering
 from ..workers import LocalPool, WorkerPool, open_pool
@@ -94,8 +96,25 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class BaselineSettings:
+    """What a baseline folder's ``config.json`` records beside the mirrored run's settings
+    (:func:`~.baselines.write_baseline`); checked by :func:`read_run`."""
+
+    schema_open: ClassVar[bool] = True  # the run's own settings are there too
+
+    baseline: str = "sims"
+    like: str = ""
+    n: Annotated[int, Rule(low=1)] = 1
+    seed: int = 0
+    tokens_forward: NonNegativeInt = 0
+    fit_seconds: Annotated[float, Rule(low=0.0)] = 0.0
+    eval_oracle: dict[str, Any] | str | None = None
+
+
+@dataclass(frozen=True)
 class RunInfo:
-    """What a run or baseline folder says about itself."""
+    """What a run or baseline folder says about itself (``config``: its ``config.json``,
+    checked against :class:`~simsteer.loop.spec.RunSpec` and :class:`BaselineSettings`)."""
 
     path: Path
     kind: str  # "sims" or a baseline name
@@ -108,12 +127,111 @@ class RunInfo:
         return SamplingConfig(**self.config["sims"]["sampling"])
 
 
+@dataclass(frozen=True)
+class MeanCI:
+    """A mean with its 95% bootstrap interval."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass(frozen=True)
+class ScoreComparison:
+    """A scorer's mean on the unsteered model's answers, the policy's, and their paired delta."""
+
+    base: MeanCI
+    policy: MeanCI
+    delta: MeanCI
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What ``sims eval`` measures of a run or baseline folder (``eval.json``).
+
+    Attributes:
+        run, kind, model, oracle, learner: what was evaluated (``kind``: ``sims`` or a
+            baseline's name; ``oracle``: the one its win rates are judged by).
+        steered: whether the folder's policy steers (a run that kept the unsteered model
+            does not).
+        num_prompts, max_new_tokens: the held-out prompts answered, and the answer cap.
+        scores: per attribute scorer, the base, policy and paired-delta means.
+        fluency: ``base`` / ``policy`` -> the fluency report (perplexity null when undefined).
+        win_rates_vs_base: per judge, the win rate and LC win rate against the base answers.
+        alpaca_eval, mc: the optional benchmarks (empty when not asked for).
+        history: the run's summary rows; samples: answers shown side by side.
+        answers, per_prompt: every answer and per-prompt value (to pool seeds later).
+        costs, training_costs: what the evaluation and the policy cost.
+        seconds: the evaluation's wall time; config: the :class:`EvalConfig` used.
+    """
+
+    schema_open: ClassVar[bool] = True  # an older eval.json may hold keys no longer written
+
+    run: str
+    kind: str
+    model: str
+    oracle: str
+    learner: str | None
+    steered: bool
+    num_prompts: NonNegativeInt
+    max_new_tokens: NonNegativeInt
+    scores: dict[str, ScoreComparison]
+    fluency: dict[str, dict[str, UndefinedFloat]]
+    win_rates_vs_base: dict[str, dict[str, Any]]
+    costs: dict[str, Any]
+    training_costs: dict[str, Annotated[float, Rule(low=0.0)]]
+    # What ``sims compare`` does not need may be missing from an older eval.json.
+    alpaca_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mc: dict[str, Any] = dataclasses.field(default_factory=dict)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    samples: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    answers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    per_prompt: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: Annotated[float, Rule(low=0.0)] = 0.0
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    #: The keys of ``eval.json``, in the order it has always written them.
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "run", "kind", "model", "oracle", "learner", "steered", "num_prompts", "max_new_tokens",
+        "scores", "fluency", "win_rates_vs_base", "alpaca_eval", "mc", "history", "samples",
+        "answers", "per_prompt", "costs", "training_costs", "seconds", "config",
+    )  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``eval.json`` holds (NaN fluency values as null: JSON has no NaN)."""
+        out = {name: getattr(self, name) for name in self.KEYS}
+        out["scores"] = {name: dataclasses.asdict(c) for name, c in self.scores.items()}
+        out["fluency"] = {
+            side: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report.items()}
+            for side, report in self.fluency.items()
+        }
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "eval.json") -> EvalResult:
+        """A parsed ``eval.json``, checked (:func:`simsteer.schema.check`): a hand-edited
+        or damaged file raises :class:`~simsteer.schema.SchemaError` naming the field."""
+        check(cls, data, where)
+        scores = {
+            name: ScoreComparison(*(MeanCI(**c[side]) for side in ("base", "policy", "delta")))
+            for name, c in data["scores"].items()
+        }
+        fluency = {
+            side: {k: math.nan if v is None else v for k, v in report.items()}
+            for side, report in data["fluency"].items()
+        }
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        return cls(**{**values, "scores": scores, "fluency": fluency})
+
+
 def read_run(path: str | Path) -> RunInfo:
     """Load a run directory's config, final policy and per-iteration history."""
     run = RunDir(Path(path))
     if not run.is_run():
         raise SimsError(f"{path} is not a run directory (no config.json)")
+    run.spec()  # every field checked: one line naming a bad one
     cfg = read_json(run.config)
+    check(BaselineSettings, cfg, str(run.config))
     kind = cfg.get("baseline", "sims")
     policy = load_policy(run.final) if run.final.exists() else []
     policy = [s for s in policy if s.functions]  # an empty steering is the unsteered model
@@ -128,9 +246,9 @@ def eval_oracle(config: dict[str, Any]) -> dict[str, Any] | str:
     return config.get("eval_oracle") or config["oracle"]
 
 
-def _mean_ci(values: np.ndarray, rounds: int, seed: int) -> dict[str, float]:
+def _mean_ci(values: np.ndarray, rounds: int, seed: int) -> MeanCI:
     lo, hi = bootstrap_ci(values, rounds=rounds, seed=seed)
-    return {"mean": float(values.mean()), "ci_low": lo, "ci_high": hi}
+    return MeanCI(float(values.mean()), lo, hi)
 
 
 def _answers(
@@ -190,8 +308,9 @@ def evaluate_run(
     trusted: Collection[str] = (),
     workers: int | None = None,
     ray_address: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate a run directory or baseline folder; returns what ``eval.json`` holds.
+) -> EvalResult:
+    """Evaluate a run directory or baseline folder; returns what ``eval.json`` holds
+    (:meth:`EvalResult.to_json`).
 
     Args:
         trusted: the consent flags for what the folder names that runs code or sends a key
@@ -204,7 +323,7 @@ def evaluate_run(
 
     Example:
         >>> result = evaluate_run("runs/sims", EvalConfig(judges=("readability",), mc_tasks=("arc_easy",)))
-        >>> result["win_rates"]["readability"]["win_rate"]["value"]
+        >>> result.win_rates_vs_base["readability"]["win_rate"]["value"]
     """
     config = config or EvalConfig()
     clock = time.perf_counter()
@@ -257,7 +376,7 @@ def evaluate_run(
             answers = _answers(policy_pool, info, instr, sampling, meter, oracle, "alpaca", steered=True)
 
     rounds, seed = config.bootstrap_rounds, config.seed
-    scores: dict[str, Any] = {}
+    scores: dict[str, ScoreComparison] = {}
     # Per-prompt values, so that several seeds' evaluations can be pooled
     # (benchmarks/experiment_table.py) without answering again.
     per_prompt: dict[str, Any] = {"scores": {}}
@@ -268,11 +387,11 @@ def evaluate_run(
             s_ours = np.asarray(scorer.score(prompts, ours))
             cost.judge_calls += 2 * len(prompts)
             per_prompt["scores"][name] = {"base": s_base.tolist(), "policy": s_ours.tolist()}
-            scores[name] = {
-                "base": _mean_ci(s_base, rounds, seed),
-                "policy": _mean_ci(s_ours, rounds, seed),
-                "delta": _mean_ci(s_ours - s_base, rounds, seed),
-            }
+            scores[name] = ScoreComparison(
+                base=_mean_ci(s_base, rounds, seed),
+                policy=_mean_ci(s_ours, rounds, seed),
+                delta=_mean_ci(s_ours - s_base, rounds, seed),
+            )
     with meter.stage("fluency") as cost:
         ppl = {"base": perplexities(lm, prompts, base), "policy": perplexities(lm, prompts, ours)}
         fluency = {
@@ -315,29 +434,37 @@ def evaluate_run(
         {"prompt": p, "base": b, "policy": o}
         for p, b, o in list(zip(prompts, base, ours, strict=True))[: config.samples_shown]
     ]
-    return {
-        "run": str(info.path),
-        "kind": info.kind,
-        "model": model_cfg["source"],
-        "oracle": oracle_name,
-        "learner": info.config.get("learner", {}).get("name"),
-        "steered": bool(info.policy) or info.kind == "dpo",
-        "num_prompts": len(prompts),
-        "max_new_tokens": sampling.max_new_tokens,
-        "scores": scores,
-        "fluency": fluency,
-        "win_rates_vs_base": win_rates,
-        "alpaca_eval": alpaca,
-        "mc": mc,
-        "history": [row.to_json() for row in info.history],
-        "samples": shown,
-        "answers": {"prompts": prompts, "base": base, "policy": ours},
-        "per_prompt": per_prompt,
-        "costs": meter.to_dict(),
-        "training_costs": _training_costs(info),
-        "seconds": round(time.perf_counter() - clock, 2),
-        "config": {k: v for k, v in vars(config).items()},
-    }
+    return EvalResult(
+        run=str(info.path),
+        kind=info.kind,
+        model=model_cfg["source"],
+        oracle=oracle_name,
+        learner=info.config.get("learner", {}).get("name"),
+        steered=bool(info.policy) or info.kind == "dpo",
+        num_prompts=len(prompts),
+        max_new_tokens=sampling.max_new_tokens,
+        scores=scores,
+        fluency=fluency,
+        win_rates_vs_base=win_rates,
+        alpaca_eval=alpaca,
+        mc=mc,
+        history=[row.to_json() for row in info.history],
+        samples=shown,
+        answers={"prompts": prompts, "base": base, "policy": ours},
+        per_prompt=per_prompt,
+        costs=meter.to_dict(),
+        training_costs=_training_costs(info),
+        seconds=round(time.perf_counter() - clock, 2),
+        config={k: v for k, v in vars(config).items()},
+    )
+
+
+@dataclass(frozen=True)
+class MCCache:
+    """A cached multiple-choice result of the unsteered model (``$SIMSTEER_CACHE/mc``)."""
+
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
 
 
 def _mc_with_cached_base(
@@ -365,6 +492,7 @@ def _mc_with_cached_base(
     policies: dict[str, list[Steering]] = {"policy": policy} if policy else {}
     if path.is_file():
         cached = read_json(path)
+        check(MCCache, cached, str(path))
         out = {"base": {**cached["summary"], "cached": True}}
         if policies:
             out |= evaluate_mc(

@@ -145,35 +145,43 @@ def run_sweep(
             code = runner(argv)
             if code != 0 or not run.is_complete():
                 raise SimsError(f"sweep point {point_name(point)} failed (exit status {code})")
-        history = run.history()
-        last = history[-1]
-        rows.append(
-            {
-                **point,
-                "run": str(run.root),
-                "status": status,
-                "iterations_done": len(history) - 1,
-                "eval_score_base": history[0].eval_score,
-                "eval_score": last.eval_score,
-                "eval_perplexity": last.eval_fluency.perplexity if last.eval_fluency else None,
-                "tokens_generated": sum(r.tokens_generated for r in history),
-                "seconds": round(sum(r.seconds_total for r in history), 1),
-            }
-        )
+        rows.append({**point, "run": str(run.root), "status": status, **point_figures(run)})
     write_json(out / "results.json", rows)
     return rows
+
+
+def point_figures(run: RunDir) -> dict[str, Any]:
+    """A finished point's figures, each from the record that defines it: the policy the
+    run kept and its held-out scores from ``outcome.json`` (not the last policy's), that
+    policy's perplexity from its row, the costs summed over every row."""
+    history = run.history()
+    outcome = run.read_outcome()
+    if outcome is None:
+        raise SimsError(f"sweep point {run.root} has no outcome.json: continue it with sims run --resume")
+    kept = history[outcome.final_policy] if outcome.final_policy < len(history) else None
+    held = outcome.held_out
+    return {
+        "iterations_done": len(history) - 1,
+        "final_policy": outcome.final_policy,
+        "eval_score_base": None if held is None else held.base_score,
+        "eval_score": None if held is None else held.final_score,
+        "eval_perplexity": kept.eval_fluency.perplexity if kept and kept.eval_fluency else None,
+        "tokens_generated": sum(r.tokens_generated for r in history),
+        "seconds": round(sum(r.seconds_total for r in history), 1),
+    }
 
 
 def format_sweep(rows: list[dict[str, Any]], keys: Sequence[str]) -> str:
     def num(x: Any, spec: str) -> str:
         return "-" if x is None else f"{x:{spec}}"
 
-    head = [*keys, "base score", "final score", "final ppl", "tokens", "seconds", "status"]
+    head = [*keys, "base score", "kept policy", "final score", "final ppl", "tokens", "seconds", "status"]
     lines = ["  ".join(f"{h:>11}" for h in head)]
     for r in rows:
         cells = [
             *(str(r[k]) for k in keys),
             num(r["eval_score_base"], "+.3f"),
+            str(r["final_policy"]),
             num(r["eval_score"], "+.3f"),
             num(r["eval_perplexity"], ".2f"),
             str(r["tokens_generated"]),

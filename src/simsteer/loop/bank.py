@@ -11,15 +11,15 @@ keyed by (iteration, prompt id): adding a step's entries again replaces them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
 import numpy as np
 
 from ..errors import SimsError
 from ..oracles.base import Judgment, Oracle, win_rates
+from ..schema import NonNegativeInt, Probability, Rule, SchemaError, check
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ class BankConfig:
 class BankEntry:
     """One judged prompt."""
 
-    iteration: int
+    iteration: NonNegativeInt
     prompt_id: str
     prompt: str
-    responses: list[str]
-    preference: list[list[float]]
+    responses: Annotated[list[str], Rule(nonempty=True)]
+    preference: list[list[Probability]]
     reward: float
 
     @property
@@ -84,46 +84,17 @@ class BankEntry:
     @classmethod
     def from_json(cls, data: Any) -> BankEntry:
         """A row of ``bank.jsonl``, checked: a hand-edited or damaged row raises
-        ``KeyError`` (a missing field) or ``TypeError`` naming the field, never an entry
-        that fails later (a NaN reward, a preference matrix of the wrong size).
+        :class:`~simsteer.schema.SchemaError` naming the field, never an entry that fails
+        later (a NaN reward, a preference matrix of the wrong size).
 
         Args:
             data: the parsed JSON row.
         """
-        if not isinstance(data, dict):
-            raise TypeError(f"a row must be a JSON object, got {type(data).__name__}")
-        names = [f.name for f in fields(cls)]
-        for name in names:
-            if name not in data:
-                raise KeyError(name)
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise TypeError(f"unknown field {unknown[0]!r}")
-        if not _is_int(data["iteration"]) or data["iteration"] < 0:
-            raise TypeError(f"field 'iteration' must be an integer >= 0, got {data['iteration']!r}")
-        for name in ("prompt_id", "prompt"):
-            if not isinstance(data[name], str):
-                raise TypeError(f"field {name!r} must be text, got {data[name]!r}")
-        responses = data["responses"]
-        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-            raise TypeError(f"field 'responses' must be a non-empty list of texts, got {responses!r}")
-        k = len(responses)
-        rows = data["preference"]
-        if not isinstance(rows, list) or [len(r) if isinstance(r, list) else None for r in rows] != [k] * k:
-            raise TypeError(f"field 'preference' must be {k} x {k} (one row and column per response)")
-        if not all(_is_number(p) and 0.0 <= p <= 1.0 for row in rows for p in row):
-            raise TypeError("field 'preference' must hold probabilities (finite numbers in [0, 1])")
-        if not _is_number(data["reward"]):
-            raise TypeError(f"field 'reward' must be a finite number, got {data['reward']!r}")
+        check(cls, data)
+        k = len(data["responses"])
+        if [len(row) for row in data["preference"]] != [k] * k:
+            raise SchemaError(f"field 'preference' must be {k} x {k} (one row and column per response)")
         return cls(**data)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def contrast_reward(preference: np.ndarray) -> float:

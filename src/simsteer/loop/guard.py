@@ -29,7 +29,6 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import SimsError
 from ..fluency import distinct_n, ends_in_loop, perplexities, repetition_rate
@@ -39,6 +38,7 @@ from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import Prompt
 from ..steering import Steering
 from ..workers.pool import LocalPool, WorkerPool
+from .outcome import Selection
 from .records import CalibrationPoint, CalibrationRecord, IterationRecord, Measurement
 
 #: How the final policy is chosen (``GuardConfig.selection``).
@@ -373,13 +373,13 @@ class FluencyGuard:
             return history[-1].iteration
         return select_policy(*calibrated, self.config.selection)
 
-    def selection(self, history: Sequence[IterationRecord]) -> dict[str, Any] | None:
+    def selection(self, history: Sequence[IterationRecord]) -> Selection | None:
         """The ``selection`` section of ``outcome.json``: the rule, and the policy with the
         best calibration score (``None`` without the guard)."""
         calibrated = self._calibrated(history)
         if calibrated is None:
             return None
-        return {"rule": self.config.selection, "best_calibrated": select_policy(*calibrated, "best")}
+        return Selection(rule=self.config.selection, best_calibrated=select_policy(*calibrated, "best"))
 
     def _calibrated(
         self, history: Sequence[IterationRecord]

@@ -17,67 +17,16 @@ are ``None``, as they were left out of the dict rows:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
+
+from ..schema import NonNegativeInt, Probability, UndefinedFloat, check, undefined_fields
 
 R = TypeVar("R", bound="FlatRecord")
 
 #: Labels of a sample: D+, D-, a win rate of exactly 1/2, not picked by the variant
 #: (``pr``, ``cs``), or a prompt the oracle could not judge.
 LABELS = ("positive", "negative", "tie", "unused", "skipped")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-#: The field types a row may hold -> (what a value must be, how to say it). A hand-edited
-#: or damaged row is refused when read, naming the field, instead of failing later (a
-#: text score in a table's format string) or passing NaN on.
-FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "float": (_is_number, "a finite number"),
-    "int": (_is_int, "an integer"),
-    "str": (lambda v: isinstance(v, str), "text"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
-    "dict[str, float]": (
-        lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
-        "an object of numbers",
-    ),
-    "list[float]": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
-}
-
-
-def check_fields(cls: type, data: Any, undefined: bool = False) -> None:
-    """Raise ``TypeError`` naming the first field of ``data`` whose value does not have the
-    type ``cls`` declares for it (fields of other types, and missing ones, are left to
-    ``from_json``).
-
-    Args:
-        cls: a record dataclass.
-        data: the parsed JSON row.
-        undefined: plain ``float`` fields may also be NaN or null (a metric that is
-            undefined, such as the perplexity of answers without tokens).
-    """
-    if not isinstance(data, dict):
-        raise TypeError(f"a row must be a JSON object, got {type(data).__name__}")
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        kind = str(f.type)
-        optional = kind.endswith(" | None")
-        test, expected = FIELD_TYPES.get(kind.removesuffix(" | None"), (None, ""))
-        value = data[f.name]
-        if test is None or (optional and value is None) or test(value):
-            continue
-        if undefined and kind == "float" and (value is None or _is_nan(value)):
-            continue
-        raise TypeError(f"field {f.name!r} must be {expected}{' or null' if optional else ''}, got {value!r}")
 
 
 def _put(out: dict[str, Any], key: str, value: Any) -> None:
@@ -94,11 +43,13 @@ class FlatRecord:
     """``to_json`` / ``from_json`` of a record whose JSON is its fields, in field order
     (a field with a default may be missing from older files).
 
-    A record with ``undefined = True`` holds metrics that may be undefined (NaN in memory):
-    they are written as ``null`` (JSON has no NaN) and read back as NaN.
+    Fields annotated :data:`~simsteer.schema.UndefinedFloat` hold metrics that may be
+    undefined (NaN in memory): they are written as ``null`` (JSON has no NaN) and read back
+    as NaN. Every value is checked against the annotations (:func:`simsteer.schema.check`);
+    keys that name no field are left alone (``schema_open``).
     """
 
-    undefined: ClassVar[bool] = False
+    schema_open: ClassVar[bool] = True
     #: Optional fields left out of the JSON when ``None`` (added after files were written).
     omitted_when_none: ClassVar[tuple[str, ...]] = ()
 
@@ -108,34 +59,25 @@ class FlatRecord:
             for f in fields(self)  # type: ignore[arg-type]
             if not (f.name in self.omitted_when_none and getattr(self, f.name) is None)
         }
-        if self.undefined:
-            out = {k: None if _is_nan(v) else v for k, v in out.items()}
+        undefined = undefined_fields(type(self))
+        out = {k: None if k in undefined and _is_nan(v) else v for k, v in out.items()}
         return out
 
     @classmethod
     def from_json(cls: type[R], data: dict[str, Any]) -> R:
-        check_fields(cls, data, undefined=cls.undefined)
+        check(cls, data)
         names = fields(cls)  # type: ignore[arg-type]
-        for f in names:
-            if f.name not in data and f.default is MISSING and f.default_factory is MISSING:
-                raise KeyError(f.name)
         values = {f.name: data[f.name] for f in names if f.name in data}
-        if cls.undefined:
-            values = {k: math.nan if v is None and _plain_float(cls, k) else v for k, v in values.items()}
+        undefined = undefined_fields(cls)
+        values = {k: math.nan if v is None and k in undefined else v for k, v in values.items()}
         return cls(**values)
-
-
-def _plain_float(cls: type, name: str) -> bool:
-    return any(f.name == name and str(f.type) == "float" for f in fields(cls))
 
 
 @dataclass(frozen=True)
 class FluencyRecord(FlatRecord):
     """Fluency of a set of answers (:class:`simsteer.fluency.FluencyReport`, rounded)."""
 
-    undefined = True  # perplexity is NaN when no answer has tokens
-
-    perplexity: float
+    perplexity: UndefinedFloat  # NaN when no answer has tokens
     repetition: float
     distinct_2: float
     loop_share: float
@@ -149,11 +91,10 @@ class Measurement(FlatRecord):
     them; ``prompt_scores``: the oracle's score of each calibration answer, in prompt
     order, which the final choice between policies pairs up; absent in older runs)."""
 
-    undefined = True  # perplexity is NaN when no answer has tokens
     omitted_when_none = ("contrast_score", "prompt_scores")
 
     score: float
-    perplexity: float
+    perplexity: UndefinedFloat  # NaN when no answer has tokens
     repetition: float
     loop_share: float
     distinct_2: float
@@ -167,13 +108,12 @@ class CalibrationPoint(FlatRecord):
     guard's budgets (``fluent``: fluency, and the contrast budget when the run has contrast
     prompts)."""
 
-    undefined = True  # perplexity is NaN when no answer has tokens
     omitted_when_none = ("contrast_score", "prompt_scores")
 
     multiplier: float
     strength: float
     score: float
-    perplexity: float
+    perplexity: UndefinedFloat  # NaN when no answer has tokens
     repetition: float
     loop_share: float
     distinct_2: float
@@ -228,9 +168,7 @@ class CalibrationRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CalibrationRecord:
-        check_fields(cls, data)
-        if not isinstance(data.get("points"), list):
-            raise TypeError(f"field 'points' must be a list, got {data.get('points')!r}")
+        check(cls, data)
         return cls(
             base=Measurement.from_json(data["base"]),
             points=tuple(CalibrationPoint.from_json(p) for p in data["points"]),
@@ -261,12 +199,14 @@ class JudgingStats:
         train_pairs: SIMS-CS pairs trained on; bank_size: the response bank's size.
     """
 
-    ranking_parse_rate: float | None = None
-    judge_requests: int | None = None
-    judge_cache_hits: int | None = None
-    judge_parse_failures: int | None = None
-    train_pairs: int | None = None
-    bank_size: int | None = None
+    schema_open: ClassVar[bool] = True  # its keys are a row's
+
+    ranking_parse_rate: Probability | None = None
+    judge_requests: NonNegativeInt | None = None
+    judge_cache_hits: NonNegativeInt | None = None
+    judge_parse_failures: NonNegativeInt | None = None
+    train_pairs: NonNegativeInt | None = None
+    bank_size: NonNegativeInt | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -276,7 +216,7 @@ class JudgingStats:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JudgingStats:
-        check_fields(cls, data)
+        check(cls, data)
         return cls(**{name: data.get(name) for name in JUDGING_KEYS})
 
 
@@ -312,20 +252,22 @@ class IterationRecord:
             ``--engine auto`` resolved to for this policy).
     """
 
-    iteration: int
+    schema_open: ClassVar[bool] = True  # the judging entries are the row's keys
+
+    iteration: NonNegativeInt
     policy: str
     strength: float
     eval_score: float | None = None
     eval_fluency: FluencyRecord | None = None
     sample_score: float | None = None
     sample_fluency: FluencyRecord | None = None
-    num_prompts: int = 0
-    num_positive: int = 0
-    num_negative: int = 0
-    tokens_generated: int = 0
+    num_prompts: NonNegativeInt = 0
+    num_positive: NonNegativeInt = 0
+    num_negative: NonNegativeInt = 0
+    tokens_generated: NonNegativeInt = 0
     mean_response_tokens: float = 0.0
     judging: JudgingStats = field(default_factory=JudgingStats)
-    tokens_forward: int | None = None
+    tokens_forward: NonNegativeInt | None = None
     fit: FitRecord | None = None
     calibration: CalibrationRecord | None = None
     stop: str | None = None
@@ -364,7 +306,7 @@ class IterationRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IterationRecord:
-        check_fields(cls, data)
+        check(cls, data)
 
         def nested(key: str, kind: Any) -> Any:
             value = data.get(key)
@@ -407,15 +349,15 @@ class SampleRecord(FlatRecord):
         judge_info: the judge's traffic for the prompt (on sample 0 only).
     """
 
-    iteration: int
+    iteration: NonNegativeInt
     prompt_id: str
     prompt: str
-    sample: int
+    sample: NonNegativeInt
     response: str
-    num_tokens: int
+    num_tokens: NonNegativeInt
     finished: bool
     score: float | None
-    win_rate: float
+    win_rate: Probability
     label: str
     judged: bool = True
     judge_info: dict[str, Any] | None = None
@@ -436,10 +378,10 @@ class TrainingPair(FlatRecord):
     (``reward`` is ``None``).
     """
 
-    iteration: int
+    iteration: NonNegativeInt
     prompt_id: str
     prompt: str
-    sample: int
+    sample: NonNegativeInt
     response: str
     label: str
     reward: float | None = None
@@ -453,10 +395,10 @@ class TrainingPair(FlatRecord):
 class EvalRecord(FlatRecord):
     """Policy t's greedy answer to a held-out prompt, with the oracle's score."""
 
-    iteration: int
+    iteration: NonNegativeInt
     prompt_id: str
     prompt: str
     response: str
-    num_tokens: int
+    num_tokens: NonNegativeInt
     finished: bool
     score: float | None

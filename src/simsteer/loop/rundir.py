@@ -56,9 +56,10 @@ from typing import Any
 from ..errors import SimsError
 from ..io import exclusive_lock, is_temporary, read_json, read_jsonl, staged_dir, sweep_temporaries
 from ..prompts import Prompt
+from ..schema import SchemaError
 from ..steering import CONFIG_NAME, WEIGHTS_NAME
 from .bank import BankConfig, BankEntry, ResponseBank
-from .outcome import check_outcome
+from .outcome import OutcomeRecord
 from .records import CalibrationPoint, EvalRecord, IterationRecord, Measurement, SampleRecord, TrainingPair
 from .spec import RunSpec
 
@@ -227,12 +228,11 @@ class RunDir:
             return None
         return _parse(self.calibration_base, Measurement.from_json, read_json(self.calibration_base))
 
-    def read_outcome(self) -> dict[str, Any] | None:
-        """``outcome.json`` (see :func:`simsteer.loop.outcome.format_outcome`), if written;
-        checked by :func:`~simsteer.loop.outcome.check_outcome`."""
+    def read_outcome(self) -> OutcomeRecord | None:
+        """``outcome.json`` (:class:`~simsteer.loop.outcome.OutcomeRecord`), if written."""
         if not self.outcome.is_file():
             return None
-        return _parse(self.outcome, check_outcome, read_json(self.outcome))
+        return _parse(self.outcome, OutcomeRecord.from_json, read_json(self.outcome))
 
 
 @contextmanager
@@ -321,6 +321,8 @@ def _parse(path: Path, parse: Callable[[Any], Any], data: Any, where: str = "") 
     (and ``where`` in it, the row of a JSONL file) and the field."""
     try:
         return parse(data)
+    except SchemaError as exc:  # a field of the wrong type, or missing
+        raise SimsError(f"{path}{where}: {exc}") from None
     except (KeyError, TypeError) as exc:
         raise SimsError(
             f"{path}{where} was not written by this simsteer version ({type(exc).__name__}: {exc})"

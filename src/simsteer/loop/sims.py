@@ -160,11 +160,9 @@ class SIMS:
                 break
         write_json(run.summary, [row.to_json() for row in history])
         best = self.guard.final_index(history)
-        outcome = run_outcome(history, run.read_eval(0), run.read_eval(best), best)
         selection = self.guard.selection(history)
-        if selection is not None:
-            outcome["selection"] = selection
-        write_json(run.outcome, outcome)
+        outcome = run_outcome(history, run.read_eval(0), run.read_eval(best), best, selection)
+        write_json(run.outcome, outcome.to_json())
         policy = Policy(self._policy(run, best)).with_metadata(policy_iteration=best)
         # An empty policy (the unsteered model was best) is saved as a steering without layers.
         # The save replaces an older final/ in one step (a resumed, finished run).

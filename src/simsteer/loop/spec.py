@@ -10,16 +10,12 @@ its own registry accepts back (``get_oracle(spec.oracle)``,
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import SimsError
-from ..generation.sampling import SamplingConfig
-from .bank import BankConfig
+from ..schema import NonNegativeInt, SchemaError, check, check_value
 from .config import SIMSConfig
-from .guard import GuardConfig
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -42,9 +38,11 @@ class ModelSpec:
         fingerprint: architecture, hidden size and layer count (see ``model_fingerprint``).
     """
 
+    schema_open: ClassVar[bool] = True  # format 1 kept other keys here
+
     source: str
     dtype: str
-    device: str
+    device: str = ""
     trust_remote_code: bool = False
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
@@ -169,10 +167,12 @@ class RunSpec:
         >>> oracle = get_oracle(spec.oracle["name"])
     """
 
+    schema_open: ClassVar[bool] = True  # ``extra`` is written at the top level
+
     model: ModelSpec
     oracle: dict[str, Any]
     learner: dict[str, Any]
-    layers: list[int]
+    layers: list[NonNegativeInt]
     sims: SIMSConfig
     prompts: dict[str, Any] = field(default_factory=dict)
     simsteer_version: str = ""
@@ -285,88 +285,29 @@ class RunSpec:
         return out
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
-
-
-#: Annotation of a config field -> (test, what the value must be).
-_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "int": (_integer, "an integer"),
-    "float": (_number, "a finite number"),
-    "float | None": (lambda v: v is None or _number(v), "a finite number or null"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str": (lambda v: isinstance(v, str), "text"),
-    "tuple[float, ...]": (lambda v: isinstance(v, list) and all(map(_number, v)), "a list of numbers"),
-}
-
-
 def check_spec(data: Any, source: str = "config.json") -> None:
     """Refuse a ``config.json`` (hand-edited, damaged) whose fields have the wrong type,
-    in one line naming the file and the field; ranges are left to the configs.
+    in one line naming the file and the field (:func:`simsteer.schema.check` against
+    :class:`RunSpec`'s annotations); ranges are left to the configs.
 
     Args:
         data: the parsed file.
         source: the file, for the message.
     """
-
-    def bad(name: str, expected: str, value: Any) -> SimsError:
-        return SimsError(f"{source}: field {name!r} must be {expected}, got {json.dumps(value)[:80]}")
-
     if not isinstance(data, dict):
-        raise bad("(top level)", "a JSON object", data)
-    for name in ("model", "oracle", "learner", "sims"):
-        if not isinstance(data.get(name), dict):
-            raise bad(name, "an object", data.get(name))
+        raise SchemaError(f"{source}: must hold a JSON object, got {type(data).__name__}")
+    check(RunSpec, _with_defaults(data), source)
     for name in ("oracle", "learner"):
-        if not isinstance(data[name].get("name"), str):
-            raise bad(f"{name}.name", "text", data[name].get("name"))
-    model = data["model"]
-    for name, test, expected in (
-        ("source", lambda v: isinstance(v, str), "text"),
-        ("dtype", lambda v: isinstance(v, str), "text"),
-        ("device", lambda v: v is None or isinstance(v, str), "text"),
-        ("trust_remote_code", lambda v: isinstance(v, bool), "true or false"),
-        ("fingerprint", lambda v: isinstance(v, dict), "an object"),
-    ):
-        if (name in model or name in ("source", "dtype")) and not test(model.get(name)):
-            raise bad(f"model.{name}", expected, model.get(name))
-    layers = data.get("layers") or []
-    if not isinstance(layers, list) or not all(_integer(i) and i >= 0 for i in layers):
-        raise bad("layers", "a list of layer indices", layers)
-    if not isinstance(data.get("prompts") or {}, dict):
-        raise bad("prompts", "an object", data.get("prompts"))
-    _check_config(SIMSConfig, data["sims"], "sims", bad)
+        check_value(str, data[name].get("name"), source, f"{name}.name")
 
 
-def _check_config(cls: type, data: dict[str, Any], prefix: str, bad: Callable[..., SimsError]) -> None:
-    """Each key of ``data`` names a field of the config dataclass ``cls`` and has its type."""
-    known = {f.name: f for f in fields(cls)}
-    for key, value in data.items():
-        name = f"{prefix}.{key}"
-        if key not in known:
-            raise bad(name, f"one of the fields of {cls.__name__} (unknown field)", key)
-        kind = str(known[key].type)
-        nested = _NESTED.get(kind)
-        if nested is not None:
-            if not isinstance(value, dict):
-                raise bad(name, "an object", value)
-            _check_config(nested, value, name, bad)
-            continue
-        test, expected = _TYPES.get(kind, (None, ""))
-        if test is not None and not test(value):
-            raise bad(name, expected, value)
-
-
-#: The config dataclasses nested in :class:`SIMSConfig`, by annotation.
-_NESTED: dict[str, type] = {
-    "SamplingConfig": SamplingConfig,
-    "GuardConfig": GuardConfig,
-    "BankConfig": BankConfig,
-}
+def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with what older files leave out or write as null (``layers``, ``prompts``,
+    the model's ``device``) as the reader takes it."""
+    out = {**data, "layers": data.get("layers") or [], "prompts": data.get("prompts") or {}}
+    if isinstance(data.get("model"), dict) and data["model"].get("device", "") is None:
+        out["model"] = {**data["model"], "device": ""}
+    return out
 
 
 def _plain(value: Any) -> Any:

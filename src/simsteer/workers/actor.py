@@ -5,6 +5,7 @@ makes it an actor (``ray.remote(...)(ModelWorker)``) when a pool starts."""
 from __future__ import annotations
 
 import os
+import platform
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from ..generation.sampling import Generation, SamplingConfig
 from ..oracles.base import Judgment, Oracle, ScoreOracle
 from ..steering import Steering
 from .payload import load_policy, tensors_to_bytes
-from .pool import WorkerSpec
+from .pool import WorkerSpec, model_digest
 
 
 class ModelWorker:
@@ -34,15 +35,19 @@ class ModelWorker:
             self.oracle = get_oracle(spec.oracle, device=spec.device, lm=self.lm)
         self._key: str | None = None
         self._policy: list[Steering] = []
+        self._digest = model_digest(self.lm)
 
-    def info(self) -> dict[str, int]:
-        """The process id, the model's sizes and the process's peak resident memory."""
+    def info(self) -> dict[str, Any]:
+        """The process id, the model's sizes and digest (:func:`~.pool.model_digest`),
+        the process's node and peak resident memory."""
         import resource
 
         from ..architecture import num_attention_heads
 
         return {
             "pid": os.getpid(),
+            "node": platform.node(),
+            "digest": self._digest,
             "hidden_size": self.lm.hidden_size,
             "num_heads": num_attention_heads(self.lm.model),
             # ru_maxrss is in KiB on Linux

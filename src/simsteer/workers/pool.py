@@ -43,6 +43,9 @@ class WorkerSpec:
         oracle: the spec (``oracle.describe()``) of a model-based oracle the workers
             build and judge with; ``None``: the oracle stays in the driver.
         threads: torch threads per worker.
+        digest: :func:`model_digest` of the driver's model: a worker that loads another
+            model from ``source`` (another node's files at that path) is refused when
+            the pool starts (empty: not compared).
     """
 
     source: str
@@ -51,6 +54,7 @@ class WorkerSpec:
     trust_remote_code: bool = False
     oracle: dict[str, Any] | None = None
     threads: int = 1
+    digest: str = ""
 
     @classmethod
     def of(cls, lm: LoadedModel, oracle: Oracle | None = None, threads: int = 1) -> WorkerSpec:
@@ -71,7 +75,36 @@ class WorkerSpec:
             trust_remote_code=lm.trust_remote_code,
             oracle=oracle.describe() if oracle is not None and is_model_oracle(oracle) else None,
             threads=threads,
+            digest=model_digest(lm),
         )
+
+
+#: Values sampled from each tensor by :func:`model_digest` (evenly spaced).
+DIGEST_SAMPLES = 4096
+
+
+def model_digest(lm: LoadedModel) -> str:
+    """A fingerprint of what a loaded model computes: its architecture, its tokenizer's
+    vocabulary, and every tensor's name, dtype, shape and values (up to
+    :data:`DIGEST_SAMPLES` evenly spaced values per tensor: other weights differ there,
+    and a 2 GB model is fingerprinted in well under a second).
+
+    Args:
+        lm: the loaded model.
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(lm.fingerprint(), sort_keys=True).encode())
+    vocab = lm.tokenizer.get_vocab() if hasattr(lm.tokenizer, "get_vocab") else {}
+    digest.update(json.dumps(sorted(vocab.items())).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(lm.model.state_dict().items()):
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // DIGEST_SAMPLES)
+            digest.update(flat[::step][:DIGEST_SAMPLES].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def is_model_oracle(oracle: Oracle) -> bool:

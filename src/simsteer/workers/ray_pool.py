@@ -146,10 +146,12 @@ class RayPool(WorkerPool):
         self.actors = [actor.remote(spec) for _ in range(workers)]
         self._policies: dict[str, list[Any]] = {}
         try:
-            self._info = self._get([a.info.remote() for a in self.actors])[0]
+            infos = self._get([a.info.remote() for a in self.actors])
+            _check_same_model(spec, infos)
         except BaseException:
             self.close()
             raise
+        self._info = infos[0]
 
     # -- the pool ------------------------------------------------------------------
     def generate(
@@ -247,7 +249,7 @@ class RayPool(WorkerPool):
         )
         return data, num_tokens
 
-    def worker_info(self) -> list[dict[str, int]]:
+    def worker_info(self) -> list[dict[str, Any]]:
         """Each worker's process id (a restarted worker has a new one), model sizes and
         peak resident memory (``peak_rss_bytes``)."""
         return list(self._get([a.info.remote() for a in self.actors]))
@@ -358,6 +360,20 @@ class RayPool(WorkerPool):
             said = [line.split(mark, 1)[1] for line in str(exc).splitlines() if mark in line]
             first = said[-1] if said else re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().split("\n")[0]
             raise SimsError(f"a Ray worker failed: {first}") from None
+
+
+def _check_same_model(spec: WorkerSpec, infos: Sequence[dict[str, Any]]) -> None:
+    """Refuse workers whose model is not the driver's (:func:`~.pool.model_digest`): a node
+    that holds other files at ``spec.source`` would silently change every artefact."""
+    if not spec.digest:
+        return
+    for i, info in enumerate(infos):
+        if info.get("digest") != spec.digest:
+            raise SimsError(
+                f"Ray worker {i} (node {info.get('node', '?')}, pid {info.get('pid', '?')}) loaded another "
+                f"model from {spec.source} than this process (digest {str(info.get('digest'))[:12]}, "
+                f"here {spec.digest[:12]}): every node must hold the same model files at that path"
+            )
 
 
 def open_pool(
