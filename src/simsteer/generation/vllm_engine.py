@@ -179,6 +179,9 @@ class VllmBackend:
         if self.on_cpu:
             _cpu_environment(self.options.tensor_parallel_size)
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        library_log = logging.getLogger("vllm")  # its start-up chatter, unless a level was set
+        if library_log.level == logging.NOTSET:
+            library_log.setLevel(logging.ERROR)
         folder = model_folder(lm)
         from vllm import LLM
 
