@@ -231,8 +231,18 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
     )
     group.add_argument("--top-k", type=integer, default=base.top_k, help="0 = off (default %(default)s)")
     group.add_argument("--top-p", type=number, default=base.top_p, help="1 = off (default %(default)s)")
-    group.add_argument("--max-new-tokens", type=integer, default=base.max_new_tokens)
-    group.add_argument("--batch-size", type=integer, default=base.batch_size)
+    group.add_argument(
+        "--max-new-tokens",
+        type=integer,
+        default=base.max_new_tokens,
+        help="most tokens generated per answer (default %(default)s)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=integer,
+        default=base.batch_size,
+        help="most sequences decoded together; never changes a sample (default %(default)s)",
+    )
     group.add_argument(
         "--cache-mb",
         type=integer,
@@ -248,7 +258,12 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
         "(additive policies; pip install 'simsteer[llamacpp]'); auto: llamacpp when it can "
         "(default %(default)s)",
     )
-    group.add_argument("--seed", type=seed, default=SIMSConfig().seed)
+    group.add_argument(
+        "--seed",
+        type=seed,
+        default=SIMSConfig().seed,
+        help="random seed: the same seed gives the same samples at any batch size (default %(default)s)",
+    )
 
 
 def add_guard_options(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,11 @@ _WHY = "a run directory may have been edited by someone else"
 def _needs_consent(spec: RunSpec) -> list[tuple[str, str, str]]:
     """(parser dest, flag to type, what it allows) for each thing the run would execute
     or send that only an explicit flag may allow (:func:`~simsteer.loop.spec.consents`)."""
-    return consents(spec.oracle, spec.model)
+    needs = consents(spec.oracle, spec.model)
+    learner = str(spec.learner.get("name", ""))
+    if learner.startswith("python:"):
+        needs.append(("learner", f"--learner {learner}", f"its learner imports and runs {learner[7:]}"))
+    return needs
 
 
 def check_trust(args: argparse.Namespace, spec: RunSpec) -> None:
