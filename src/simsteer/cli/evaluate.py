@@ -48,7 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--prompts", default=None, help="held-out prompts (default: the run's eval_prompts.jsonl)"
     )
     ev.add_argument(
-        "--limit", type=positive, default=None, help="answer only the first N held-out prompts (default: all)"
+        "--limit",
+        type=positive,
+        default=None,
+        help="answer only the first N held-out prompts (--task refusal: of each set; default: all)",
     )
     ev.add_argument("--quiet", action="store_true", help="no stage lines on stderr; the figures only")
     ev.add_argument("--max-new-tokens", type=positive, default=None)
