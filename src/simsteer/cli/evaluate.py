@@ -54,7 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="answer only the first N held-out prompts (--task refusal: of each set; default: all)",
     )
     ev.add_argument("--quiet", action="store_true", help="no stage lines on stderr; the figures only")
-    ev.add_argument("--max-new-tokens", type=positive, default=None)
+    ev.add_argument(
+        "--max-new-tokens", type=positive, default=None, help="answer length cap (default: the run's)"
+    )
     ev.add_argument(
         "--data-dir",
         "--data",
@@ -72,7 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("compare", help="several evaluated runs in one table and plot")
     cmp_.add_argument("runs", nargs="+")
     cmp_.add_argument("--judge", default=None, help="which judge's win rate to show")
-    cmp_.add_argument("--out", "-o", default="runs/compare")
+    cmp_.add_argument(
+        "--out", "-o", default="runs/compare", help="folder for compare.md/.json/.png (default %(default)s)"
+    )
     cmp_.set_defaults(func=cmd_compare)
 
     jc = sub.add_parser("judge-check", help="an oracle's agreement with human preference pairs")

@@ -363,8 +363,18 @@ def add_judge_options(p: argparse.ArgumentParser) -> None:
         help="environment variable with the API key (only its name is saved; default: no key is sent; "
         "a key goes over https, or plain http to loopback only)",
     )
-    group.add_argument("--judge-mode", choices=MODES, default=fields["mode"].default)
-    group.add_argument("--judge-concurrency", type=positive, default=fields["concurrency"].default)
+    group.add_argument(
+        "--judge-mode",
+        choices=MODES,
+        default=fields["mode"].default,
+        help="pairwise: each pair in both orders; rank: all K answers in one request (default %(default)s)",
+    )
+    group.add_argument(
+        "--judge-concurrency",
+        type=positive,
+        default=fields["concurrency"].default,
+        help="most requests in flight at once (default %(default)s)",
+    )
     group.add_argument(
         "--judge-timeout", type=positive_number, default=fields["timeout"].default, help="seconds per request"
     )
