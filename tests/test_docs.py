@@ -22,9 +22,9 @@ FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 
 def _mkdocs_build(root: Path, site: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("mkdocs", reason="mkdocs (the dev extra) builds the docs site")
+    config = ["-f", str(root / "mkdocs.yml"), "-d", str(site)]
     return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet"]
-        + ["-f", str(root / "mkdocs.yml"), "-d", str(site)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", *config],
         capture_output=True,
         text=True,
         cwd=root,
