@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,10 @@ def pages_with_python() -> list[str]:
 
 def run_page(page: Path, namespace: dict | None = None, replace: dict[str, str] | None = None) -> dict:
     """Run the page's python blocks in order in one namespace; returns the namespace."""
-    namespace = {"__name__": "__docs_example__"} if namespace is None else namespace
+    if namespace is None:  # a real module, so that dataclasses (and pickling) find it
+        module = types.ModuleType(f"docs_example_{page.stem.replace('-', '_')}")
+        sys.modules[module.__name__] = module
+        namespace = module.__dict__
     ran = 0
     for marker, code in blocks(page):
         if marker.startswith("skip-test"):
@@ -74,9 +79,10 @@ def tiny_everywhere(tiny_lm, monkeypatch, tmp_path):
 
 
 @pytest.fixture()
-def tone_server(tiny_lm, monkeypatch):
-    """A real ``sims serve`` app (torch engine, key from ``$SIMS_KEY``) serving a steering
-    named ``tone`` on a free loopback port; yields the ``host:port``."""
+def serve_tone(tiny_lm, monkeypatch):
+    """Start a real ``sims serve`` app (torch engine) serving a steering named ``tone`` on a
+    free loopback port, keyed with ``$SIMS_KEY`` as the docs say or open; returns the
+    ``host:port``."""
     pytest.importorskip("uvicorn")
     import uvicorn
 
@@ -84,24 +90,30 @@ def tone_server(tiny_lm, monkeypatch):
     from simsteer.serve.config import ServeConfig
     from simsteer.serve.engine import BatchEngine
 
-    monkeypatch.setenv("SIMS_KEY", KEY)
-    tone = Steering({1: AddVector(torch.full((tiny_lm.hidden_size,), 5.0))}, "caa", tiny_lm.fingerprint())
-    engine = BatchEngine(tiny_lm, {"tone": [tone]}, max_batch=8, wait_s=0.02)
-    engine.start()
-    config = ServeConfig(api_key=os.environ["SIMS_KEY"], max_tokens_limit=64)
-    app = create_app(engine, config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
+    started = []
+
+    def start(keyed: bool = True) -> str:
+        monkeypatch.setenv("SIMS_KEY", KEY)
+        tone = Steering({1: AddVector(torch.full((tiny_lm.hidden_size,), 5.0))}, "caa", tiny_lm.fingerprint())
+        engine = BatchEngine(tiny_lm, {"tone": [tone]}, max_batch=8, wait_s=0.02)
+        engine.start()
+        config = ServeConfig(api_key=os.environ["SIMS_KEY"] if keyed else None, max_tokens_limit=64)
+        app = create_app(engine, config)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        started.append((server, thread, engine))
+        for _ in range(400):
+            if server.started:
+                break
+            time.sleep(0.05)
+        return f"127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    yield start
+    for server, thread, engine in started:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
 
 
 def test_every_page_with_python_is_covered():
@@ -110,24 +122,27 @@ def test_every_page_with_python_is_covered():
     assert set(pages_with_python()) <= covered, set(pages_with_python()) - covered
 
 
-def test_readme_examples(tiny_everywhere, tone_server):
-    """The README's Python run + steering example and its serving examples (openai and curl)."""
-    namespace = run_page(ROOT / "README.md", replace={"127.0.0.1:8000": tone_server})
+def test_readme_and_python_guide_examples(tiny_everywhere, serve_tone):
+    """The README's examples (the Python run and steering, serving with openai and curl),
+    then the Python guide's in the same folder: both fit ``runs/demo`` with the same
+    settings, so the guide's ``fit`` resumes the finished run instead of running it again."""
+    host = serve_tone()
+    namespace = run_page(ROOT / "README.md", replace={"127.0.0.1:8000": host})
     assert namespace["reply"].choices[0].message.content is not None
     assert Path("runs/demo/final").is_dir()
-    _run_curl_blocks(ROOT / "README.md", tone_server)
+    _run_curl_blocks(ROOT / "README.md", host)
+    summary = Path("runs/demo/summary.json").read_bytes()
+    guide = run_page(ROOT / "docs" / "python-api.md")
+    assert Path("runs/demo/summary.json").read_bytes() == summary  # resumed, not redone
+    assert guide["spec"].learner["name"] == "caa"
+    assert guide["judge"].describe()["api_key_env"] == "OPENAI_API_KEY"
 
 
-def test_python_guide_examples(tiny_everywhere):
-    namespace = run_page(ROOT / "docs" / "python-api.md")
-    assert namespace["spec"].learner["name"] == "caa"
-    assert namespace["judge"].describe()["api_key_env"] == "OPENAI_API_KEY"
-
-
-def test_serving_examples(tiny_everywhere, tone_server):
-    namespace = run_page(ROOT / "docs" / "serving.md", replace={"127.0.0.1:8000": tone_server})
+def test_serving_examples(tiny_everywhere, serve_tone):
+    host = serve_tone()
+    namespace = run_page(ROOT / "docs" / "serving.md", replace={"127.0.0.1:8000": host})
     assert namespace["reply"].choices[0].message.content is not None
-    _run_curl_blocks(ROOT / "docs" / "serving.md", tone_server)
+    _run_curl_blocks(ROOT / "docs" / "serving.md", host)
 
 
 def _run_curl_blocks(page: Path, host: str) -> None:
@@ -145,11 +160,13 @@ def _run_curl_blocks(page: Path, host: str) -> None:
     assert ran, f"{page} has no curl example"
 
 
-def test_curl_without_json_content_type_gets_415(tone_server):
-    """What the docs warn about: curl's default content type is refused."""
+def test_curl_without_json_content_type_gets_415_from_a_server_without_a_key(serve_tone):
+    """What the docs warn about: curl's default content type is refused by an open server."""
+    host = serve_tone(keyed=False)
+    body = '{"model": "simsteer", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
     done = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{tone_server}/v1/chat/completions",
-         "-H", f"Authorization: Bearer {KEY}", "-d", '{"model": "simsteer", "messages": []}'],
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{host}/v1/chat/completions",
+         "-d", body],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.stdout == "415"
