@@ -202,6 +202,10 @@ def test_adding_a_learner_runs_from_the_cli_and_resumes_only_when_named(tiny_mod
     assert "--learner python:" in err and len(err.strip().splitlines()) == 1
     typed = ["--learner", f"python:{tmp_path / 'mean_shift.py'}:MeanShift"]
     assert main(["run", "--resume", str(out), *typed, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["baseline", "random", "--like", str(out), "-o", str(tmp_path / "random")]) == 2
+    assert "its learner python:" in capsys.readouterr().err  # never imported from a run directory
+    assert not (tmp_path / "random").exists()
 
 
 def test_learners_page_example_fits_a_fluent_scale(tiny_everywhere):
