@@ -118,7 +118,7 @@ def test_load_gguf_cvec_steers_a_llama_cpp_python_model_like_torch(embedded_lm, 
     policy = load_policy(Path(__file__).parent / "fixtures" / "smollm2_caa")
     path = write_gguf_cvec(policy, embedded_lm, tmp_path / "tone.gguf")
     ids = embedded_lm.tokenizer("Describe a rainy Monday morning at work.")["input_ids"]
-    llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), n_ctx=128, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), n_ctx=128, logits_all=True, verbose=False)
 
     def llama_logits() -> np.ndarray:
         llm.reset()
