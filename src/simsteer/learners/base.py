@@ -192,7 +192,7 @@ def python_learner_target(target: str) -> str:
 
 
 def _load_python_learner(target: str) -> type[Learner]:
-    """The learner class named by ``MODULE:CLASS`` or ``FILE.py:CLASS`` (registered on import)."""
+    """The learner class named by ``MODULE:CLASS`` or ``FILE.py:CLASS``."""
     module_name, sep, cls_name = target.rpartition(":")
     if not sep or not module_name or not cls_name:
         raise SimsError(f"a python learner is python:MODULE:CLASS or python:FILE.py:CLASS, got {target!r}")
@@ -213,10 +213,15 @@ def _load_python_learner(target: str) -> type[Learner]:
     cls = getattr(module, cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Learner)):
         raise SimsError(f"{module_name} has no Learner subclass {cls_name!r}")
+    if not getattr(cls, "name", None):
+        raise SimsError(f"{module_name}:{cls_name} needs a name (a class attribute: name = 'my-learner')")
     if cls.__abstractmethods__:
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise SimsError(f"{module_name}:{cls_name} does not implement {missing}")
-    return register_learner(cls)
+    if cls.needs not in NEEDS:
+        known = ", ".join(NEEDS)
+        raise SimsError(f"{module_name}:{cls_name}.needs must be one of {known}, not {cls.needs!r}")
+    return cls  # not registered: the registry lists what the library and packages offer
 
 
 def _learner_class(name: str) -> type[Learner]:
@@ -235,7 +240,6 @@ def _learner_class(name: str) -> type[Learner]:
             ) from None
         if not (isinstance(cls, type) and issubclass(cls, Learner)):
             raise SimsError(f"the entry point {name!r} ({entry.value}) is not a Learner subclass")
-        _LEARNERS[name] = cls
         return cls
     close = _closest(name, learner_names())
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
