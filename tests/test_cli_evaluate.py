@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from simsteer.cli.main import main
+from simsteer.evaluation.report import compare_bars, compare_rows, compare_table
 from simsteer.evaluation.run_eval import EvalConfig, evaluate_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -229,7 +230,8 @@ def test_eval_of_a_judge_trained_run_uses_its_judge_and_template(tmp_path, tiny_
 
 def test_eval_limit_quiet_and_its_key_figures(tmp_path, tiny_run, capsys):
     """`sims eval --limit N` answers the first N held-out prompts and prints the key figures;
-    the stage lines go to stderr unless --quiet."""
+    the stage lines go to stderr unless --quiet; `sims compare` plots the win rate in percent,
+    as its table shows it."""
     capsys.readouterr()
     assert main(["eval", str(tiny_run), "--limit", "2", "--bootstrap", "20"]) == 0
     out, err = capsys.readouterr()
@@ -245,12 +247,7 @@ def test_eval_limit_quiet_and_its_key_figures(tmp_path, tiny_run, capsys):
     assert capsys.readouterr().err == ""
     assert main(["eval", str(tiny_run), "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
-
-
-def test_compare_plot_shows_the_win_rate_as_the_table_does(tmp_path, tiny_run, capsys):
-    from simsteer.evaluation.report import compare_bars, compare_rows, compare_table
-
-    assert main(["eval", str(tiny_run), "--limit", "2", "--bootstrap", "20", "--quiet"]) == 0
+    # `sims compare` of it: the plot's win rate is the table's percentage
     rows = compare_rows([json.loads((tiny_run / "eval.json").read_text())])
     title, heights, errors = compare_bars(rows)[1]
     assert title == "win rate vs base (%)"
