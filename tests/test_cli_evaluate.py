@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from simsteer.cli.main import main
+from simsteer.evaluation.report import compare_bars, compare_rows, compare_table
 from simsteer.evaluation.run_eval import EvalConfig, EvalResult, evaluate_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -229,3 +230,36 @@ def test_eval_of_a_judge_trained_run_uses_its_judge_and_template(tmp_path, tiny_
     assert all(m.startswith("MARKER") for m in asked)
     result = json.loads((out / "eval.json").read_text())
     assert result["oracle"] == "judge" and set(result["win_rates_vs_base"]) == {"judge"}
+
+
+def test_eval_limit_quiet_and_its_key_figures(tmp_path, tiny_run, capsys):
+    """`sims eval --limit N` answers the first N held-out prompts and prints the key figures;
+    the stage lines go to stderr unless --quiet; `sims compare` plots the win rate in percent,
+    as its table shows it."""
+    capsys.readouterr()
+    assert main(["eval", str(tiny_run), "--limit", "2", "--bootstrap", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads((tiny_run / "eval.json").read_text())["num_prompts"] == 2
+    lines = out.splitlines()
+    assert lines[0].startswith("2 held-out prompts")
+    assert any(line.startswith("sentiment score: ") and "95% CI" in line for line in lines)
+    assert any(line.startswith("perplexity ") and "repetition" in line for line in lines)
+    assert any(line.startswith("win rate vs base (sentiment): ") for line in lines)
+    assert lines[-1].startswith("report written to")
+    assert "sims eval: answering 2 held-out prompts" in err
+    assert main(["eval", str(tiny_run), "--limit", "2", "--bootstrap", "20", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["eval", str(tiny_run), "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err
+    # `sims compare` of it: the plot's win rate is the table's percentage
+    rows = compare_rows([json.loads((tiny_run / "eval.json").read_text())])
+    title, heights, errors = compare_bars(rows)[1]
+    assert title == "win rate vs base (%)"
+    assert heights == [pytest.approx(100 * rows[0]["win_rate"])]
+    low, high = rows[0]["win_ci"]
+    assert errors == [
+        [pytest.approx(100 * (rows[0]["win_rate"] - low))],
+        [pytest.approx(100 * (high - rows[0]["win_rate"]))],
+    ]
+    assert f"{100 * rows[0]['win_rate']:.1f} [" in compare_table(rows)
+    assert "win rate vs base, % [95% CI]" in compare_table(rows)

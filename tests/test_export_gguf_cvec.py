@@ -101,3 +101,52 @@ def test_reader_refuses_what_llama_cpp_refuses(tmp_path):
             read_gguf_cvec(path)
     with pytest.raises(SimsError, match="not found"):
         read_gguf_cvec(tmp_path / "missing.gguf")
+
+
+@pytest.mark.slow
+def test_load_gguf_cvec_steers_a_llama_cpp_python_model_like_torch(embedded_lm, tmp_path):
+    """`load_gguf_cvec` on llama-cpp-python's own `Llama`: the exported CAA policy moves the
+    next-token logits the way the torch hooks move them; strength 0 and `None` give back the
+    unsteered logits exactly."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from pathlib import Path
+
+    from simsteer.export import load_gguf_cvec
+    from simsteer.models import embedded_gguf_path
+    from simsteer.policy import load_policy
+
+    policy = load_policy(Path(__file__).parent / "fixtures" / "smollm2_caa")
+    path = write_gguf_cvec(policy, embedded_lm, tmp_path / "tone.gguf")
+    ids = embedded_lm.tokenizer("Describe a rainy Monday morning at work.")["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(embedded_gguf_path()), n_ctx=128, logits_all=True, verbose=False)
+
+    def llama_logits() -> np.ndarray:
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+
+    def torch_logits(steered: bool) -> np.ndarray:
+        with torch.no_grad():
+            if steered:
+                with policy.applied(embedded_lm.model):
+                    out = embedded_lm.model(torch.tensor([ids])).logits[0, -1]
+            else:
+                out = embedded_lm.model(torch.tensor([ids])).logits[0, -1]
+        return out.double().numpy()
+
+    base = llama_logits()
+    vectors = load_gguf_cvec(llm, path)
+    assert sorted(vectors) == sorted(policy.additive_vectors())
+    steered = llama_logits()
+    assert np.abs(steered - base).max() > 0.1
+    torch_shift = torch_logits(True) - torch_logits(False)
+    assert np.corrcoef(steered - base, torch_shift)[0, 1] > 0.8  # the same edit, other arithmetic
+    half = load_gguf_cvec(llm, path, strength=0.5)
+    assert all(torch.allclose(half[k], 0.5 * vectors[k]) for k in vectors)
+    assert np.abs(llama_logits() - base).max() < np.abs(steered - base).max()
+    load_gguf_cvec(llm, path, strength=0.0)
+    np.testing.assert_allclose(llama_logits(), base, atol=1e-4)
+    assert load_gguf_cvec(llm, None) == {}
+    np.testing.assert_allclose(llama_logits(), base, atol=1e-4)
+    with pytest.raises(SimsError, match="finite"):
+        load_gguf_cvec(llm, path, strength=float("nan"))

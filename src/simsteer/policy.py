@@ -203,8 +203,9 @@ class Policy(Sequence[Steering]):
         Args:
             steps: write ``step_<i>/`` folders; by default only when there is more than
                 one steering.
-            fingerprint / learner: recorded for an empty policy, which is written as a
-                steering without layers (``fingerprint`` is then required).
+            fingerprint: recorded for an empty policy, which is written as a steering
+                without layers (then required).
+            learner: recorded for an empty policy, as its learner's name.
             metadata: added to every saved steering's metadata (and the empty one's).
 
         Returns:

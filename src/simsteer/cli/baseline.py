@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--like", required=True, help="the SIMS run whose model, oracle, learner and prompts to use"
     )
-    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--out", "-o", required=True, help="the baseline folder to write")
     p.add_argument("--n", type=positive, default=defaults["n"], help="best-of-n: samples per prompt")
     p.add_argument("--pairs", default=None, help="ms: labelled pairs (default: UltraFeedback train)")
     p.add_argument("--pairs-limit", type=positive, default=defaults["pairs_limit"], help="ms: pairs used")
@@ -44,8 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="ms: data folder holding ultrafeedback/ (default $SIMSTEER_DATA, else the HF hub)",
     )
-    p.add_argument("--seed", type=seed, default=defaults["seed"])
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--seed", type=seed, default=defaults["seed"], help="best-of-n and random: seed (default %(default)s)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_dpo_options(p)
     add_consent_options(p, "the --like run")
     p.set_defaults(func=cmd_baseline)

@@ -31,10 +31,11 @@ def checked_learner(name: Any, options: dict[str, Any], where: str = "-L") -> An
         where: where the options come from, for the error (``-L``, a file's field).
     """
     from ..learners import get_learner
+    from ..learners.base import learner_class
 
     if not isinstance(name, str):
         raise SimsError(f"{where}: the learner name must be text, got {name!r}")
-    defaults = {f.name: f.default for f in fields(get_learner(name).config_class)}
+    defaults = {f.name: f.default for f in fields(learner_class(name).config_class)}
     for key, value in options.items():
         if key not in defaults:
             continue  # the learner names its options in its own error

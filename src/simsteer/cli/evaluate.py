@@ -56,7 +56,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--prompts", default=None, help="held-out prompts (default: the run's eval_prompts.jsonl)"
     )
-    ev.add_argument("--max-new-tokens", type=positive, default=None)
+    ev.add_argument(
+        "--limit",
+        type=positive,
+        default=None,
+        help="answer only the first N held-out prompts (--task refusal: of each set; default: all)",
+    )
+    ev.add_argument("--quiet", action="store_true", help="no stage lines on stderr; the figures only")
+    ev.add_argument(
+        "--max-new-tokens", type=positive, default=None, help="answer length cap (default: the run's)"
+    )
     ev.add_argument(
         "--data-dir",
         "--data",
@@ -75,7 +84,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmp_ = sub.add_parser("compare", help="several evaluated runs in one table and plot")
     cmp_.add_argument("runs", nargs="+")
     cmp_.add_argument("--judge", default=None, help="which judge's win rate to show")
-    cmp_.add_argument("--out", "-o", default="runs/compare")
+    cmp_.add_argument(
+        "--out", "-o", default="runs/compare", help="folder for compare.md/.json/.png (default %(default)s)"
+    )
     cmp_.set_defaults(func=cmd_compare)
 
     jc = sub.add_parser("judge-check", help="an oracle's agreement with human preference pairs")
@@ -117,22 +128,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
         mc_limit=args.mc_limit or None,
         alpaca=args.alpaca,
         prompts=args.prompts,
+        limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         data=args.data,
         bootstrap_rounds=args.bootstrap,
         judge_options=typed_judge_options(args),
     )
     workers = {"workers": args.workers, "ray_address": args.ray_address}
-    result = evaluate_run(args.run, config, trusted=trusted, **workers)
+    result = evaluate_run(args.run, config, trusted=trusted, progress=not args.quiet, **workers)
     path = write_report(result, Path(args.out or args.run))
-    for judge, w in result.win_rates_vs_base.items():
-        v = w["win_rate"]
-        print(
-            f"win rate vs base ({judge}): {100 * v['value']:.1f}% "
-            f"[{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}]"
-        )
+    for line in key_figures(result.to_json()):
+        print(line)
     print(f"report written to {path}")
     return 0
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def key_figures(result: dict) -> list[str]:
+    """The lines ``sims eval`` prints: the oracle's score, fluency, win rates, multiple choice.
+
+    Args:
+        result: what :func:`~simsteer.evaluation.run_eval.evaluate_run` returns.
+    """
+    lines = [f"{result['num_prompts']} held-out prompts, greedy, base = the unsteered model"]
+    oracle = result["oracle"]
+    score = result["scores"].get(oracle)
+    if score:
+        d = score["delta"]
+        lines.append(
+            f"{oracle} score: {score['base']['mean']:+.3f} -> {score['policy']['mean']:+.3f} "
+            f"(change {d['mean']:+.3f}, 95% CI [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
+        )
+    base, ours = result["fluency"]["base"], result["fluency"]["policy"]
+    before, after = base["perplexity"], ours["perplexity"]  # null when undefined
+    known = bool(before) and after is not None
+    ratio = f"x{after / before:.2f}" if known else "x-"
+    lines.append(
+        f"perplexity {_figure(before)} -> {_figure(after)} ({ratio}), "
+        f"repetition {base['repetition']:.3f} -> {ours['repetition']:.3f}"
+    )
+    for judge, w in result["win_rates_vs_base"].items():
+        v = w["win_rate"]
+        interval = f"[{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}]"
+        lines.append(f"win rate vs base ({judge}): {100 * v['value']:.1f}% {interval}")
+    for task, m in result["mc"].items():
+        if "policy" in m:
+            lines.append(f"{task}: acc {m['base']['acc']:.3f} -> {m['policy']['acc']:.3f}")
+        else:
+            lines.append(f"{task}: acc {m['base']['acc']:.3f}")
+    return lines
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

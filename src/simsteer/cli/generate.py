@@ -39,9 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=None, help="prompt file (JSONL or text)")
     p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--output", default=None, help="write JSONL here instead of printing")
-    p.add_argument("--num-samples", type=positive, default=1)
+    p.add_argument("--num-samples", type=positive, default=1, help="answers per prompt (default %(default)s)")
     add_sampling_options(p, temperature=0.0)  # greedy: the same answers on every call
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
 

@@ -31,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"oracle that judges (writes judgments), one of: {', '.join(ORACLE_NAMES)}",
     )
     ar.add_argument("--judgments", nargs="*", default=[], help="existing judgment JSONL files instead")
-    ar.add_argument("--baseline-name", default=None)
+    ar.add_argument(
+        "--baseline-name", default=None, help="with --judgments: the model the others were judged against"
+    )
     ar.add_argument("--out", default=None, help="write judgments JSONL here")
     add_judge_options(ar, "--judge judge:MODEL@BASE_URL")
     ar.set_defaults(func=cmd_arena)

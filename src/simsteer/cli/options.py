@@ -242,8 +242,18 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
     )
     group.add_argument("--top-k", type=integer, default=base.top_k, help="0 = off (default %(default)s)")
     group.add_argument("--top-p", type=number, default=base.top_p, help="1 = off (default %(default)s)")
-    group.add_argument("--max-new-tokens", type=integer, default=base.max_new_tokens)
-    group.add_argument("--batch-size", type=integer, default=base.batch_size)
+    group.add_argument(
+        "--max-new-tokens",
+        type=integer,
+        default=base.max_new_tokens,
+        help="most tokens generated per answer (default %(default)s)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=integer,
+        default=base.batch_size,
+        help="most sequences decoded together; never changes a sample (default %(default)s)",
+    )
     group.add_argument(
         "--cache-mb",
         type=integer,
@@ -274,7 +284,12 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float | None =
         help="with --engine vllm: no torch.compile (starts in about a third of the time, "
         "decodes 10-15%% slower)",
     )
-    group.add_argument("--seed", type=seed, default=SIMSConfig().seed)
+    group.add_argument(
+        "--seed",
+        type=seed,
+        default=SIMSConfig().seed,
+        help="random seed: the same seed gives the same samples at any batch size (default %(default)s)",
+    )
 
 
 def add_guard_options(p: argparse.ArgumentParser) -> None:
@@ -395,8 +410,18 @@ def add_judge_options(p: argparse.ArgumentParser, title: str = "--oracle judge:M
         help="environment variable with the API key (only its name is saved; default: no key is sent; "
         "a key goes over https, or plain http to loopback only)",
     )
-    group.add_argument("--judge-mode", choices=MODES, default=fields["mode"].default)
-    group.add_argument("--judge-concurrency", type=positive, default=fields["concurrency"].default)
+    group.add_argument(
+        "--judge-mode",
+        choices=MODES,
+        default=fields["mode"].default,
+        help="pairwise: each pair in both orders; rank: all K answers in one request (default %(default)s)",
+    )
+    group.add_argument(
+        "--judge-concurrency",
+        type=positive,
+        default=fields["concurrency"].default,
+        help="most requests in flight at once (default %(default)s)",
+    )
     group.add_argument(
         "--judge-timeout",
         type=positive_number,

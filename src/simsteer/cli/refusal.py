@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..evaluation.refusal import TASKS, RefusalEvalConfig
-from .options import number, positive
+from .options import number
 
 
 def add_refusal_options(p: argparse.ArgumentParser) -> None:
@@ -29,9 +29,6 @@ def add_refusal_options(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--benign", default=None, help="benign prompt file (default: the packaged AlpacaEval instructions)"
-    )
-    group.add_argument(
-        "--limit", type=positive, default=None, help="first N prompts of each set (default: all)"
     )
     group.add_argument(
         "--max-over-refusal",

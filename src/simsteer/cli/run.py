@@ -11,6 +11,7 @@ from ..activations import SUMMARIES
 from ..errors import SimsError
 from ..hooks import POSITIONS
 from ..learners import learner_names
+from ..learners.base import PYTHON_PREFIX, python_learner_target
 from ..loop.config import SIMSConfig
 from ..loop.selection import VARIANTS
 from ..oracles import ORACLE_NAMES
@@ -85,7 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     plug.add_argument(
         "--learner",
         default=DEFAULT_LEARNER,
-        help=f"steering-function learner, one of: {', '.join(learner_names())} (default %(default)s)",
+        type=learner_name,
+        help=f"steering-function learner, one of: {', '.join(learner_names())}, or your own Learner "
+        "subclass as python:MODULE:CLASS or python:FILE.py:CLASS (default %(default)s)",
     )
     plug.add_argument(
         "-L",
@@ -282,6 +285,13 @@ def check_judge(args: argparse.Namespace) -> None:
             JudgeConfig(**spec).url()
         except TypeError as exc:
             raise SimsError(f"judge: {exc}") from None
+
+
+def learner_name(text: str) -> str:
+    """A ``--learner`` value; a ``python:FILE.py:CLASS`` file is made absolute (as it is saved)."""
+    if text.startswith(PYTHON_PREFIX):
+        return PYTHON_PREFIX + python_learner_target(text.removeprefix(PYTHON_PREFIX))
+    return text
 
 
 def learner_options(args: argparse.Namespace) -> dict:

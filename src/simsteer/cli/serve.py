@@ -37,21 +37,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-steering", default=None, help="steering used when a request names none")
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models")
     p.add_argument("--host", default=base.host, help="bind address (default loopback only)")
-    p.add_argument("--port", type=port, default=base.port)
+    p.add_argument("--port", type=port, default=base.port, help="TCP port (default %(default)s)")
     p.add_argument(
         "--api-key-env",
         default=None,
         metavar="VAR",
         help="require 'Authorization: Bearer $VAR' on every request",
     )
-    p.add_argument("--max-tokens-limit", type=positive, default=base.max_tokens_limit)
-    p.add_argument("--max-prompt-tokens", type=positive, default=base.max_prompt_tokens)
-    p.add_argument("--max-request-bytes", type=positive, default=base.max_request_bytes)
+    p.add_argument(
+        "--max-tokens-limit",
+        type=positive,
+        default=base.max_tokens_limit,
+        help="largest max_tokens a request may ask for, else 400 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=positive,
+        default=base.max_prompt_tokens,
+        help="longest prompt in tokens, else 400 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=positive,
+        default=base.max_request_bytes,
+        help="largest request body, else 413 (default %(default)s)",
+    )
     p.add_argument("--max-batch", type=positive, default=base.max_batch, help="sequences decoded together")
     p.add_argument(
         "--batch-wait-ms", type=non_negative_number, default=base.batch_wait_ms, help="wait for more requests"
     )
-    p.add_argument("--seed", type=seed, default=base.seed)
+    p.add_argument(
+        "--seed", type=seed, default=base.seed, help="seed of requests that give none (default %(default)s)"
+    )
     p.add_argument("--max-queue", type=positive, default=base.max_queue, help="waiting rows, then 429")
     p.add_argument(
         "--body-timeout",

@@ -32,7 +32,11 @@ Consent = tuple[tuple[str, ...], str, str]
 def _needs_consent(spec: RunSpec) -> list[Consent]:
     """(parser dests, flags to type, what it allows) for each thing the run would execute
     or send that only an explicit flag may allow (:func:`~simsteer.loop.spec.consents`)."""
-    return consents(spec.oracle, spec.model)
+    needs = consents(spec.oracle, spec.model)
+    learner = str(spec.learner.get("name", ""))
+    if learner.startswith("python:"):
+        needs.append(("learner", f"--learner {learner}", f"its learner imports and runs {learner[7:]}"))
+    return needs
 
 
 def check_trust(args: argparse.Namespace, spec: RunSpec) -> None:

@@ -1,4 +1,4 @@
-"""The paper's baselines, built through the same code paths as SIMS (SIMS.md):
+"""The paper's baselines, built through the same code paths as SIMS (arXiv 2507.08967):
 
 - ``vanilla``: the unsteered model, greedy;
 - ``ms``: conventional steering from *labelled* pairs (UltraFeedback chosen / rejected):
@@ -257,6 +257,11 @@ def build_baseline(
         _build_dpo(spec, like, out, dpo or DPOBaselineConfig(), progress)
     else:
         options = dict(spec.learner)
+        if str(options.get("name", "")).startswith("python:"):  # code a run directory names
+            raise SimsError(
+                f"{like}: its learner {options['name']} is code the run directory names; the "
+                f"{kind} baseline does not import it (build it in Python with that learner)"
+            )
         learner = get_learner(options.pop("name"), **options)
         lm = load_model(
             spec.model.source,

@@ -278,7 +278,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
         "run",
         "kind",
         "oracle score [95% CI]",
-        "win rate vs base [95% CI]",
+        "win rate vs base, % [95% CI]",
         "ppl",
         "distinct-2",
         "tokens",
@@ -320,6 +320,30 @@ def _read_result(path: Path) -> dict[str, Any]:
     return EvalResult.from_json(read_json(path), str(path)).to_json()
 
 
+def compare_bars(
+    rows: list[dict[str, Any]],
+) -> list[tuple[str, list[float], list[list[float]] | None]]:
+    """The three panels of ``compare.png``: (title, bar heights, error bars below/above).
+
+    The win rate is a percentage, as in the table (:func:`compare_table`).
+    """
+    panels = []
+    for key, ci, title, scale in (
+        ("oracle_score", "oracle_ci", "oracle score (held-out)", 1.0),
+        ("win_rate", "win_ci", "win rate vs base (%)", 100.0),
+        ("perplexity", None, "perplexity (base model)", 1.0),
+    ):
+        vals = [scale * r[key] if r[key] is not None else 0.0 for r in rows]
+        err = None
+        if ci:
+            err = [
+                [max(v - (scale * r[ci][0] if r[ci] else v), 0) for v, r in zip(vals, rows, strict=True)],
+                [max((scale * r[ci][1] if r[ci] else v) - v, 0) for v, r in zip(vals, rows, strict=True)],
+            ]
+        panels.append((title, vals, err))
+    return panels
+
+
 def write_comparison(runs: Sequence[str | Path], out: Path, judge: str | None = None) -> str:
     """Read each run's ``eval.json``; write ``compare.md`` and ``compare.png`` into ``out``."""
     from ..errors import SimsError
@@ -336,18 +360,7 @@ def write_comparison(runs: Sequence[str | Path], out: Path, judge: str | None = 
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     names = [r["run"] for r in rows]
-    for ax, key, ci, title in (
-        (axes[0], "oracle_score", "oracle_ci", "oracle score (held-out)"),
-        (axes[1], "win_rate", "win_ci", "win rate vs base"),
-        (axes[2], "perplexity", None, "perplexity (base model)"),
-    ):
-        vals = [r[key] if r[key] is not None else 0.0 for r in rows]
-        err = None
-        if ci:
-            err = [
-                [max(v - (r[ci][0] if r[ci] else v), 0) for v, r in zip(vals, rows, strict=True)],
-                [max((r[ci][1] if r[ci] else v) - v, 0) for v, r in zip(vals, rows, strict=True)],
-            ]
+    for ax, (title, vals, err) in zip(axes, compare_bars(rows), strict=True):
         ax.bar(range(len(rows)), vals, yerr=err, capsize=3, color="tab:blue")
         ax.set_xticks(range(len(rows)), names, rotation=25, ha="right")
         ax.set_title(title)

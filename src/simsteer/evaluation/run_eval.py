@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -63,6 +64,7 @@ class EvalConfig:
         mc_limit: items per task (a seeded random subset; ``None`` = all).
         alpaca: AlpacaEval instructions answered and judged against the reference (0 = off).
         prompts: held-out prompt file overriding the run's ``eval_prompts.jsonl``.
+        limit: answer only the first N held-out prompts (``None``: all).
         max_new_tokens: answer length cap (default: the run's).
         data: the evaluation data folder (``--data-dir``; ``None``: ``$SIMSTEER_DATA``, then
             the Hugging Face hub).
@@ -80,6 +82,7 @@ class EvalConfig:
     mc_limit: int | None = 200
     alpaca: int = 0
     prompts: str | None = None
+    limit: int | None = None
     max_new_tokens: int | None = None
     data: str | None = None
     batch_size: int = 16
@@ -93,6 +96,8 @@ class EvalConfig:
             raise SimsError(f"--mc-limit must be >= 1, got {self.mc_limit}")
         if self.alpaca < 0:
             raise SimsError(f"--alpaca must be >= 0, got {self.alpaca}")
+        if self.limit is not None and self.limit < 1:
+            raise SimsError(f"--limit must be >= 1, got {self.limit}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,16 @@ def eval_oracle(config: dict[str, Any]) -> dict[str, Any] | str:
     return config.get("eval_oracle") or config["oracle"]
 
 
+def _stage_printer(progress: bool) -> Callable[[str], None]:
+    """A function that prints ``sims eval: <stage>`` to stderr, or does nothing."""
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"sims eval: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def _mean_ci(values: np.ndarray, rounds: int, seed: int) -> MeanCI:
     lo, hi = bootstrap_ci(values, rounds=rounds, seed=seed)
     return MeanCI(float(values.mean()), lo, hi)
@@ -313,6 +328,7 @@ def evaluate_run(
     (:meth:`EvalResult.to_json`).
 
     Args:
+        progress: say on stderr which stage runs (answering, scoring, judging).
         trusted: the consent flags for what the folder names that runs code or sends a key
             (``"--oracle python:..."``, ``"--trust-remote-code"``,
             ``"--judge-api-key-env VAR"``); one it needs and lacks is refused before
@@ -341,6 +357,8 @@ def evaluate_run(
     prompts = [r.get("prompt") or r.get("instruction") for r in read_jsonl(prompt_file)]
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise SimsError(f"{prompt_file} has no usable prompts")
+    prompts = prompts[: config.limit]
+    say = _stage_printer(progress)
     meter = CostMeter()
     # A random-split baseline trained on random scores: judge it with the oracle of the
     # run it mirrors (``eval_oracle``), like every other method.
@@ -365,6 +383,7 @@ def evaluate_run(
 
     refs = load_alpaca_reference(config.data, config.alpaca) if config.alpaca else []
     instr = [r.instruction for r in refs]
+    say(f"answering {len(prompts)} held-out prompts with the unsteered model and the policy")
     with open_pool(lm, oracle, workers, ray_address) as pool:
         policy_pool = LocalPool(policy_lm) if policy_lm is not lm else pool
         base = _answers(pool, info, prompts, sampling, meter, oracle, "base", steered=False)
@@ -375,6 +394,7 @@ def evaluate_run(
         if refs:
             answers = _answers(policy_pool, info, instr, sampling, meter, oracle, "alpaca", steered=True)
 
+    say("scoring the answers and measuring their fluency")
     rounds, seed = config.bootstrap_rounds, config.seed
     scores: dict[str, ScoreComparison] = {}
     # Per-prompt values, so that several seeds' evaluations can be pooled
@@ -402,6 +422,7 @@ def evaluate_run(
         cost.forward_tokens += _prompt_forward_tokens(lm, prompts, base) + _prompt_forward_tokens(
             lm, prompts, ours
         )
+    say(f"judging policy vs unsteered answers ({', '.join(judges)})")
     win_rates = {
         name: _compare(j, prompts, ours, base, meter, f"judge_{name}", rounds, seed)
         for name, j in judges.items()
@@ -421,6 +442,7 @@ def evaluate_run(
 
     mc: dict[str, Any] = {}
     for task in config.mc_tasks:
+        say(f"multiple choice: {task}")
         items = load_mc_task(task, config.data, config.mc_limit, seed)
         with meter.stage(f"mc_{task}") as cost:
             mc[task] = (

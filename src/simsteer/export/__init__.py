@@ -20,8 +20,17 @@ import torch
 from ..errors import SimsError
 from ..models import LoadedModel
 from ..policy import Policy
+from .gguf_cvec import load_gguf_cvec
 
-__all__ = ["FORMATS", "check_exportable", "check_format", "check_target", "export_policy", "output_size"]
+__all__ = [
+    "FORMATS",
+    "check_exportable",
+    "check_format",
+    "check_target",
+    "export_policy",
+    "load_gguf_cvec",
+    "output_size",
+]
 
 #: The export formats, as ``sims export --format`` names them.
 FORMATS = ("gguf-cvec", "hf-bias")

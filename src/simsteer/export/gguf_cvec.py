@@ -47,6 +47,7 @@ __all__ = [
     "ARCHITECTURE",
     "HOOK_SITE",
     "control_vector_buffer",
+    "load_gguf_cvec",
     "read_gguf_cvec",
     "read_gguf_cvec_metadata",
     "write_gguf_cvec",
@@ -217,3 +218,43 @@ def read_gguf_cvec_metadata(path: str | Path) -> dict[str, Any]:
             continue
         out[key] = field.contents()
     return out
+
+
+def load_gguf_cvec(llama: Any, path: str | Path | None, strength: float = 1.0) -> dict[int, torch.Tensor]:
+    """Set a control-vector file on a llama-cpp-python ``Llama``, as ``llama-cli
+    --control-vector-scaled FILE STRENGTH`` does (llama-cpp-python has no call for it).
+
+    The vectors are read as llama.cpp's loader reads them (:func:`read_gguf_cvec`), times
+    ``strength``, and set on the ``Llama``'s context over the layers they name; the
+    ``Llama``'s cached prompt is dropped, so the next call decodes with the new vector.
+
+    Args:
+        llama: a ``llama_cpp.Llama`` of the model the file was exported from.
+        path: the ``.gguf`` control-vector file (``sims export --format gguf-cvec``), or
+            ``None`` to clear the control vector.
+        strength: multiplier on the file's vectors (1: as exported, 0.5: half).
+
+    Returns:
+        layer -> the vector now added to that layer's output (empty when cleared).
+
+    Example:
+        >>> from llama_cpp import Llama
+        >>> llm = Llama(model_path="SmolLM2-135M-Instruct.gguf", verbose=False)
+        >>> load_gguf_cvec(llm, "tone.gguf", strength=1.0)
+        >>> llm.create_chat_completion([{"role": "user", "content": "Describe a power cut."}])
+    """
+    import ctypes
+
+    import llama_cpp
+
+    if not np.isfinite(strength):
+        raise SimsError(f"strength must be a finite number, got {strength}")
+    num_layers = int(llama_cpp.llama_model_n_layer(llama.model))
+    hidden_size = int(llama_cpp.llama_model_n_embd(llama.model))
+    vectors = {} if path is None else {k: v * float(strength) for k, v in read_gguf_cvec(path).items()}
+    data, start, end = control_vector_buffer(vectors, num_layers, hidden_size)
+    pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if start > 0 else None
+    if llama_cpp.llama_set_adapter_cvec(llama.ctx, pointer, data.size, hidden_size, start, end) != 0:
+        raise SimsError(f"llama.cpp refused the control vector {path} for this model")
+    llama.reset()  # the cached prompt was decoded with the previous vector
+    return vectors

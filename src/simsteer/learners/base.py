@@ -23,9 +23,13 @@ Adding a learner takes a config dataclass, a class with ``fit`` and the
 from __future__ import annotations
 
 import difflib
+import importlib
+import importlib.metadata
+import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..activations import NEEDS, PreferenceActivations
@@ -35,6 +39,11 @@ from ..models import LoadedModel
 from ..steering import Steering
 
 _LEARNERS: dict[str, type[Learner]] = {}
+#: The entry-point group a package lists its learners in (``pyproject.toml``:
+#: ``[project.entry-points."simsteer.learners"] mean-shift = "mypkg.learners:MeanShift"``).
+ENTRY_POINT_GROUP = "simsteer.learners"
+#: The prefix of a learner named by its code: ``python:MODULE:CLASS`` or ``python:FILE.py:CLASS``.
+PYTHON_PREFIX = "python:"
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,23 @@ class Learner(ABC):
             config = self.config_class(**options)
         self.config = config
 
+    #: The name :meth:`describe` gives (``python:MODULE:CLASS`` for a learner loaded from
+    #: its code, so that :func:`get_learner` finds it again); ``None``: :attr:`name`.
+    spec_name: str | None = None
+
     def hyperparameters(self) -> dict[str, Any]:
         return asdict(self.config)
+
+    def describe(self) -> dict[str, Any]:
+        """The learner's spec: ``{"name": ..., **hyper-parameters}``, JSON-ready; a run saves it
+        in ``config.json`` and :func:`get_learner` accepts it back.
+
+        Example:
+            >>> learner = get_learner("caa", coefficient=0.02)
+            >>> get_learner(learner.describe()).describe() == learner.describe()
+            True
+        """
+        return {"name": self.spec_name or self.name, **self.hyperparameters()}
 
     def steering(
         self,
@@ -149,16 +173,114 @@ def register_learner(cls: type[Learner]) -> type[Learner]:
 
 
 def learner_names() -> list[str]:
-    return sorted(_LEARNERS)
+    """The registered learners' names, and those installed packages list under the
+    ``simsteer.learners`` entry-point group (loaded only when used)."""
+    return sorted(set(_LEARNERS) | set(_entry_points()))
 
 
-def get_learner(name: str, **options: Any) -> Learner:
-    """Instantiate a registered learner, with a 'did you mean' error for a typo."""
-    if name not in _LEARNERS:
-        close = _closest(name, list(_LEARNERS))
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise SimsError(f"unknown learner {name!r}{hint}; known learners: {', '.join(learner_names())}")
-    return _LEARNERS[name](**options)
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def python_learner_target(target: str) -> str:
+    """``MODULE:CLASS`` unchanged, ``FILE.py:CLASS`` with the file made absolute (a saved
+    spec must find the file from any folder)."""
+    module_name, sep, cls_name = target.rpartition(":")
+    if sep and (module_name.endswith(".py") or "/" in module_name):
+        return f"{Path(module_name).expanduser().resolve()}:{cls_name}"
+    return target
+
+
+def _load_python_learner(target: str) -> type[Learner]:
+    """The learner class named by ``MODULE:CLASS`` or ``FILE.py:CLASS``."""
+    module_name, sep, cls_name = target.rpartition(":")
+    if not sep or not module_name or not cls_name:
+        raise SimsError(f"a python learner is python:MODULE:CLASS or python:FILE.py:CLASS, got {target!r}")
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise SimsError(f"python learner file not found: {path}")
+            spec = importlib.util.spec_from_file_location(f"simsteer_user_learner_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(module_name)
+    except SimsError:
+        raise
+    except Exception as exc:  # the user's code may raise anything on import
+        raise SimsError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from None
+    cls = getattr(module, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Learner)):
+        raise SimsError(f"{module_name} has no Learner subclass {cls_name!r}")
+    if not getattr(cls, "name", None):
+        raise SimsError(f"{module_name}:{cls_name} needs a name (a class attribute: name = 'my-learner')")
+    if cls.__abstractmethods__:
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise SimsError(f"{module_name}:{cls_name} does not implement {missing}")
+    if cls.needs not in NEEDS:
+        known = ", ".join(NEEDS)
+        raise SimsError(f"{module_name}:{cls_name}.needs must be one of {known}, not {cls.needs!r}")
+    return cls  # not registered: the registry lists what the library and packages offer
+
+
+def _learner_class(name: str) -> type[Learner]:
+    """The class a learner name stands for: registered, an entry point, or ``python:...``."""
+    if name.startswith(PYTHON_PREFIX):
+        return _load_python_learner(name.removeprefix(PYTHON_PREFIX))
+    if name in _LEARNERS:
+        return _LEARNERS[name]
+    entry = _entry_points().get(name)
+    if entry is not None:
+        try:
+            cls = entry.load()
+        except Exception as exc:  # an installed package's code may raise anything on import
+            raise SimsError(
+                f"cannot load learner {name!r} ({entry.value}): {type(exc).__name__}: {exc}"
+            ) from None
+        if not (isinstance(cls, type) and issubclass(cls, Learner)):
+            raise SimsError(f"the entry point {name!r} ({entry.value}) is not a Learner subclass")
+        return cls
+    close = _closest(name, learner_names())
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise SimsError(
+        f"unknown learner {name!r}{hint}; known learners: {', '.join(learner_names())} "
+        "(or python:MODULE:CLASS)"
+    )
+
+
+def learner_class(name: str) -> type[Learner]:
+    """The learner class a name (or ``python:MODULE:CLASS``) stands for, without building it."""
+    return _learner_class(name)
+
+
+def get_learner(spec: str | Mapping[str, Any] | None = None, /, **options: Any) -> Learner:
+    """Build a learner from its name or its spec (``learner.describe()``).
+
+    Args:
+        spec: a registered name (``caa``), a name an installed package lists under the
+            ``simsteer.learners`` entry-point group, ``python:MODULE:CLASS`` /
+            ``python:FILE.py:CLASS`` (your :class:`Learner` subclass, imported from there),
+            or a spec dict ``{"name": ..., **options}`` (``get_learner(**spec)`` works too).
+        options: the learner's options (override what a spec says).
+
+    Example:
+        >>> get_learner("caa", coefficient=0.02).describe()["coefficient"]
+        0.02
+    """
+    if spec is None:
+        spec = options.pop("name", None)
+    if isinstance(spec, Mapping):
+        options = {**{k: v for k, v in spec.items() if k != "name"}, **options}
+        spec = spec.get("name")
+    if not isinstance(spec, str):
+        raise SimsError(f"a learner is named by text, got {spec!r}")
+    if spec.startswith(PYTHON_PREFIX):
+        spec = PYTHON_PREFIX + python_learner_target(spec.removeprefix(PYTHON_PREFIX))
+    learner = _learner_class(spec)(**options)
+    if spec.startswith(PYTHON_PREFIX):
+        learner.spec_name = spec
+    return learner
 
 
 def _closest(name: str, names: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ negative side (``sigmoid(v·h) < 1/2``) is rotated toward its Householder reflec
 and ``Hh``; its norm is kept exactly. Positive-side activations are left alone. The
 edit is :class:`~simsteer.functions.HouseholderRotation`.
 
-Training (LEARNERS.md): token-aligned pairs ``(h+_j, h-_j)`` from the Cartesian product
+Training (as in the HPR paper): token-aligned pairs ``(h+_j, h-_j)`` from the Cartesian product
 of each prompt's D+ and D- responses, BCE on the probe + MSE on the angle, Adam (lr
 5e-4, 5 epochs, batch 16), the checkpoint with the best held-out probe accuracy kept per
 layer, and the top-k layers by that accuracy enabled. All layers train together as one

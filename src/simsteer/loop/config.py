@@ -175,7 +175,7 @@ def draw_prompts(pool: list[Prompt], t: int, n: int, seed: int) -> list[Prompt]:
 
 
 def label_by_win_rate(win_rate: float) -> str:
-    """D+ above one half, D- below, ties dropped (SIMS.md)."""
+    """D+ above one half, D- below, ties dropped (Algorithm 1 of the SIMS paper)."""
     if win_rate > 0.5:
         return "positive"
     if win_rate < 0.5:

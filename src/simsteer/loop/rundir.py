@@ -72,11 +72,14 @@ class RunDir:
     """The paths of a run directory (see the module docstring) and typed readers.
 
     Example:
-        >>> run = RunDir(Path("runs/sims"))
+        >>> run = RunDir("runs/sims")
         >>> [row.eval_score for row in run.history()], run.is_complete()
     """
 
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # RunDir("runs/sims") works too
 
     @property
     def config(self) -> Path:

@@ -211,7 +211,7 @@ def run_spec(
     return RunSpec(
         model=ModelSpec.of(lm),
         oracle=oracle.describe(),
-        learner={"name": learner.name, **learner.hyperparameters()},
+        learner=learner.describe(),
         layers=layers,
         sims=config,
         prompts=dict(prompt_sources or {}),

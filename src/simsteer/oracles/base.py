@@ -2,7 +2,7 @@
 
 Scalar-score oracles become Bradley-Terry probabilities
 ``P[k, j] = sigmoid((s_k - s_j) / temperature)``. The win rate of a response against
-the policy is ``mean_{j != k} P[k, j]`` (SIMS.md).
+the policy is ``mean_{j != k} P[k, j]`` (the SIMS paper, arXiv 2507.08967).
 """
 
 from __future__ import annotations
