@@ -35,7 +35,7 @@ def _needs_consent(spec: RunSpec) -> list[Consent]:
     needs = consents(spec.oracle, spec.model)
     learner = str(spec.learner.get("name", ""))
     if learner.startswith("python:"):
-        needs.append(("learner", f"--learner {learner}", f"its learner imports and runs {learner[7:]}"))
+        needs.append((("learner",), f"--learner {learner}", f"its learner imports and runs {learner[7:]}"))
     return needs
 
 
