@@ -33,6 +33,7 @@ from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
+from ..oracles.base import finite_scores
 from ..policy import load_policy
 from ..sampling import SamplingConfig
 from ..stats import bootstrap_ci
@@ -256,8 +257,8 @@ def evaluate_run(
     with meter.stage("score") as cost:
         for name in config.scorers:
             scorer = attribute_oracle(name)
-            s_base = np.asarray(scorer.score(prompts, base))
-            s_ours = np.asarray(scorer.score(prompts, ours))
+            s_base = finite_scores(scorer.name, scorer.score(prompts, base))
+            s_ours = finite_scores(scorer.name, scorer.score(prompts, ours))
             cost.judge_calls += 2 * len(prompts)
             per_prompt["scores"][name] = {"base": s_base.tolist(), "policy": s_ours.tolist()}
             scores[name] = {
