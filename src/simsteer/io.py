@@ -223,7 +223,7 @@ def _open_lock_file(path: Path, what: str) -> int:
     try:
         # O_NONBLOCK: a FIFO planted there must not hang the open (refused just below).
         fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
-    except OSError as exc:
+    except OSError:
         if path.is_symlink():
             raise SimsError(
                 f"the lock file of {what} ({path}) is a symbolic link; remove it (it is never followed)"

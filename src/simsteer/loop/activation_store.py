@@ -18,7 +18,15 @@ from ..io import atomic_write_bytes
 from ..learners.base import PreferenceActivations
 
 #: The tensors every activations file holds.
-REQUIRED = ("positive", "negative", "positive_groups", "negative_groups", "token_norms", "layers", "num_tokens")
+REQUIRED = (
+    "positive",
+    "negative",
+    "positive_groups",
+    "negative_groups",
+    "token_norms",
+    "layers",
+    "num_tokens",
+)
 
 
 def save_preference_activations(path: Path, data: PreferenceActivations, num_tokens: int) -> None:
@@ -55,8 +63,7 @@ def save_preference_activations(path: Path, data: PreferenceActivations, num_tok
     bad = _non_finite(tensors)
     if bad:
         raise SimsError(
-            f"the model produced NaN or infinite activations ({bad}); nothing was saved "
-            "(try --dtype fp32)"
+            f"the model produced NaN or infinite activations ({bad}); nothing was saved (try --dtype fp32)"
         )
     # Serialised in memory and committed by one rename (no fixed temporary name that two
     # writers could share).

@@ -290,16 +290,16 @@ def create_run(run: RunDir, write: Callable[[RunDir], None]) -> Iterator[None]:
     root = run.root.resolve() if run.root.is_symlink() else run.root
     _sweep_staged_roots(root)
     check_new_run_dir(run.root)
-    if root.is_dir():
-        # A killed writer's temporaries, or a run killed while it was being prepared:
-        # no run to lose, started over.
-        for path in root.iterdir():
-            if path.name == LOCK_NAME:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+    if root.is_dir() and any(root.iterdir()):
+        # A killed writer's temporaries, or a run killed while it was being prepared: no
+        # run to lose, started over. The staged run replaces only an empty folder, so the
+        # old lock goes too (held meanwhile: nobody else is cleaning it).
+        with exclusive_lock(root / LOCK_NAME, f"run directory {run.root}"):
+            for path in root.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     with ExitStack() as stack:
         try:
             with staged_dir(root, replace=False) as tmp:
