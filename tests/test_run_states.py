@@ -298,3 +298,21 @@ def test_a_damaged_activations_file_is_one_line(tmp_path, finished_run, capsys):
     activations.write_bytes(activations.read_bytes()[:100])
     line = one_line_error(capsys, ["run", "--resume", str(run), "--quiet"])
     assert "activations.safetensors is not a readable activations file" in line
+
+
+@pytest.mark.parametrize("blocker", ["point-folder", "results-folder"])
+def test_sweep_refuses_a_folder_it_cannot_finish_in_before_any_point_runs(
+    tmp_path, tiny_model_dir, prompts_file, blocker, capsys
+):
+    out = tmp_path / "sweep"
+    if blocker == "point-folder":
+        (out / "K=3").mkdir(parents=True)
+        (out / "K=3" / "notes.txt").write_text("mine\n")
+    else:
+        (out / "results.json").mkdir(parents=True)
+    before = tree_hash(out)
+    argv = ["sweep", "--out", str(out), "--grid", "K=2,3", "--", "--model", str(tiny_model_dir)]
+    argv += ["--prompts", str(prompts_file), "--oracle", "length:3", "--layers", "1-2", *TINY_RUN]
+    line = one_line_error(capsys, argv)
+    assert ("K=3" in line and "not an empty run directory" in line) or "results.json is a folder" in line
+    assert not (out / "K=2").exists() and tree_hash(out) == before
