@@ -277,7 +277,9 @@ def create_run(run: RunDir, write: Callable[[RunDir], None]) -> Iterator[None]:
 
     ``write`` fills a staged copy of the run directory with the initial files; it is
     renamed to ``run.root`` in one step, so a kill leaves either no run or a run with all
-    of its initial files. ``run.root`` may exist if it is empty.
+    of its initial files. ``run.root`` may exist if it is empty, holds only a killed
+    writer's temporaries, or is a run killed while it was being prepared
+    (:func:`is_half_prepared`, started over).
 
     Args:
         run: the run directory to create.
