@@ -214,6 +214,16 @@ TINY_RUN = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test, and every process a test starts, uses one cache folder of this session
+    (``$SIMSTEER_CACHE``), never the user's: the embedded model is converted into it once
+    per session (about 30 s, only when a test needs it) and shared by the tests after."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIMSTEER_CACHE", str(tmp_path_factory.mktemp("simsteer-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

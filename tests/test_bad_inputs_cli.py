@@ -304,11 +304,25 @@ def test_nan_score_from_a_python_oracle_names_it(tmp_path, tiny_model_dir, files
     assert not list(out.rglob("*.json")) or "NaN" not in "".join(p.read_text() for p in out.rglob("*.json"))
 
 
-def test_a_full_disk_or_denied_write_is_one_line_exit_1(tiny_model_dir, capsys):
+def test_a_full_disk_or_denied_write_is_one_line_exit_1(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import errno
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The output passes the checks made before the work; its commit then meets a full disk.
+    monkeypatch.setattr("simsteer.io.os.replace", full_disk)
+    argv = ["generate", "--model", str(tiny_model_dir), "--no-steer", "-p", "hi", "--max-new-tokens", "2"]
+    line = one_line_error(capsys, [*argv, "--quiet", "--output", str(tmp_path / "answers.jsonl")], status=1)
+    assert line == "sims: error: OSError: [Errno 28] No space left on device"
+    assert not list(tmp_path.iterdir())  # the temporary was removed
+
+
+def test_output_under_a_file_is_refused_before_the_work(tiny_model_dir, capsys):
     # /dev/null is a file: no folder can be made under it (this fails even for root).
     argv = ["generate", "--model", str(tiny_model_dir), "--no-steer", "-p", "hi", "--max-new-tokens", "2"]
-    line = one_line_error(capsys, [*argv, "--quiet", "--output", "/dev/null/x/answers.jsonl"], status=1)
-    assert "Error" in line  # sims: error: <OSError type>: <message>
+    line = one_line_error(capsys, [*argv, "--quiet", "--output", "/dev/null/x/answers.jsonl"])
+    assert "/dev/null is not a folder" in line
 
 
 def test_an_unexpected_error_is_one_line_exit_1(monkeypatch, capsys):

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,21 @@ def _responses(path: Path) -> list[str]:
     return [json.loads(x)["response"] for x in path.read_text().splitlines()]
 
 
-def test_gguf_conversion_is_cached(embedded_lm):
-    from simsteer.models import cache_dir, load_model
+def test_gguf_conversion_is_cached(embedded_lm, monkeypatch):
+    import simsteer.models
+    from simsteer.models import cache_dir, intact_conversion, load_model
 
+    assert str(cache_dir()).startswith(os.environ["SIMSTEER_CACHE"])  # the session's, not the user's
     folders = list((cache_dir() / "gguf").glob("*/config.json"))
     assert folders, "the converted model was not cached"
+    assert intact_conversion(folders[0].parent)
     assert "quantization_config" not in json.loads(folders[0].read_text())
-    start = time.perf_counter()
-    lm = load_model(device="cpu")
-    assert time.perf_counter() - start < 20  # a warm load does not dequantise again
+
+    def no_conversion(path, folder):
+        raise AssertionError("a warm load converted the GGUF file again")
+
+    monkeypatch.setattr(simsteer.models, "_dequantise", no_conversion)
+    lm = load_model(device="cpu")  # a warm load reads the cache
     assert lm.num_layers == 30 and lm.hidden_size == 576
     assert lm.tokenizer.chat_template
 

@@ -147,3 +147,49 @@ def test_steering_save_is_one_commit(tmp_path):
     with commit_hook(crash("before")), pytest.raises(Crash):
         _steering(3.0).save(tmp_path / "p")
     assert sorted(os.listdir(tmp_path)) == ["p"] and len(Policy.load(tmp_path / "p")) == 2
+
+
+def _observe_syncs(monkeypatch) -> list[tuple[str, str]]:
+    """Record ("fsync", path) for every fsync (the path its fd names) and ("replace", dst)
+    for every rename, in order."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        events.append(("replace", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd's file")
+def test_a_commit_fsyncs_the_file_before_and_the_parent_folder_after_the_rename(tmp_path, monkeypatch):
+    events = _observe_syncs(monkeypatch)
+    target = tmp_path / "a.json"
+    atomic_write_bytes(target, b"{}")
+    (fsync_file, renamed, fsync_parent) = events
+    assert fsync_file[0] == "fsync" and Path(fsync_file[1]).name.startswith(".a.json.")  # the temporary
+    assert renamed == ("replace", str(target))
+    assert fsync_parent == ("fsync", str(tmp_path))  # the rename itself reaches the disk
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fd's file")
+def test_a_staged_folder_is_fsynced_whole_before_its_rename_and_its_parent_after(tmp_path, monkeypatch):
+    events = _observe_syncs(monkeypatch)
+    target = tmp_path / "steering"
+    with staged_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        atomic_write_bytes(tmp / "sub" / "w.bin", b"x")
+    renames = [i for i, e in enumerate(events) if e == ("replace", str(target))]
+    assert len(renames) == 1
+    before, after = events[: renames[0]], events[renames[0] + 1 :]
+    synced = {Path(p).name for kind, p in before if kind == "fsync"}
+    assert {"sub", tmp.name} <= synced  # the file's folder and the staged root
+    assert any(name.startswith(".w.bin.") for name in synced)  # the file (as its temporary)
+    assert ("fsync", str(tmp_path)) in after

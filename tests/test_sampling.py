@@ -34,9 +34,13 @@ def test_greedy_is_batch_order_independent_and_counts_tokens(tiny_lm):
     together = generate(tiny_lm, PROMPTS, 1, cfg)
     alone = [generate(tiny_lm, [p], 1, cfg)[0] for p in PROMPTS]
     assert [g[0].text for g in together] == [g[0].text for g in alone]
-    for (g,) in together:
+    longer = generate(tiny_lm, PROMPTS, 1, SamplingConfig(temperature=0.0, max_new_tokens=9))
+    for (g,), (h,) in zip(together, longer, strict=True):
         assert 1 <= g.num_tokens <= 6
-        assert g.finished == (g.num_tokens < 6 or g.finished)
+        # Ended by the end-of-sequence token: it ends there under a larger cap too (greedy,
+        # the same prefix); cut by the cap: it goes on. Shorter than the cap: it ended.
+        assert g.finished == (h.num_tokens == g.num_tokens)
+        assert g.finished or g.num_tokens == 6
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,6 +211,32 @@ def sweep_temporaries(root: str | Path) -> list[Path]:
     return swept
 
 
+def _open_lock_file(path: Path, what: str) -> int:
+    """Open (or create) the lock file ``path`` for writing, never through a link: a run
+    directory may be edited by others, and a symbolic link (or a hard link) planted at
+    the lock's name must not make the lock truncate the file it points to.
+
+    Raises:
+        SimsError: ``path`` is a symbolic link, not a regular file, or a hard link.
+    """
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        # O_NONBLOCK: a FIFO planted there must not hang the open (refused just below).
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o666)
+    except OSError:
+        if path.is_symlink():
+            raise SimsError(
+                f"the lock file of {what} ({path}) is a symbolic link; remove it (it is never followed)"
+            ) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        kind = "a hard link" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise SimsError(f"the lock file of {what} ({path}) is {kind}; remove it")
+    return fd
+
+
 @contextmanager
 def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``path`` inside the block (not waiting).
@@ -225,7 +252,7 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
         SimsError: another process holds the lock (one line naming its pid).
     """
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock_file(path, what)
     try:
         if fcntl is not None:
             try:

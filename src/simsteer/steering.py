@@ -291,6 +291,14 @@ class Steering:
             for name, value in fn.state_dict().items():
                 tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous()
             layer_info[str(index)] = {"kind": fn.kind, "params": fn.params()}
+        # Checked before anything is written: a NaN steering that was committed would be
+        # refused by every later load (and ``--resume``) of the folder.
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise SimsError(
+                    f"learner {self.learner} produced NaN or infinite values ({name}); "
+                    "nothing was saved (a diverging fit: try fp32 or gentler learner options)"
+                )
         config = {
             "format_version": FORMAT_VERSION,
             "library": "simsteer",

@@ -12,7 +12,7 @@ from ..evaluation.baselines import BASELINES, build_baseline
 from ..evaluation.dpo import DPOBaselineConfig
 from ..loop.rundir import RunDir
 from .options import names, non_negative_number, positive, positive_number, seed
-from .trust import add_consent_options, check_consent
+from .trust import add_consent_options, check_consent, check_model_config, check_paths
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +61,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     # What the run names runs code or sends a key only when the same flags are typed here.
     spec = like.spec()
     trusted = check_consent(args, spec.oracle, spec.model, args.like, "baseline")
+    # The same checks as --resume, before anything loads: saved paths absolute, the model's
+    # config the one the run was started with.
+    check_paths(spec, like.config)
+    check_model_config(like.root, spec)
     out = build_baseline(
         args.kind,
         Path(args.like),

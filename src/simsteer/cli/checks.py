@@ -105,3 +105,22 @@ def reading(path: str | Path, what: str) -> Iterator[None]:
     except _READ_ERRORS as exc:  # csv.Error, JSONDecodeError, BadGzipFile are among these
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise SimsError(f"{path} is not a valid {what} ({detail})") from None
+
+
+# -- output files ---------------------------------------------------------------------------
+def check_output_file(path: str | Path, flag: str = "--output") -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, or a path
+    under a file (its folders are made when missing).
+
+    Args:
+        path: the file to write.
+        flag: the option that named it, for the message.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SimsError(f"{flag} {path} is a folder: name a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SimsError(f"{flag} {path}: {parent} is not a folder, so nothing can be written under it")

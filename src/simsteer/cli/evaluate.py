@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import SimsError
 from ..evaluation.datasets import MC_TASKS
 from ..evaluation.run_eval import SCORERS, EvalConfig
+from ..loop.rundir import RunDir, report_lock
 from ..oracles import ORACLE_NAMES
 from .checks import reading
 from .options import (
@@ -22,7 +24,7 @@ from .options import (
     typed_judge_options,
 )
 from .refusal import add_refusal_options, cmd_refusal
-from .trust import add_consent_options, check_consent
+from .trust import add_consent_options, check_consent, check_model_config, check_paths
 
 _ORACLES = ", ".join(ORACLE_NAMES)
 
@@ -110,16 +112,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a run and print its win rates against the unsteered model."""
-    from ..evaluation.report import write_report
-    from ..evaluation.run_eval import eval_oracle, evaluate_run, read_run
+    from ..evaluation.run_eval import eval_oracle, read_run
 
     # The oracle and model the folder names (a baseline's: the mirrored run's), allowed to
     # run code or send a key only when the same flags are typed here, before any is used.
     info = read_run(args.run)
-    trusted = check_consent(args, eval_oracle(info.config), info.config["model"], args.run, "eval")
+    oracle = eval_oracle(info.config)
+    trusted = check_consent(args, oracle, info.config["model"], args.run, "eval")
+    # The same checks as --resume, before anything loads: saved paths absolute (the model,
+    # the oracle's files), the model's config the one the folder was made with.
+    run = RunDir(Path(args.run))
+    spec = run.spec()
+    check_paths(replace(spec, oracle=oracle if isinstance(oracle, dict) else {"name": oracle}), run.config)
+    check_model_config(run.root, spec)
     check_workers(args)
-    if args.task == "refusal":
-        return cmd_refusal(args, trusted)
+    # The reports go into the run directory (by default) under its lock, like every write there.
+    with report_lock(Path(args.out or args.run)):
+        if args.task == "refusal":
+            return cmd_refusal(args, trusted)
+        return _evaluate(args, trusted)
+
+
+def _evaluate(args: argparse.Namespace, trusted: frozenset[str]) -> int:
+    from ..evaluation.report import write_report
+    from ..evaluation.run_eval import evaluate_run
 
     config = EvalConfig(
         judges=tuple(args.judge),

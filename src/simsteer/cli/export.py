@@ -80,6 +80,7 @@ def _resolve(path: Path, args: argparse.Namespace) -> tuple[Policy, str | None, 
     from ..loop.rundir import RunDir
     from ..policy import load_policy
     from ..steering import CONFIG_NAME
+    from .trust import check_model_config, check_paths
 
     run = RunDir(path)
     if run.is_run():
@@ -91,8 +92,12 @@ def _resolve(path: Path, args: argparse.Namespace) -> tuple[Policy, str | None, 
                 f"{path}: its model {spec.model.source} runs the code shipped with it; since a run "
                 "directory may have been edited by someone else, add --trust-remote-code to allow it"
             )
-        source = args.model if args.model is not None else spec.model.source
-        return load_policy(run.final), source, bool(args.trust_remote_code)
+        if args.model is not None:
+            return load_policy(run.final), args.model, bool(args.trust_remote_code)
+        # The run's own model: the same checks as --resume, before the load.
+        check_paths(spec, run.config)
+        check_model_config(run.root, spec)
+        return load_policy(run.final), spec.model.source, bool(args.trust_remote_code)
     if not path.exists():
         raise SimsError(f"{path} does not exist (name a run directory or a steering folder)")
     if not ((path / CONFIG_NAME).is_file() or (path / "step_1" / CONFIG_NAME).is_file()):

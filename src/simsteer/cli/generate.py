@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import SimsError
 from ..hooks import POSITIONS
-from .checks import check_context
+from .checks import check_context, check_output_file
 from .options import (
     add_model_options,
     add_sampling_options,
@@ -63,6 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts += load_prompts(args.prompts)
     if not prompts:
         raise SimsError("no prompts: pass --prompts FILE or --prompt TEXT")
+    if args.output:
+        check_output_file(args.output)  # before the model load and the answers, not after
     sampling = sampling_config(args)
     policy = Policy()
     if args.steering:

@@ -248,9 +248,14 @@ def _judge_waits(args: argparse.Namespace, spec: RunSpec) -> dict[str, Any]:
 
 def read_spec(path: Path) -> RunSpec:
     """The saved spec of a run directory that ``sims run`` can continue."""
-    from ..loop.rundir import RunDir
+    from ..loop.rundir import RunDir, is_half_prepared
 
     run = RunDir(path)
+    if is_half_prepared(path):
+        raise SimsError(
+            f"{path} is a run killed while it was being prepared (no config.json): "
+            f"start it again with sims run --out {path} and its settings"
+        )
     if not run.is_run():
         raise SimsError(f"{path} is not a run directory (no config.json)")
     spec = run.spec()

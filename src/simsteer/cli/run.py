@@ -218,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _new_run(args: argparse.Namespace) -> RunPlan:
-    from ..loop.rundir import RunDir
+    from ..loop.rundir import check_new_run_dir
     from ..models import load_model
     from ..oracles import get_oracle
     from ..prompts import load_prompts
@@ -239,8 +239,7 @@ def _new_run(args: argparse.Namespace) -> RunPlan:
     )
     learner = checked_learner(args.learner, learner_options(args))
     out = Path(args.out)
-    if RunDir(out).is_run():
-        raise SimsError(f"{out} already holds a run: continue it with --resume {out} or pick --out")
+    check_new_run_dir(out)  # before the slow model load, not after it
     prompts = load_prompts(args.prompts)
     eval_prompts = load_prompts(args.eval_prompts_file) if args.eval_prompts_file else None
     contrast = load_prompts(args.contrast_prompts) if args.contrast_prompts else None

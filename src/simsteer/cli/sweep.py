@@ -7,6 +7,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from ..errors import SimsError
 from ..evaluation.sweep import GRID_KEYS, Runner
 from .options import add_worker_options, check_workers
 
@@ -60,6 +61,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if run_args[:1] == ["--"]:
         run_args = run_args[1:]
     check_workers(args)
+    check_sweep_folder(Path(args.out), grid)  # before any point runs, not after them
     from ..workers import ray_session
 
     worker_args = [] if args.workers is None else ["--workers", str(args.workers)]
@@ -71,3 +73,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     print(format_sweep(rows, list(grid)))
     return 0
+
+
+def check_sweep_folder(out: Path, grid: dict[str, list[str]]) -> None:
+    """Refuse a sweep folder the sweep could not finish in: ``out`` or its files in the
+    way (a file where a folder goes, a folder where ``sweep.json`` / ``results.json``
+    go), or a point's folder that holds something other than a run.
+
+    Args:
+        out: the sweep folder.
+        grid: axis -> values.
+    """
+    from ..evaluation.sweep import grid_points, point_name
+    from ..loop.rundir import RunDir, check_new_run_dir
+
+    if out.exists() and not out.is_dir():
+        raise SimsError(f"--out {out} exists and is not a folder")
+    for name in ("sweep.json", "results.json"):
+        if (out / name).is_dir():
+            raise SimsError(f"{out / name} is a folder; the sweep writes a file there")
+    for point in grid_points(grid):
+        folder = out / point_name(point)
+        if not RunDir(folder).is_run():
+            check_new_run_dir(folder)

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import SimsError
 from ..fluency import fluency_report
 from ..generation.sampling import SamplingConfig
-from ..io import read_jsonl, write_json
+from ..io import atomic_write_bytes, read_jsonl, write_json
 from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..oracles.refusal import refusal_score
@@ -325,5 +325,5 @@ def write_refusal_report(result: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "refusal.json", result)
     path = out / "refusal.md"
-    path.write_text(f"# Refusal evaluation of {result['run']}\n\n{refusal_table(result)}", encoding="utf-8")
+    atomic_write_bytes(path, f"# Refusal evaluation of {result['run']}\n\n{refusal_table(result)}".encode())
     return path

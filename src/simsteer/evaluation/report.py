@@ -22,6 +22,15 @@ def _plt():
     return plt
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """Render ``fig`` in memory and commit it in one rename (a kill leaves the old plot)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else f"{x:{spec}}"
 
@@ -57,7 +66,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> bool:
     b.set_xlabel("iteration")
     b.set_ylabel("held-out perplexity (base model)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save_png(fig, path)
     plt.close(fig)
     return True
 
@@ -94,7 +103,7 @@ def plot_metrics(result: dict[str, Any], path: Path) -> None:
     b.set_ylim(0, 100)
     b.set_title("win rate vs base answers (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save_png(fig, path)
     plt.close(fig)
 
 
@@ -122,7 +131,7 @@ def plot_mc(mc: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("accuracy (± 1 s.e.)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save_png(fig, path)
     plt.close(fig)
     return True
 
@@ -365,7 +374,7 @@ def write_comparison(runs: Sequence[str | Path], out: Path, judge: str | None = 
         ax.set_xticks(range(len(rows)), names, rotation=25, ha="right")
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=90)
+    _save_png(fig, out / "compare.png")
     plt.close(fig)
     atomic_write_bytes(out / "compare.md", (table + "\n\n![comparison](compare.png)\n").encode())
     write_json(out / "compare.json", rows)

@@ -36,6 +36,7 @@ from ..loop.rundir import RunDir
 from ..models import LoadedModel, load_model
 from ..oracles import get_oracle
 from ..oracles.attributes import attribute_oracle
+from ..oracles.base import finite_scores
 from ..oracles.llm_judge import JUDGE_WAITS
 from ..policy import load_policy
 from ..schema import NonNegativeInt, Rule, UndefinedFloat, check
@@ -403,8 +404,8 @@ def evaluate_run(
     with meter.stage("score") as cost:
         for name in config.scorers:
             scorer = attribute_oracle(name)
-            s_base = np.asarray(scorer.score(prompts, base))
-            s_ours = np.asarray(scorer.score(prompts, ours))
+            s_base = finite_scores(scorer.name, scorer.score(prompts, base))
+            s_ours = finite_scores(scorer.name, scorer.score(prompts, ours))
             cost.judge_calls += 2 * len(prompts)
             per_prompt["scores"][name] = {"base": s_base.tolist(), "policy": s_ours.tolist()}
             scores[name] = ScoreComparison(

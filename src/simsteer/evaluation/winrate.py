@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..oracles.base import Judgment, Oracle, ScoreOracle
+from ..oracles.base import Judgment, Oracle, ScoreOracle, finite_scores
 from ..stats import bootstrap_ci
 
 TIE_TOLERANCE = 1e-9
@@ -91,7 +91,7 @@ def judge_pairs(
     if not prompts:
         return PairJudgments(np.zeros(0), np.zeros(0), 0)
     if isinstance(oracle, ScoreOracle):
-        scores = np.asarray(oracle.score(prompts + prompts, policy + reference), dtype=np.float64)
+        scores = finite_scores(oracle.name, oracle.score(prompts + prompts, policy + reference))
         n = len(prompts)
         diff = (scores[:n] - scores[n:]) / oracle.temperature
         p = 1.0 / (1.0 + np.exp(-diff))

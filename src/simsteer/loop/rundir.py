@@ -66,6 +66,11 @@ from .spec import RunSpec
 #: The lock file of a run directory; it holds the pid of the process writing the run.
 LOCK_NAME = ".sims.lock"
 
+#: The files a run directory starts with besides ``config.json`` (committed with it).
+INITIAL_FILES = frozenset(
+    {"prompts.jsonl", "eval_prompts.jsonl", "calibration_prompts.jsonl", "contrast_prompts.jsonl"}
+)
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -238,13 +243,46 @@ class RunDir:
         return _parse(self.outcome, OutcomeRecord.from_json, read_json(self.outcome))
 
 
+def is_half_prepared(root: Path) -> bool:
+    """Whether ``root`` is a run killed while it was being prepared: a folder with some of
+    the initial files (:data:`INITIAL_FILES`) and nothing else but temporaries and the
+    lock, no ``config.json``. Today the initial files are committed together with
+    ``config.json`` (:func:`create_run`), so only an older simsteer or a copy interrupted
+    half-way leaves one; ``sims run -o`` starts it over.
+    """
+    if not root.is_dir() or RunDir(root).is_run():
+        return False
+    names = [p.name for p in root.iterdir() if not is_temporary(p.name) and p.name != LOCK_NAME]
+    return bool(names) and all(name in INITIAL_FILES and (root / name).is_file() for name in names)
+
+
+def check_new_run_dir(root: Path) -> None:
+    """Refuse, before anything is loaded, a folder a new run cannot be started in: one
+    that holds anything but a killed writer's temporaries, the lock or a half-prepared run
+    (:func:`is_half_prepared`).
+
+    Raises:
+        SimsError: one line naming the folder.
+    """
+    if RunDir(root).is_run():
+        raise SimsError(f"{root} already holds a run: continue it with --resume {root} or pick --out")
+    if root.exists() and not root.is_dir():
+        raise SimsError(f"{root} exists and is not a folder: pick another --out")
+    if not root.is_dir() or is_half_prepared(root):
+        return
+    if any(not is_temporary(p.name) and p.name != LOCK_NAME for p in root.iterdir()):
+        raise SimsError(f"{root} exists and is not an empty run directory: pick another --out")
+
+
 @contextmanager
 def create_run(run: RunDir, write: Callable[[RunDir], None]) -> Iterator[None]:
     """Start the run directory ``run`` in one step and hold its lock inside the block.
 
     ``write`` fills a staged copy of the run directory with the initial files; it is
     renamed to ``run.root`` in one step, so a kill leaves either no run or a run with all
-    of its initial files. ``run.root`` may exist if it is empty.
+    of its initial files. ``run.root`` may exist if it is empty, holds only a killed
+    writer's temporaries, or is a run killed while it was being prepared
+    (:func:`is_half_prepared`, started over).
 
     Args:
         run: the run directory to create.
@@ -256,15 +294,17 @@ def create_run(run: RunDir, write: Callable[[RunDir], None]) -> Iterator[None]:
     """
     root = run.root.resolve() if run.root.is_symlink() else run.root
     _sweep_staged_roots(root)
-    if root.is_dir():
-        leftovers = list(root.iterdir())
-        if any(not is_temporary(p.name) and p.name != LOCK_NAME for p in leftovers):
-            raise SimsError(f"{run.root} exists and is not an empty run directory")
-        for path in leftovers:  # a killed writer's temporaries, no run to lose
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+    check_new_run_dir(run.root)
+    if root.is_dir() and any(root.iterdir()):
+        # A killed writer's temporaries, or a run killed while it was being prepared: no
+        # run to lose, started over. The staged run replaces only an empty folder, so the
+        # old lock goes too (held meanwhile: nobody else is cleaning it).
+        with exclusive_lock(root / LOCK_NAME, f"run directory {run.root}"):
+            for path in root.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
     with ExitStack() as stack:
         try:
             with staged_dir(root, replace=False) as tmp:
@@ -289,6 +329,24 @@ def resume_run(run: RunDir) -> Iterator[None]:
     with exclusive_lock(run.lock_file, f"run directory {run.root}"):
         sweep_temporaries(run.root)
         _sweep_staged_roots(run.root)
+        yield
+
+
+@contextmanager
+def report_lock(folder: Path) -> Iterator[None]:
+    """Hold the lock of ``folder`` inside the block when it is a run (or baseline) folder,
+    so that a study (``sims eval``) writing its reports there never races the loop, and
+    sweep the temporaries a killed writer left; any other folder is not locked.
+
+    Raises:
+        SimsError: another process is writing the run (the message names its pid).
+    """
+    run = RunDir(folder)
+    if not run.is_run():
+        yield
+        return
+    with exclusive_lock(run.lock_file, f"run directory {folder}"):
+        sweep_temporaries(run.root)
         yield
 
 

@@ -317,7 +317,10 @@ class SIMS:
             return collect_preference_activations(self.lm, kind, [], [], 0, [], self.layers)
         path = run.activations(t)
         if path.is_file():
-            return load_preference_activations(path)
+            saved = load_preference_activations(path)
+            if saved[0].layers != self.layers or saved[0].positive.shape[-1] != self.lm.hidden_size:
+                raise SimsError(f"{path} does not hold this run's layers of width {self.lm.hidden_size}")
+            return saved
         chosen = selection.training()
         pos = [r for r in chosen if r.label == "positive"]
         neg = [r for r in chosen if r.label == "negative"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,17 @@ class Oracle(ABC):
         return {"name": self.name}
 
 
+def finite_scores(name: str, scores: Any) -> np.ndarray:
+    """``scores`` as float64, refused in one line naming the oracle ``name`` if any is NaN
+    or infinite (a NaN gives no D+ / D- and NaN metrics, silently). Every score the loop,
+    the guard or an evaluation uses passes here before anything is labelled or written."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        bad = scores[~np.isfinite(scores)][0]
+        raise SimsError(f"oracle {name} returned the score {bad}; scores must be finite numbers")
+    return scores
+
+
 class ScoreOracle(Oracle):
     """An oracle with a scalar score per (prompt, response)."""
 
@@ -86,10 +98,7 @@ class ScoreOracle(Oracle):
     def judge(self, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
         flat_p = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
         flat_r = [r for rs in responses for r in rs]
-        scores = np.asarray(self.score(flat_p, flat_r), dtype=np.float64)
-        if not np.isfinite(scores).all():  # NaN gives no D+ / D- and NaN metrics, silently
-            bad = scores[~np.isfinite(scores)][0]
-            raise SimsError(f"oracle {self.name} returned the score {bad}; scores must be finite numbers")
+        scores = finite_scores(self.name, self.score(flat_p, flat_r))
         out, start = [], 0
         for rs in responses:
             s = scores[start : start + len(rs)]

@@ -29,13 +29,18 @@ class RewardModelOracle(ScoreOracle):
         super().__init__(temperature)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from ..models import downloads_allowed, hub_cached, no_download_message
+
         local = Path(name_or_path).is_dir()
+        offline = local or not downloads_allowed()
+        if not local and offline and not hub_cached(name_or_path):
+            raise SimsError(no_download_message(f"reward model {name_or_path!r}"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(
-                name_or_path, local_files_only=local, trust_remote_code=trust_remote_code
+                name_or_path, local_files_only=offline, trust_remote_code=trust_remote_code
             )
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, local_files_only=local, trust_remote_code=trust_remote_code
+                name_or_path, local_files_only=offline, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -23,7 +23,7 @@ from ..activations import PreferenceActivations, collect_preference_activations
 from ..generation.sampling import Generation, SamplingConfig, generate
 from ..models import LoadedModel
 from ..oracles import MODEL_ORACLES
-from ..oracles.base import Judgment, Oracle, ScoreOracle
+from ..oracles.base import Judgment, Oracle, ScoreOracle, finite_scores
 from ..steering import Steering
 
 #: torch dtypes -> the names ``load_model`` takes.
@@ -138,7 +138,8 @@ class WorkerPool(ABC):
 
     @abstractmethod
     def score(self, oracle: ScoreOracle, prompts: list[str], responses: list[str]) -> np.ndarray:
-        """``oracle.score`` (on the workers when they hold this oracle)."""
+        """``oracle.score`` (on the workers when they hold this oracle), every score finite
+        (:func:`~simsteer.oracles.base.finite_scores`: one line naming the oracle)."""
 
     @abstractmethod
     def judge(self, oracle: Oracle, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
@@ -199,7 +200,7 @@ class LocalPool(WorkerPool):
         return generate(self.lm, prompts, num_samples, config, list(policy), seed, progress, keys)
 
     def score(self, oracle: ScoreOracle, prompts: list[str], responses: list[str]) -> np.ndarray:
-        return oracle.score(prompts, responses)
+        return finite_scores(oracle.name, oracle.score(prompts, responses))
 
     def judge(self, oracle: Oracle, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
         return oracle.judge(prompts, responses)

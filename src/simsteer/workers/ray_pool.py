@@ -38,7 +38,7 @@ from ..activations import PreferenceActivations, check_collection, no_preference
 from ..errors import SimsError
 from ..generation.sampling import Generation, SamplingConfig, stream_keys
 from ..models import LoadedModel
-from ..oracles.base import Judgment, Oracle, ScoreOracle
+from ..oracles.base import Judgment, Oracle, ScoreOracle, finite_scores
 from ..steering import Steering
 from .actor import ModelWorker
 from .payload import (
@@ -170,13 +170,13 @@ class RayPool(WorkerPool):
 
     def score(self, oracle: ScoreOracle, prompts: list[str], responses: list[str]) -> np.ndarray:
         if not self._holds(oracle) or not prompts:
-            return oracle.score(prompts, responses)
+            return finite_scores(oracle.name, oracle.score(prompts, responses))
         parts = shards(len(prompts), len(self.actors))
         refs = [
             a.score.remote([prompts[i] for i in r], [responses[i] for i in r])
             for a, r in zip(self.actors, parts, strict=False)
         ]
-        return np.concatenate(self._get(refs))
+        return finite_scores(oracle.name, np.concatenate(self._get(refs)))
 
     def judge(self, oracle: Oracle, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
         if not self._holds(oracle) or not prompts:
