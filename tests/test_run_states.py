@@ -71,9 +71,8 @@ class FlakyCAA(CAA):
 
 
 def test_a_run_whose_fit_diverged_once_resumes(tmp_path, tiny_lm):
-    from simsteer.sampling import SamplingConfig
-
     from simsteer.errors import SimsError
+    from simsteer.generation.sampling import SamplingConfig
     from simsteer.loop.config import SIMSConfig
     from simsteer.loop.guard import GuardConfig
     from simsteer.loop.sims import SIMS

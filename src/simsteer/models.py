@@ -464,3 +464,28 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     if bad or not layers:
         raise SimsError(f"layer selection {spec!r} is out of range for a {num_layers}-layer model")
     return layers
+
+
+#: Values sampled from each tensor by :func:`model_digest` (evenly spaced).
+DIGEST_SAMPLES = 4096
+
+
+def model_digest(lm: LoadedModel) -> str:
+    """A fingerprint of what a loaded model computes: its architecture, its tokenizer's
+    vocabulary, and every tensor's name, dtype, shape and values (up to
+    :data:`DIGEST_SAMPLES` evenly spaced values per tensor: other weights differ there,
+    and a 2 GB model is fingerprinted in well under a second).
+
+    Args:
+        lm: the loaded model.
+    """
+    digest = hashlib.sha256(json.dumps(lm.fingerprint(), sort_keys=True).encode())
+    vocab = lm.tokenizer.get_vocab() if hasattr(lm.tokenizer, "get_vocab") else {}
+    digest.update(json.dumps(sorted(vocab.items())).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(lm.model.state_dict().items()):
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // DIGEST_SAMPLES)
+            digest.update(flat[::step][:DIGEST_SAMPLES].float().cpu().numpy().tobytes())
+    return digest.hexdigest()

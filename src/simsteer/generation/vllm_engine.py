@@ -4,10 +4,10 @@
 model's lifetime: the SIMS loop's sampling, held-out answers, the guard's strengths,
 best-of-N and evaluation swap the policy in place and never reload the model.
 
-- **The model vLLM loads** is written once to the user cache (keyed by the model's
-  fingerprint and dtype): the loaded weights, with zero MLP output biases (``mlp_bias``)
-  for the families whose vLLM model reads them (Llama and its kin), so that an additive
-  policy is a bias write.
+- **The model vLLM loads** is written once to the user cache (keyed by a digest of the
+  model's weights and vocabulary, and its dtype): the loaded weights, with zero MLP output
+  biases (``mlp_bias``) for the families whose vLLM model reads them (Llama and its kin),
+  so that an additive policy is a bias write.
 - **Steering.** An additive policy at every position (CAA, PCA, ActAdd ``mean``, BiPO and
   stacks of them) is written into those biases in place (``collective_rpc``, then a prefix
   cache reset): vLLM's compiled graph is kept and a step costs what an unsteered one does.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import weakref
@@ -47,7 +46,7 @@ import torch
 from ..errors import SimsError
 from ..functions import AddVector
 from ..io import staged_dir
-from ..models import LoadedModel, cache_dir
+from ..models import LoadedModel, cache_dir, model_digest
 from ..policy import Policy, payload_key, policy_payload
 from .torch_engine import DecodeSettings, Job, JobSource, TokenCallback
 from .vllm_model import MULTIPLIER_ARG, PREFIX, SLOT_ARG, SteeringWorkerExtension, register
@@ -135,8 +134,9 @@ def model_folder(lm: LoadedModel) -> Path:
     that read them) and tokenizer, written once to the user cache."""
     from ..export.hf_bias import biased_model
 
-    fingerprint = json.dumps(lm.fingerprint(), sort_keys=True, default=str)
-    key = hashlib.sha256(f"{fingerprint}|{lm.dtype}|{lm.source}".encode()).hexdigest()[:24]
+    # Keyed by what the model computes (sampled weights, vocabulary), not by its path: a
+    # model retrained in place gets a new folder, never the old weights.
+    key = hashlib.sha256(f"{model_digest(lm)}|{lm.dtype}".encode()).hexdigest()[:24]
     target = cache_dir() / "vllm" / key
     if (target / "config.json").is_file():
         return target

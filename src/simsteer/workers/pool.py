@@ -21,7 +21,7 @@ import torch
 
 from ..activations import PreferenceActivations, collect_preference_activations
 from ..generation.sampling import Generation, SamplingConfig, generate
-from ..models import LoadedModel
+from ..models import LoadedModel, model_digest
 from ..oracles import MODEL_ORACLES
 from ..oracles.base import Judgment, Oracle, ScoreOracle, finite_scores
 from ..steering import Steering
@@ -77,34 +77,6 @@ class WorkerSpec:
             threads=threads,
             digest=model_digest(lm),
         )
-
-
-#: Values sampled from each tensor by :func:`model_digest` (evenly spaced).
-DIGEST_SAMPLES = 4096
-
-
-def model_digest(lm: LoadedModel) -> str:
-    """A fingerprint of what a loaded model computes: its architecture, its tokenizer's
-    vocabulary, and every tensor's name, dtype, shape and values (up to
-    :data:`DIGEST_SAMPLES` evenly spaced values per tensor: other weights differ there,
-    and a 2 GB model is fingerprinted in well under a second).
-
-    Args:
-        lm: the loaded model.
-    """
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps(lm.fingerprint(), sort_keys=True).encode())
-    vocab = lm.tokenizer.get_vocab() if hasattr(lm.tokenizer, "get_vocab") else {}
-    digest.update(json.dumps(sorted(vocab.items())).encode())
-    with torch.no_grad():
-        for name, tensor in sorted(lm.model.state_dict().items()):
-            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // DIGEST_SAMPLES)
-            digest.update(flat[::step][:DIGEST_SAMPLES].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def is_model_oracle(oracle: Oracle) -> bool:
