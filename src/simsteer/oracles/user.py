@@ -24,11 +24,13 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import SimsError
 from .base import Judgment, Oracle, ScoreOracle, bradley_terry
+from .registry import register_oracle
 
 
 def _is_file(module_name: str) -> bool:
@@ -134,6 +136,15 @@ def python_oracle(target: str, temperature: float = 1.0) -> Oracle:
     return PythonRankOracle(fn, name) if is_ranker(fn) else PythonScoreOracle(fn, name, temperature)
 
 
+def _python_name_spec(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {"name": f"python:{python_target(name.partition(':')[2])}"}
+
+
+@register_oracle("python", names=("python:MODULE:FUNCTION",), name_spec=_python_name_spec)
+def _build_python(name: str, settings: dict[str, Any], device: str | None, lm: Any) -> Oracle:
+    return python_oracle(name.partition(":")[2], **settings)
+
+
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*\**\s*([^\n]+)", re.I)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -186,3 +197,10 @@ class SelfConsistencyOracle(Oracle):
                 )
             )
         return out
+
+
+@register_oracle("self-consistency")
+def _build_self_consistency(
+    name: str, settings: dict[str, Any], device: str | None, lm: Any
+) -> SelfConsistencyOracle:
+    return SelfConsistencyOracle(**settings)
