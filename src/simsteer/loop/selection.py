@@ -26,7 +26,7 @@ from ..generation.sampling import Generation
 from ..oracles.base import Judgment
 from ..prompts import Prompt
 from .bank import BankEntry, ResponseBank
-from .config import SIMSConfig, label_by_win_rate
+from .config import SIMSConfig
 from .records import JudgingStats, SampleRecord, TrainingPair
 
 VARIANTS = ("sims", "pr", "cs")
@@ -194,3 +194,12 @@ def _labels(variant: str, judgment: Judgment) -> list[str]:
         labels[int(np.argmax(wins))] = "positive"
         labels[int(np.argmin(wins))] = "negative"
     return labels
+
+
+def label_by_win_rate(win_rate: float) -> str:
+    """D+ above one half, D- below, ties dropped (SIMS.md)."""
+    if win_rate > 0.5:
+        return "positive"
+    if win_rate < 0.5:
+        return "negative"
+    return "tie"
