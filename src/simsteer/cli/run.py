@@ -11,8 +11,7 @@ from ..activations import SUMMARIES
 from ..errors import SimsError
 from ..hooks import POSITIONS
 from ..learners import learner_names
-from ..loop.config import SIMSConfig
-from ..loop.selection import VARIANTS
+from ..loop.config import VARIANTS, SIMSConfig
 from ..oracles import ORACLE_NAMES
 from .checks import check_context, checked_learner
 from .options import (

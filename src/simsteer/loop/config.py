@@ -11,6 +11,9 @@ from ..generation.sampling import SamplingConfig
 from .bank import BankConfig
 from .calibration import GuardConfig
 
+#: The SIMS variants: which sampled answers an update learns from (:mod:`simsteer.loop.selection`).
+VARIANTS = ("sims", "pr", "cs")
+
 
 @dataclass(frozen=True)
 class SIMSConfig:
@@ -65,8 +68,9 @@ class SIMSConfig:
             raise SimsError("activation batch size must be >= 1")
         if self.sampling.greedy:
             raise SimsError("SIMS needs K distinct samples: use a temperature > 0")
-        if self.variant not in ("sims", "pr", "cs"):
-            raise SimsError(f"unknown SIMS variant {self.variant!r}: use sims, pr or cs")
+        if self.variant not in VARIANTS:
+            choices = f"{', '.join(VARIANTS[:-1])} or {VARIANTS[-1]}"
+            raise SimsError(f"unknown SIMS variant {self.variant!r}: use {choices}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,21 +21,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..errors import SimsError
 from ..generation.sampling import Generation
 from ..oracles.base import Judgment
 from ..prompts import Prompt
 from .bank import BankEntry, ResponseBank
 from .config import SIMSConfig
 from .records import JudgingStats, SampleRecord, TrainingPair
-
-VARIANTS = ("sims", "pr", "cs")
-
-
-def check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise SimsError(f"unknown SIMS variant {variant!r}: use one of {', '.join(VARIANTS)}")
-    return variant
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ Oracle names (``sims run --oracle NAME``):
   (:mod:`.self_judge`);
 - ``judge:MODEL@BASE_URL`` (or ``judge`` with ``judge_options``): an LLM judge over an
   OpenAI-compatible API (:mod:`.llm_judge`);
-- ``python:MODULE:FUNCTION`` / ``python:FILE.py:FUNCTION``: your own scorer or ranker,
-  ``self-consistency``: majority vote over final answers (:mod:`.user`).
+- ``python:MODULE:FUNCTION`` / ``python:FILE.py:FUNCTION``: your own scorer or ranker
+  (:mod:`.python_function`);
+- ``self-consistency``: majority vote over final answers (:mod:`.self_consistency`).
 
 A name is shorthand for a *spec*, a JSON-ready dict with the oracle's ``name`` and its
 settings (:func:`oracle_spec`). ``oracle.describe()`` returns the full spec, which a run
@@ -39,7 +40,8 @@ from .reward_model import RewardModelOracle
 from .self_rank import SelfRankOracle
 from .self_judge import SelfJudgeOracle, SelfJudgePairwiseOracle
 from .llm_judge import JudgeConfig, JudgeOracle
-from .user import SelfConsistencyOracle
+from .python_function import PythonRankOracle, PythonScoreOracle
+from .self_consistency import SelfConsistencyOracle
 # isort: on
 
 #: The oracles that judge with the loaded backbone (``get_oracle(..., lm=)``).
@@ -133,6 +135,8 @@ __all__ = [
     "JudgeOracle",
     "Judgment",
     "Oracle",
+    "PythonRankOracle",
+    "PythonScoreOracle",
     "RefusalOracle",
     "RewardModelOracle",
     "ScoreOracle",
