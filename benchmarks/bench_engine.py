@@ -175,7 +175,7 @@ def phase_mix(args) -> dict:
 
 def phase_iteration(args) -> dict:
     from simsteer import SIMS, SamplingConfig, SIMSConfig, get_learner, get_oracle, load_prompts
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.models import load_model
 
     lm = load_model(device="cpu", dtype=args.dtype)

@@ -32,7 +32,7 @@ def main() -> None:
     from simsteer import SIMS, SamplingConfig, SIMSConfig, get_learner, get_oracle, load_prompts
     from simsteer.activations import collect_activations
     from simsteer.learners.caa import AddVector
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.models import load_model, parse_layers
     from simsteer.steering import Steering
 

@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from simsteer import SIMS, SamplingConfig, SIMSConfig, get_learner, get_oracle, load_prompts
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.models import load_model
     from simsteer.workers import LocalPool, RayPool, WorkerSpec
 

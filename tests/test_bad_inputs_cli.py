@@ -353,7 +353,7 @@ def test_every_score_oracle_refuses_non_finite_scores(value):
 
     from simsteer.errors import SimsError
     from simsteer.oracles.base import ScoreOracle
-    from simsteer.oracles.user import PythonScoreOracle
+    from simsteer.oracles.python_function import PythonScoreOracle
 
     with pytest.raises(SimsError, match="python:mine"):
         PythonScoreOracle(lambda p, r: value, "python:mine").score(["p"], ["r"])

@@ -15,7 +15,7 @@ from simsteer.evaluation.baselines import BASELINES
 from simsteer.evaluation.datasets import MC_TASKS
 from simsteer.hooks import POSITIONS
 from simsteer.learners import learner_names
-from simsteer.loop.selection import VARIANTS
+from simsteer.loop.config import VARIANTS
 from simsteer.oracles import ORACLE_NAMES
 
 COMMANDS = (

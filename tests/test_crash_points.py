@@ -34,8 +34,8 @@ from simsteer.io import commit_hook, is_temporary
 from simsteer.learners import get_learner
 from simsteer.loop import sims as sims_module
 from simsteer.loop.bank import BankConfig
+from simsteer.loop.calibration import GuardConfig
 from simsteer.loop.config import SIMSConfig
-from simsteer.loop.guard import GuardConfig
 from simsteer.loop.rundir import LOCK_NAME, RunDir
 from simsteer.loop.sims import SIMS
 from simsteer.oracles import get_oracle

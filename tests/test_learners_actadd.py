@@ -98,7 +98,7 @@ def test_learner_needs_prepare_and_uses_center_layer(tiny_lm):
 
 def test_loop_ignores_preferences(tiny_lm, tmp_path, caplog):
     from simsteer.generation.sampling import SamplingConfig
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.loop.sims import SIMS, SIMSConfig
     from simsteer.oracles import get_oracle
 

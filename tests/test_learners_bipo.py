@@ -241,7 +241,7 @@ def test_texts_are_collected_and_persist(tiny_lm, tmp_path):
 
 def test_loop_fits_from_texts_and_refit_from_saved_activations_is_identical(tiny_lm, tmp_path):
     from simsteer.generation.sampling import SamplingConfig
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.loop.sims import SIMS, SIMSConfig
     from simsteer.oracles import get_oracle
 
@@ -284,7 +284,7 @@ def test_sims_run_with_bipo_end_to_end(tmp_path, tiny_model_dir, capsys):
 @pytest.mark.slow
 def test_embedded_model_one_iteration(embedded_lm, tmp_path):
     from simsteer.generation.sampling import SamplingConfig
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.loop.sims import SIMS, SIMSConfig
     from simsteer.oracles import get_oracle
 

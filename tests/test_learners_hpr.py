@@ -186,7 +186,7 @@ def test_save_load_round_trip_and_strength_zero(tiny_lm, tmp_path):
 
 def test_loop_collects_tokens_and_refit_from_saved_activations_is_identical(tiny_lm, tmp_path):
     from simsteer.generation.sampling import SamplingConfig
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.loop.sims import SIMS, SIMSConfig
     from simsteer.oracles import get_oracle
 

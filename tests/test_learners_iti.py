@@ -158,7 +158,7 @@ def test_gpt2_attention_output_found(tiny_gpt2_dir):
 
 def test_loop_collects_head_activations(tiny_lm, tmp_path):
     from simsteer.generation.sampling import SamplingConfig
-    from simsteer.loop.guard import GuardConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.loop.sims import SIMS, SIMSConfig
     from simsteer.oracles import get_oracle
 

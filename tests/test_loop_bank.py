@@ -14,8 +14,9 @@ from simsteer.generation.sampling import SamplingConfig
 from simsteer.io import commit_hook, write_jsonl
 from simsteer.learners import get_learner
 from simsteer.loop.bank import BankConfig, BankEntry, ResponseBank, contrast_reward
-from simsteer.loop.config import SIMSConfig, draw_prompts
-from simsteer.loop.guard import GuardConfig
+from simsteer.loop.calibration import GuardConfig
+from simsteer.loop.config import SIMSConfig
+from simsteer.loop.prompt_sets import draw_prompts
 from simsteer.loop.rundir import RunDir
 from simsteer.loop.sims import SIMS
 from simsteer.oracles.base import Judgment, Oracle

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from simsteer.errors import SimsError
 from simsteer.generation.sampling import SamplingConfig
 from simsteer.learners import get_learner
-from simsteer.loop.config import draw_prompts, label_by_win_rate, split_pool
-from simsteer.loop.guard import GuardConfig
+from simsteer.loop.calibration import GuardConfig
+from simsteer.loop.prompt_sets import draw_prompts, split_pool
+from simsteer.loop.selection import label_by_win_rate
 from simsteer.loop.sims import SIMS, SIMSConfig
 from simsteer.oracles import get_oracle
 from simsteer.prompts import Prompt

@@ -73,8 +73,8 @@ class FlakyCAA(CAA):
 def test_a_run_whose_fit_diverged_once_resumes(tmp_path, tiny_lm):
     from simsteer.errors import SimsError
     from simsteer.generation.sampling import SamplingConfig
+    from simsteer.loop.calibration import GuardConfig
     from simsteer.loop.config import SIMSConfig
-    from simsteer.loop.guard import GuardConfig
     from simsteer.loop.sims import SIMS
     from simsteer.oracles import get_oracle
 

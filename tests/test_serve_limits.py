@@ -242,11 +242,11 @@ def test_chunked_body_over_the_limit_is_refused_while_it_streams(live):
 
 # -- the key, 500s, keyless Host/Origin/Content-Type ----------------------------------------
 def test_api_key_is_compared_in_constant_time(make, monkeypatch):
-    import simsteer.serve.guard as guard
+    import simsteer.serve.access as access
 
     calls = []
-    real = guard.hmac.compare_digest
-    monkeypatch.setattr(guard.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    real = access.hmac.compare_digest
+    monkeypatch.setattr(access.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
     client, _ = make(ServeConfig(model_name="tiny", api_key="k-123"))
     assert client.get("/v1/models", headers={"authorization": "Bearer k-12"}).status_code == 401
     assert client.get("/v1/models", headers={"authorization": "Bearer k-123"}).status_code == 200

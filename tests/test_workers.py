@@ -27,8 +27,8 @@ from simsteer.errors import SimsError
 from simsteer.functions import AddVector
 from simsteer.generation.sampling import SamplingConfig, generate
 from simsteer.learners import get_learner
+from simsteer.loop.calibration import GuardConfig
 from simsteer.loop.config import SIMSConfig
-from simsteer.loop.guard import GuardConfig
 from simsteer.loop.sims import SIMS
 from simsteer.models import load_model
 from simsteer.oracles import get_oracle

@@ -19,8 +19,8 @@ from ..generation.engines import ENGINES
 from ..generation.sampling import SamplingConfig
 from ..hooks import check_positions
 from ..loop.bank import BankConfig
+from ..loop.calibration import SELECTIONS, GuardConfig
 from ..loop.config import SIMSConfig
-from ..loop.guard import SELECTIONS, GuardConfig
 from ..oracles.llm_judge import MODES, JudgeConfig
 from ..schema import INT_LIMIT  # beyond a 64-bit range no setting is sensible (torch overflows)
 

@@ -12,8 +12,7 @@ from ..errors import SimsError
 from ..hooks import POSITIONS
 from ..learners import learner_names
 from ..learners.base import PYTHON_PREFIX, python_learner_target
-from ..loop.config import SIMSConfig
-from ..loop.selection import VARIANTS
+from ..loop.config import VARIANTS, SIMSConfig
 from ..oracles import ORACLE_NAMES
 from .checks import check_context, checked_learner
 from .options import (

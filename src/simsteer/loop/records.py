@@ -140,7 +140,7 @@ class CalibrationPoint(FlatRecord):
 
 @dataclass(frozen=True)
 class CalibrationRecord:
-    """The guard's calibration of one fit (see :mod:`simsteer.loop.guard`).
+    """The guard's calibration of one fit (see :mod:`simsteer.loop.calibration`).
 
     Attributes:
         base: the unsteered model on the calibration prompts.

@@ -21,21 +21,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..errors import SimsError
 from ..generation.sampling import Generation
 from ..oracles.base import Judgment
 from ..prompts import Prompt
 from .bank import BankEntry, ResponseBank
-from .config import SIMSConfig, label_by_win_rate
+from .config import SIMSConfig
 from .records import JudgingStats, SampleRecord, TrainingPair
-
-VARIANTS = ("sims", "pr", "cs")
-
-
-def check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise SimsError(f"unknown SIMS variant {variant!r}: use one of {', '.join(VARIANTS)}")
-    return variant
 
 
 @dataclass(frozen=True)
@@ -194,3 +185,12 @@ def _labels(variant: str, judgment: Judgment) -> list[str]:
         labels[int(np.argmax(wins))] = "positive"
         labels[int(np.argmin(wins))] = "negative"
     return labels
+
+
+def label_by_win_rate(win_rate: float) -> str:
+    """D+ above one half, D- below, ties dropped (Algorithm 1 of the SIMS paper)."""
+    if win_rate > 0.5:
+        return "positive"
+    if win_rate < 0.5:
+        return "negative"
+    return "tie"

@@ -20,7 +20,6 @@ selection, calibration, the outcome) that returns typed records
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,14 +40,17 @@ from ..prompts import Prompt
 from ..steering import Steering
 from ..workers.pool import LocalPool, WorkerPool
 from .activation_store import load_preference_activations, save_preference_activations
-from .config import PromptSplit, SIMSConfig, split_prompts
-from .guard import FluencyGuard, render_frontier
+from .calibration import FluencyGuard
+from .config import SIMSConfig
 from .outcome import run_outcome
+from .plots import render_frontier
+from .prompt_sets import PromptSplit, split_prompts
 from .records import CalibrationPoint, CalibrationRecord, EvalRecord, FitRecord, IterationRecord
 from .rundir import RunDir, create_run, resume_run
 from .selection import Selection
 from .spec import RunSpec
 from .steps import fit_steering, fluency, held_out_answers, iteration_row, run_spec, sample_and_select
+from .stopwatch import Stopwatch
 from .table import TABLE_HEADER, format_row
 
 log = logging.getLogger(__name__)
@@ -221,34 +223,27 @@ class SIMS:
         cfg = self.config
         last = t == cfg.iterations
         policy = self._policy(run, t)
-        seconds: dict[str, float] = {}
-
-        clock = time.perf_counter()
-        evals = self._step_eval(run, t, split.eval, policy)
-        eval_fluency = fluency(self.lm, evals)
-        seconds["eval"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        selection = self._step_sample(run, t, split.train, policy)
-        seconds["sample_and_rank"] = time.perf_counter() - clock
+        watch = Stopwatch()
+        with watch("eval"):
+            evals = self._step_eval(run, t, split.eval, policy)
+            eval_fluency = fluency(self.lm, evals)
+        with watch("sample_and_rank"):
+            selection = self._step_sample(run, t, split.train, policy)
 
         tokens_forward = fit = calibration = stop = None
         if not last:
-            clock = time.perf_counter()
-            data, tokens_forward = self._step_collect(run, t, selection)
-            seconds["collect"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            fit = self._step_fit(run, t, data, policy)
-            seconds["fit"] = time.perf_counter() - clock
+            with watch("collect"):
+                data, tokens_forward = self._step_collect(run, t, selection)
+            with watch("fit"):
+                fit = self._step_fit(run, t, data, policy)
             if cfg.guard.enabled:
-                clock = time.perf_counter()
                 previous = policy if cfg.compose else []
-                calibration = self._step_calibrate(run, t, split.calibration, previous, split.contrast)
-                seconds["calibrate"] = time.perf_counter() - clock
+                with watch("calibrate"):
+                    calibration = self._step_calibrate(run, t, split.calibration, previous, split.contrast)
                 earlier = [row.calibration for row in history if row.calibration is not None]
                 stop = self.guard.stop_reason(calibration, earlier)
         sample_fluency = fluency(self.lm, selection.samples)
-        steps = (tokens_forward, fit, calibration, stop, seconds)
+        steps = (tokens_forward, fit, calibration, stop, watch.seconds)
         # The engine that sampled policy t (what ``--engine auto`` chose for it); also logged.
         engine = choose_engine(cfg.sampling.engine, self.lm, policy)
         row = iteration_row(t, policy, evals, eval_fluency, selection, sample_fluency, *steps, engine)

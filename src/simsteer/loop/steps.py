@@ -23,7 +23,8 @@ from ..prompts import Prompt
 from ..steering import Steering
 from ..workers.pool import LocalPool, WorkerPool
 from .bank import ResponseBank
-from .config import SIMSConfig, draw_prompts
+from .config import SIMSConfig
+from .prompt_sets import draw_prompts
 from .records import (
     CalibrationRecord,
     EvalRecord,

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import SimsError
 from .base import ScoreOracle
+from .registry import register_oracle
 
 
 class AttributeOracle(ScoreOracle):
@@ -82,3 +84,8 @@ def attribute_oracle(spec: str, temperature: float = 1.0) -> AttributeOracle:
             raise SimsError(f"the length target must be >= 1 word, got {target}")
         return AttributeOracle(f"length:{target}", _length(target), temperature)
     raise KeyError(spec)
+
+
+@register_oracle("attribute", names=ATTRIBUTES)
+def _build(name: str, settings: dict[str, Any], device: str | None, lm: Any) -> AttributeOracle:
+    return attribute_oracle(name, **settings)

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -52,6 +53,7 @@ from ..errors import SimsError
 from .base import Judgment, Oracle
 from .judge_cache import JudgmentCache, cache_key
 from .ranking import parse_ranking
+from .registry import register_oracle
 from .templates import Template, load_template, numbered_responses
 
 MODES = ("pairwise", "rank")
@@ -528,3 +530,30 @@ class JudgeOracle(Oracle):
             # the variable's name only (an older spec without it is unchanged)
             **({"base_url_env": cfg.base_url_env} if cfg.base_url_env else {}),
         }
+
+
+def _name_spec(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``judge:MODEL@BASE_URL`` (or ``judge`` with the endpoint in ``options``) -> a spec."""
+    spec = {"name": "judge", **options}
+    arg = name.partition(":")[2]
+    if arg:
+        # split at the @ before the URL (the URL itself may hold user:pass@)
+        at = max(arg.rfind("@http://"), arg.rfind("@https://"))
+        model, base_url = (arg[:at], arg[at + 1 :]) if at > 0 else (arg, "")
+        if not base_url:
+            raise SimsError(f"write the judge as judge:MODEL@BASE_URL, got {name!r}")
+        spec.update(model=model, base_url=base_url)
+    return spec
+
+
+@register_oracle(
+    "judge",
+    names=("judge:MODEL@BASE_URL",),
+    settings=tuple(JudgeConfig.__dataclass_fields__),
+    name_spec=_name_spec,
+)
+def _build(name: str, settings: dict[str, Any], device: str | None, lm: Any) -> JudgeOracle:
+    try:
+        return JudgeOracle(JudgeConfig(**settings))
+    except TypeError as exc:
+        raise SimsError(f"judge: {exc}") from None

@@ -46,10 +46,12 @@ as refused when its score is 1.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
 from .base import ScoreOracle
+from .registry import register_oracle
 
 #: Phrases that mark a refusal (lower case, straight apostrophes, whole words).
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -207,3 +209,8 @@ class RefusalOracle(ScoreOracle):
 
     def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         return np.array([refusal_score(r) for r in responses], dtype=np.float64)
+
+
+@register_oracle("refusal")
+def _build(name: str, settings: dict[str, Any], device: str | None, lm: Any) -> RefusalOracle:
+    return RefusalOracle(**settings)

@@ -8,12 +8,14 @@ two, the log-odds of label 1 over label 0.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import SimsError
 from .base import ScoreOracle
+from .registry import register_oracle
 
 
 class RewardModelOracle(ScoreOracle):
@@ -88,3 +90,20 @@ class RewardModelOracle(ScoreOracle):
                     s = logits[:, 1] - logits[:, 0]
                 scores.extend(s.cpu().tolist())
         return np.asarray(scores, dtype=np.float64)
+
+
+def _local_path(path: str) -> str:
+    """A path that exists here is made absolute; anything else (a hub id) is kept."""
+    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+
+
+def _name_spec(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    arg = name.partition(":")[2]
+    if not arg:
+        raise SimsError("reward-model needs a model: use reward-model:PATH_OR_ID")
+    return {"name": f"reward-model:{_local_path(arg)}"}
+
+
+@register_oracle("reward-model", names=("reward-model:PATH",), aliases=("rm",), name_spec=_name_spec)
+def _build(name: str, settings: dict[str, Any], device: str | None, lm: Any) -> RewardModelOracle:
+    return RewardModelOracle(name.partition(":")[2], device=device, **settings)

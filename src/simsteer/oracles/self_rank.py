@@ -12,17 +12,20 @@ likelihood self-judge, since a ranking has no scale: a mean rank is always the m
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..generation.sampling import SamplingConfig, generate
 from ..models import LoadedModel
-from .base import Judgment
+from .base import Judgment, ScoreOracle
+from .likelihood import PointwiseJudge
 from .ranking import parse_ranking
-from .self_judge import SelfJudgeOracle
+from .registry import register_oracle
 from .templates import Template, load_template, numbered_responses
 
 
-class SelfRankOracle(SelfJudgeOracle):
+class SelfRankOracle(ScoreOracle):
     """The model's own leaderboard of its K answers (SIMS-PR).
 
     Args:
@@ -45,7 +48,9 @@ class SelfRankOracle(SelfJudgeOracle):
         max_new_tokens: int = 96,
         batch_size: int = 16,
     ) -> None:
-        super().__init__(lm, batch_size=batch_size)
+        super().__init__(temperature=0.1)  # of the pointwise scores, as the self-judge's
+        self.pointwise = PointwiseJudge(lm, batch_size=batch_size)
+        self.template = self.pointwise.template
         self.lm = lm
         self.rank_template = (
             template if isinstance(template, Template) else load_template(template)
@@ -59,6 +64,10 @@ class SelfRankOracle(SelfJudgeOracle):
             self.rank_template.render(prompt=p, responses=numbered_responses(rs), num_responses=str(len(rs)))
             for p, rs in zip(prompts, responses, strict=True)
         ]
+
+    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Each answer's pointwise likelihood self-judge score (a ranking has no scale)."""
+        return self.pointwise.score(prompts, responses)
 
     def judge(self, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
         greedy = SamplingConfig(
@@ -87,3 +96,10 @@ class SelfRankOracle(SelfJudgeOracle):
             "score_template": self.template.name,
             "max_new_tokens": self.max_new_tokens,
         }
+
+
+@register_oracle("self-rank", settings=("template", "max_new_tokens", "score_template"), needs_model=True)
+def _build(name: str, settings: dict[str, Any], device: str | None, lm: Any) -> SelfRankOracle:
+    settings = dict(settings)
+    settings.pop("score_template", None)  # informative: self-rank always scores with pointwise
+    return SelfRankOracle(lm, **settings)

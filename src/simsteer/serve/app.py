@@ -2,7 +2,7 @@
 
 Request bodies are read as plain JSON and checked by hand (:mod:`.params`), so any field
 an OpenAI client sends is accepted and the errors use OpenAI's ``{"error": {...}}`` shape.
-Every request passes :class:`~simsteer.serve.guard.Guard` first; its body must arrive
+Every request passes :class:`~simsteer.serve.access.AccessControl` first; its body must arrive
 within ``body_timeout_s``, and its prompt is templated and tokenised beside the event loop
 (:mod:`.encoding`), then checked against the model's context. A request's rows are
 queued all together or refused with 429, and cancelled as soon as its client goes away,
@@ -24,10 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..models import context_length
+from .access import AccessControl, error_body, internal_error_message, request_id
 from .config import ServeConfig
 from .encoding import PromptEncoder
 from .engine import BatchEngine, GenerationRequest, QueueFull
-from .guard import Guard, error_body, internal_error_message, request_id
 from .params import BadRequest, Options, check_choices, parse_options, read_json
 from .playground import add_playground
 
@@ -127,7 +127,7 @@ def create_app(engine: BatchEngine, config: ServeConfig):
         config: the server's identity and limits.
     """
     app = FastAPI(title="simsteer", docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, config=config)
+    app.add_middleware(AccessControl, config=config)
     add_playground(app)  # the static page at /playground
     encoder = PromptEncoder(engine.lm.tokenizer, config, context_length(engine.lm.model))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-#: Paths :class:`~simsteer.serve.guard.Guard` serves without the API key.
+#: Paths :class:`~simsteer.serve.access.AccessControl` serves without the API key.
 PUBLIC_PREFIX = "/playground"
 
 #: The page may load only its own files and talk only to its own server.

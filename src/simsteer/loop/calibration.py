@@ -16,17 +16,16 @@ most ``contrast_budget`` over the unsteered model's (for the ``refusal`` oracle:
 requests may not be refused more often). The steering is constant across prompts, so
 this is what keeps it from pushing every request the same way.
 
-The whole frontier (strength -> score, perplexity, repetition, loops) is returned and
-plotted (the loop saves both). If no strength is fluent enough, or the best fluent score
-has not improved for ``patience`` iterations, the loop stops and keeps the best policy so
-far. Nothing here reads or writes a run directory.
+The whole frontier (strength -> score, perplexity, repetition, loops) is returned (the
+loop saves it and its plot, :func:`simsteer.loop.plots.render_frontier`). If no strength
+is fluent enough, or the best fluent score has not improved for ``patience`` iterations,
+the loop stops and keeps the best policy so far; which calibrated policy a run returns is
+:mod:`simsteer.loop.final_policy`. Nothing here reads or writes a run directory.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,11 +37,10 @@ from ..oracles.base import Oracle, ScoreOracle
 from ..prompts import Prompt
 from ..steering import Steering
 from ..workers.pool import LocalPool, WorkerPool
+from .final_policy import SELECTIONS, calibration_scores, final_index, final_selection
 from .outcome import Selection
 from .records import CalibrationPoint, CalibrationRecord, IterationRecord, Measurement
 
-#: How the final policy is chosen (``GuardConfig.selection``).
-SELECTIONS = ("one-se", "best")
 #: ``measure(multiplier, strength)``: the candidate measured at one strength of the grid.
 MeasureFn = Callable[[float, float], Measurement]
 #: Called with every point measured so far (grid order) after each new one.
@@ -225,44 +223,6 @@ def calibrate(
     )
 
 
-def render_frontier(
-    points: Sequence[CalibrationPoint], base: Measurement, config: GuardConfig, title: str
-) -> bytes:
-    """Strength -> score, perplexity ratio and repetition, with the budget marked: a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [p.multiplier for p in points]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    axes[0].plot(xs, [p.score for p in points], "o-")
-    axes[0].axhline(base.score, color="grey", ls=":", label="unsteered")
-    if base.contrast_score is not None and all(p.contrast_score is not None for p in points):
-        axes[0].plot(xs, [p.contrast_score for p in points], "s--", color="purple", label="contrast prompts")
-        limit = base.contrast_score + config.contrast_budget
-        axes[0].axhline(limit, color="purple", ls=":", label="contrast budget")
-    axes[0].set_ylabel("oracle score")
-    axes[1].plot(xs, [p.perplexity / base.perplexity for p in points], "o-")
-    axes[1].axhline(1 + (config.fluency_budget or 0), color="red", ls="--", label="budget")
-    axes[1].set_ylabel("perplexity / unsteered")
-    axes[2].plot(xs, [p.repetition for p in points], "o-")
-    axes[2].axhline(base.repetition + config.repetition_margin, color="red", ls="--", label="budget")
-    axes[2].set_ylabel("repetition rate")
-    for ax in axes:
-        ax.set_xlabel("strength multiplier")
-        ax.legend(fontsize=7)
-    for p in points:
-        if not p.fluent:
-            axes[0].plot(p.multiplier, p.score, "x", color="red", ms=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def early_stop(history: Sequence[float], patience: int) -> bool:
     """True when the last ``patience`` values did not beat the best one before them.
 
@@ -275,15 +235,10 @@ def early_stop(history: Sequence[float], patience: int) -> bool:
     return all(v <= best_before for v in history[-patience:])
 
 
-def calibration_scores(base: Measurement, calibrations: Sequence[CalibrationRecord]) -> list[float]:
-    """Best fluent calibration score of policies 0, 1, ... (policy 0: unsteered); a policy
-    with no fluent strength scores minus infinity."""
-    return [base.score, *(c.score if c.score is not None else -math.inf for c in calibrations)]
-
-
 class FluencyGuard:
     """The guard's steps for :class:`simsteer.loop.sims.SIMS`: measure, calibrate, decide
-    to stop, pick the final policy. It saves nothing; the loop does."""
+    to stop, pick the final policy (:mod:`simsteer.loop.final_policy`). It saves nothing;
+    the loop does."""
 
     def __init__(
         self,
@@ -366,69 +321,14 @@ class FluencyGuard:
         return None
 
     def final_index(self, history: Sequence[IterationRecord]) -> int:
-        """Which policy a run returns: the last, or under the guard the one
-        :func:`select_policy` picks (policy i + 1 is calibrated in row i)."""
-        calibrated = self._calibrated(history)
-        if calibrated is None:
-            return history[-1].iteration
-        return select_policy(*calibrated, self.config.selection)
+        """Which policy a run returns (see :func:`simsteer.loop.final_policy.final_index`)."""
+        return final_index(history, self._rule)
 
     def selection(self, history: Sequence[IterationRecord]) -> Selection | None:
-        """The ``selection`` section of ``outcome.json``: the rule, and the policy with the
-        best calibration score (``None`` without the guard)."""
-        calibrated = self._calibrated(history)
-        if calibrated is None:
-            return None
-        return Selection(rule=self.config.selection, best_calibrated=select_policy(*calibrated, "best"))
+        """The ``selection`` section of ``outcome.json`` (``None`` without the guard)."""
+        return final_selection(history, self._rule)
 
-    def _calibrated(
-        self, history: Sequence[IterationRecord]
-    ) -> tuple[list[float], list[list[float] | None]] | None:
-        """Calibration score and per-prompt scores of policies 0, 1, ... (``None``
-        without the guard or without a calibration)."""
-        calibrations = [row.calibration for row in history if row.calibration is not None]
-        if not self.config.enabled or not calibrations:
-            return None
-        per_prompt = [calibrations[0].base.prompt_scores]
-        per_prompt += [None if c.chosen_point is None else c.chosen_point.prompt_scores for c in calibrations]
-        return calibration_scores(calibrations[0].base, calibrations), per_prompt
-
-
-def select_policy(
-    scores: Sequence[float], prompt_scores: Sequence[Sequence[float] | None], selection: str = "one-se"
-) -> int:
-    """The final policy from the calibration scores of policies 0 (unsteered), 1, ...
-
-    ``"best"``: the best score (ties to the earlier, weaker policy). ``"one-se"``: if the
-    best is a steered policy b, the earliest steered policy i < b whose score is at least
-    b's minus one standard error of their paired difference (the per-prompt scores of
-    both on the same calibration prompts), else b. Each later policy is a refit on
-    samples of the one before, and its lead on a few calibration prompts is often noise:
-    picking the best of several noisy scores favours whichever was overestimated most.
-    Policies without per-prompt scores (runs written before they were saved) are chosen
-    by the best score.
-
-    Args:
-        scores: calibration score of each policy (minus infinity: nothing fluent).
-        prompt_scores: per-prompt scores of each policy's chosen strength, or ``None``.
-        selection: ``"one-se"`` or ``"best"``.
-
-    Example:
-        >>> select_policy([0.0, 0.5, 0.6], [None, [0.0, 1.0], [1.0, 0.2]])  # lead 0.1 < SE 0.9
-        1
-    """
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    if selection == "best" or best == 0:
-        return best
-    reference = prompt_scores[best]
-    for i in range(1, best):
-        other = prompt_scores[i]
-        if reference is None or other is None or len(other) != len(reference) or len(reference) < 2:
-            continue
-        if not math.isfinite(scores[i]):
-            continue
-        differences = [a - b for a, b in zip(reference, other, strict=True)]
-        error = statistics.stdev(differences) / math.sqrt(len(differences))
-        if scores[i] >= scores[best] - error:
-            return i
-    return best
+    @property
+    def _rule(self) -> str | None:
+        """The final-policy rule, ``None`` without the guard."""
+        return self.config.selection if self.config.enabled else None

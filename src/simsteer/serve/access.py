@@ -1,6 +1,6 @@
 """The checks every ``sims serve`` request passes before it reaches an endpoint.
 
-:class:`Guard` is a plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which
+:class:`AccessControl` is a plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which
 would stand between the endpoints and the client's disconnect). In order, it:
 
 - gives the request an id (``x-request-id`` on the response, and in the server log);
@@ -37,7 +37,7 @@ REQUEST_ID = "simsteer.request_id"
 
 
 def request_id(scope: Any) -> str:
-    """The id :class:`Guard` gave this request (``scope``: an ASGI scope or a Request)."""
+    """The id :class:`AccessControl` gave this request (``scope``: an ASGI scope or a Request)."""
     scope = getattr(scope, "scope", scope)
     return scope.get(REQUEST_ID, "-")
 
@@ -70,7 +70,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Guard:
+class AccessControl:
     """ASGI middleware with the server's request checks (see the module docstring).
 
     Args:

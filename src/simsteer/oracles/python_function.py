@@ -1,4 +1,4 @@
-"""Oracles you write yourself, and the label-free self-consistency vote.
+"""Oracles you write yourself: a Python function as a scorer or a ranker.
 
 ``python:MODULE:FUNCTION`` loads a function from an importable module
 (``python:mypkg.scorers:helpful``) or from a file given by path
@@ -8,10 +8,6 @@
 - ``fn(prompt, responses) -> list[int]``: a ranking, answer indices best first. A
   function is taken as a ranker when its second parameter is named ``responses`` or is
   annotated as a list/sequence. Returning ``None`` skips the prompt.
-
-``self-consistency``: each answer's final answer is extracted (a ``\\boxed{}`` value, the
-text after "answer is"/"answer:", else the last number); the score of an answer is the
-share of the K answers that agree with it, so the majority answer wins.
 """
 
 from __future__ import annotations
@@ -20,15 +16,15 @@ import importlib
 import importlib.util
 import inspect
 import math
-import re
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import SimsError
-from .base import Judgment, Oracle, ScoreOracle, bradley_terry
+from .base import Judgment, Oracle, ScoreOracle
+from .registry import register_oracle
 
 
 def _is_file(module_name: str) -> bool:
@@ -134,55 +130,10 @@ def python_oracle(target: str, temperature: float = 1.0) -> Oracle:
     return PythonRankOracle(fn, name) if is_ranker(fn) else PythonScoreOracle(fn, name, temperature)
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*\**\s*([^\n]+)", re.I)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+def _python_name_spec(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {"name": f"python:{python_target(name.partition(':')[2])}"}
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a response, normalised for voting (``None`` when there is none)."""
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return _normalise(boxed[-1])
-    stated = _ANSWER.findall(text)
-    if stated:
-        numbers = _NUMBER.findall(stated[-1])
-        return _normalise(numbers[0]) if numbers else _normalise(stated[-1].split(".")[0])
-    numbers = _NUMBER.findall(text)
-    return _normalise(numbers[-1]) if numbers else None
-
-
-def _normalise(answer: str) -> str | None:
-    a = answer.strip().strip("*$. ").lower().replace(",", "")
-    try:
-        number = float(a)
-        return f"{number:g}"
-    except ValueError:
-        return a or None
-
-
-class SelfConsistencyOracle(Oracle):
-    """Majority vote over the K answers' final answers (no labels, no model)."""
-
-    name = "self-consistency"
-
-    def __init__(self, temperature: float = 0.1) -> None:
-        self.temperature = temperature
-
-    def describe(self) -> dict:
-        return {"name": self.name, "temperature": self.temperature}
-
-    def judge(self, prompts: list[str], responses: list[list[str]]) -> list[Judgment]:
-        out = []
-        for rs in responses:
-            answers = [extract_answer(r) for r in rs]
-            votes = Counter(a for a in answers if a is not None)
-            share = np.array([votes[a] / len(rs) if a is not None else 0.0 for a in answers])
-            out.append(
-                Judgment(
-                    bradley_terry(share, self.temperature),
-                    scores=share,
-                    info={"majority": votes.most_common(1)[0][0] if votes else None},
-                )
-            )
-        return out
+@register_oracle("python", names=("python:MODULE:FUNCTION",), name_spec=_python_name_spec)
+def _build_python(name: str, settings: dict[str, Any], device: str | None, lm: Any) -> Oracle:
+    return python_oracle(name.partition(":")[2], **settings)
