@@ -254,3 +254,10 @@ def embedded_lm():
 def eval_data() -> Path:
     """The evaluation data slices, in the layout ``--data-dir`` reads."""
     return EVAL_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``vllm`` run last: an in-process vLLM engine binds this process's
+    OpenMP threads for good, after which bitwise comparisons with fresh processes (the Ray
+    workers' tests) no longer hold."""
+    items.sort(key=lambda item: item.get_closest_marker("vllm") is not None)

@@ -33,7 +33,7 @@ needs_llama_cpp = pytest.mark.skipif(
 
 def test_engine_must_be_known():
     with pytest.raises(SimsError, match="engine"):
-        SamplingConfig(engine="vllm")
+        SamplingConfig(engine="tgi")
     assert SamplingConfig().engine == "torch"
 
 

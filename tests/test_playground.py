@@ -102,8 +102,12 @@ def _start_server(model_dir: Path, steerings: list[str], folder: Path, key: str 
     for _ in range(WAIT_S * 5):
         if proc.poll() is not None:
             pytest.fail(f"sims serve exited: {log.read_text()[-2000:]}")
+        # A keyed server keys /health too: the key is sent where there is one.
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"{url}/health", headers=headers), timeout=1
+            ) as reply:
                 if reply.status == 200:
                     return Server(url, log, proc)
         except OSError:

@@ -30,12 +30,12 @@ def test_seed_and_prompt_interval_widens_with_seed_variation():
 
 
 def test_outcome_warns_when_the_steering_degrades_the_model():
-    from simsteer.loop.outcome import format_outcome
+    from simsteer.loop.outcome import OutcomeRecord, format_outcome
 
     held = {"base_score": 0.2, "final_score": 0.9, "improvement": 0.7, "ci95": [0.5, 0.9], "prompts": 16}
-    fine = {"final_policy": 2, "held_out": held, "fluency": {
+    fine = {"final_policy": 2, "stopped": None, "held_out": held, "fluency": {
         "perplexity_ratio": 1.08, "repetition_delta": 0.0, "loop_share_delta": 0.0}}  # fmt: skip
-    assert "warning" not in format_outcome(fine)
+    assert "warning" not in format_outcome(OutcomeRecord.from_json(fine))
     broken = {**fine, "fluency": {**fine["fluency"], "perplexity_ratio": 806.0}}
-    text = format_outcome(broken)
+    text = format_outcome(OutcomeRecord.from_json(broken))
     assert text.splitlines()[-1].startswith("warning: the final policy's answers have x806.00")

@@ -38,7 +38,7 @@ from simsteer.prompts import load_prompts
 from simsteer.steering import Steering
 from simsteer.tokens import encode_prompt, eos_token_ids, pad_token_id
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 CAA = Path(__file__).parent / "fixtures" / "smollm2_caa"
 PROMPTS = 32

