@@ -307,3 +307,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     except UnicodeDecodeError:
         raise SimsError(f"{path} is not UTF-8 text") from None
     return rows
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one owned by another user counts):
+    how a stale temporary folder or lock left by a killed process is told apart."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True

@@ -32,7 +32,7 @@ from torch import nn
 
 from .architecture import find_layers
 from .errors import SimsError
-from .io import fsync_dir
+from .io import fsync_dir, process_alive
 
 try:  # POSIX; elsewhere conversions are not locked
     import fcntl
@@ -256,7 +256,7 @@ def sweep_conversions(folder: Path) -> list[Path]:
     for path in folder.glob(f"{CONVERT_PREFIX}*"):
         pid = path.name[len(CONVERT_PREFIX) :].split("-")[0]
         if pid.isdigit():
-            stale = not _alive(int(pid))
+            stale = not process_alive(int(pid))
         else:
             try:
                 stale = time.time() - path.stat().st_mtime > STALE_SECONDS
@@ -266,16 +266,6 @@ def sweep_conversions(folder: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             swept.append(path)
     return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process
-        return True
-    return True
 
 
 @contextmanager

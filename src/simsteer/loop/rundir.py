@@ -45,7 +45,6 @@ of the committed samples and a redone step starts from the same bank.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -54,7 +53,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SimsError
-from ..io import exclusive_lock, is_temporary, read_json, read_jsonl, staged_dir, sweep_temporaries
+from ..io import (
+    exclusive_lock,
+    is_temporary,
+    process_alive,
+    read_json,
+    read_jsonl,
+    staged_dir,
+    sweep_temporaries,
+)
 from ..prompts import Prompt
 from ..schema import SchemaError
 from ..steering import CONFIG_NAME, WEIGHTS_NAME
@@ -357,18 +364,8 @@ def _sweep_staged_roots(root: Path) -> None:
         return
     for path in root.parent.glob(f".{root.name}.*.tmp"):
         pid = path.name[len(root.name) + 2 :].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process
-        return True
-    return True
 
 
 def _rows(path: Path, parse: Callable[[Any], Any]) -> list[Any]:
