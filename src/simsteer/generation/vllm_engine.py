@@ -44,7 +44,6 @@ from typing import Any
 import torch
 
 from ..errors import SimsError
-from ..functions import AddVector
 from ..io import staged_dir
 from ..models import LoadedModel, cache_dir, model_digest
 from ..policy import Policy, payload_key, policy_payload
@@ -121,12 +120,10 @@ def bias_vectors(policy: Policy, model_type: str) -> dict[int, torch.Tensor] | N
     with MLP biases; else ``None`` (the op applies it)."""
     if model_type not in BIAS_MODEL_TYPES:
         return None
-    for steering in policy:
-        if steering.positions != "all":
-            return None
-        if not all(isinstance(fn, AddVector) and fn.site == "residual" for fn in steering.functions.values()):
-            return None
-    return policy.additive_vectors() if policy.steerings else {}
+    try:  # the one test of "additive at every position" (llama.cpp's control vectors use it)
+        return policy.additive_vectors()
+    except SimsError:
+        return None
 
 
 def model_folder(lm: LoadedModel) -> Path:
